@@ -1,0 +1,1 @@
+"""Requests -> family pipelines: model registry and cache, progress, cancellation, records."""

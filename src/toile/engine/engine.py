@@ -1,0 +1,219 @@
+"""The engine: one entry point for the CLI, the Python API and the server.
+
+``Engine.run(request)`` resolves the model (id or path), loads it through its family (cached),
+fills in the family's defaults, runs it with progress and cancellation, and returns the images
+with one reproducible record each.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from toile.engine.models import ModelEntry, ModelRegistry
+from toile.errors import RequestError
+from toile.families.registry import detect_family
+from toile.progress import ProgressCallback, RunContext
+from toile.request import GenerationRequest, Mode, ResolvedRequest, resolve
+from toile.result import GenerationResult, ImageRecord
+
+if TYPE_CHECKING:
+    import torch
+
+    from toile.families.base import Family, LoadedModel
+
+DEVICES = ("cpu", "cuda", "mps")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def pick_device(device: str | None) -> str:
+    import torch
+
+    if device is None:
+        if torch.cuda.is_available():
+            return "cuda"
+        if torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    kind = device.split(":")[0]
+    if kind not in DEVICES:
+        raise RequestError("device", f"must be one of {', '.join(DEVICES)}, got {device!r}")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise RequestError("device", "cuda was asked for but torch sees no CUDA device")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise RequestError("device", "mps was asked for but it is not available")
+    return device
+
+
+def pick_dtype(dtype: str | None, device: str) -> torch.dtype:
+    """float32 on CPU (half precision is slow and inexact there), float16 on GPUs by default."""
+    import torch
+
+    if dtype is None:
+        return torch.float32 if device == "cpu" else torch.float16
+    if dtype not in DTYPES:
+        raise RequestError("dtype", f"must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    return getattr(torch, dtype)
+
+
+@dataclass
+class _Cached:
+    entry: ModelEntry
+    family: Family
+    loaded: LoadedModel
+    model_hash: str
+    load_s: float
+
+
+class Engine:
+    """Registry + cache of loaded models + ``run``. Thread-safe: one run at a time per engine."""
+
+    def __init__(
+        self,
+        registry: ModelRegistry | None = None,
+        *,
+        device: str | None = None,
+        dtype: str | None = None,
+        cache_size: int = 1,
+        allow_paths: bool = True,
+    ) -> None:
+        self.registry = registry if registry is not None else ModelRegistry()
+        self.device = pick_device(device)
+        self.dtype = pick_dtype(dtype, self.device)
+        self.cache_size = cache_size
+        self.allow_paths = allow_paths
+        self._cache: OrderedDict[str, _Cached] = OrderedDict()
+        self._lock = threading.RLock()
+
+    def load(self, model: str | None = None) -> _Cached:
+        """Load (or fetch from the cache) the model named by id or path."""
+        from toile.io.weights import check_folder_weights, model_hash
+
+        entry = self.registry.resolve(model, allow_paths=self.allow_paths)
+        key = str(entry.path)
+        with self._lock:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
+            family = detect_family(entry.path)
+            if entry.path.is_dir():
+                check_folder_weights(entry.path)
+            start = time.perf_counter()
+            loaded = family.load(entry.path, self.device, self.dtype)
+            load_s = time.perf_counter() - start
+            cached = _Cached(entry, family, loaded, model_hash(entry.path), load_s)
+            self._cache[key] = cached
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+            return cached
+
+    def resolve(self, request: GenerationRequest) -> tuple[_Cached, ResolvedRequest]:
+        cached = self.load(request.model)
+        return cached, resolve(request, cached.loaded.defaults, cached.family.name)
+
+    def run(
+        self,
+        request: GenerationRequest,
+        *,
+        progress: ProgressCallback | None = None,
+        cancel: threading.Event | None = None,
+        preview_every: int = 0,
+    ) -> GenerationResult:
+        with self._lock:
+            cached, resolved = self.resolve(request)
+            self._check_loras(cached, request)
+            ctx = RunContext(progress=progress, cancel=cancel, preview_every=preview_every)
+            start = time.perf_counter()
+            images = self._run_mode(cached, resolved, ctx)
+            generate_s = time.perf_counter() - start
+        timings = {"load_s": round(cached.load_s, 4), "generate_s": round(generate_s, 4)}
+        records = [self._record(cached, resolved, seed, timings) for seed in resolved.seeds]
+        return GenerationResult(images=images, records=records, timings=timings)
+
+    def _run_mode(self, cached: _Cached, resolved: ResolvedRequest, ctx: RunContext) -> list:
+        request = resolved.request
+        if resolved.mode is not Mode.OUTPAINT:
+            images = cached.family.run(cached.loaded, resolved, ctx)
+        else:
+            from toile.engine.outpaint import extend_canvas, paste_original
+
+            assert request.image is not None and request.outpaint is not None
+            canvas, mask = extend_canvas(request.image, request.outpaint)
+            inner = replace(request, image=canvas, mask=mask, outpaint=None)
+            generated = cached.family.run(
+                cached.loaded, replace(resolved, request=inner, mode=Mode.INPAINT), ctx
+            )
+            images = [paste_original(g, request.image, request.outpaint) for g in generated]
+        if len(images) != len(resolved.seeds):
+            raise RuntimeError(
+                f"{cached.family.name} returned {len(images)} images for {len(resolved.seeds)} seeds"
+            )
+        return images
+
+    @staticmethod
+    def _check_loras(cached: _Cached, request: GenerationRequest) -> None:
+        from toile.io.weights import refuse_pickle
+
+        if request.loras and not cached.loaded.supports_lora:
+            raise RequestError(
+                "loras", f"the {cached.family.name} family does not support LoRA files"
+            )
+        for lora in request.loras:
+            refuse_pickle(lora.path)
+            path = Path(lora.path)
+            if path.suffix.lower() != ".safetensors" or not path.is_file():
+                raise RequestError(
+                    "loras.path", f"{lora.path} must be an existing .safetensors file"
+                )
+
+    def _record(
+        self, cached: _Cached, resolved: ResolvedRequest, seed: int, timings: dict[str, float]
+    ) -> ImageRecord:
+        from toile.io.weights import model_hash
+
+        request = resolved.request
+        outpaint = request.outpaint
+        return ImageRecord(
+            model_id=cached.entry.id,
+            family=cached.family.name if not cached.loaded.variant else (
+                f"{cached.family.name}:{cached.loaded.variant}"
+            ),
+            model_hash=cached.model_hash,
+            mode=resolved.mode.value,
+            prompt=request.prompt,
+            negative_prompt=request.negative_prompt,
+            width=resolved.width,
+            height=resolved.height,
+            steps=resolved.steps,
+            guidance=resolved.guidance,
+            seed=seed,
+            strength=resolved.strength,
+            outpaint=(
+                (outpaint.left, outpaint.top, outpaint.right, outpaint.bottom) if outpaint else None
+            ),
+            loras=tuple(
+                {"name": Path(lo.path).stem, "hash": model_hash(lo.path), "scale": lo.scale}
+                for lo in request.loras
+            ),
+            scheduler=cached.loaded.scheduler,
+            device=cached.loaded.device,
+            dtype=str(cached.loaded.dtype).removeprefix("torch."),
+            software=software_versions(),
+            timings=timings,
+        )
+
+
+def software_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in ("toile", "torch", "diffusers", "transformers", "peft"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return found

@@ -1,0 +1,39 @@
+"""The error types toile raises. Every message names what was wrong and what is allowed."""
+
+from __future__ import annotations
+
+
+class ToileError(Exception):
+    """Base class: an error with a message meant for the user, never a crash."""
+
+
+class RequestError(ToileError, ValueError):
+    """A request field has an invalid value. ``field`` names it (as the API and CLI spell it)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field = field
+        super().__init__(f"{field}: {message}")
+
+
+class UnsupportedModeError(RequestError):
+    """The model's family cannot run the requested mode (never a silent fallback)."""
+
+
+class ModelNotFoundError(ToileError, LookupError):
+    """An unknown model id or a path that does not exist."""
+
+
+class ModelFormatError(ToileError):
+    """A checkpoint whose layout toile cannot identify, or that is malformed or incomplete."""
+
+
+class UnsafeFileError(ToileError):
+    """A pickle-based weight file (.ckpt/.pt/.pth/.bin): refused because loading runs code."""
+
+
+class ImageInputError(RequestError):
+    """An input image or mask that cannot be used (not an image, truncated, too large...)."""
+
+
+class CancelledError(ToileError):
+    """A running generation was cancelled; raised from inside the denoising loop."""

@@ -1,0 +1,1 @@
+"""Model families: one module each, all implementing ``toile.families.base.Family``."""

@@ -1,0 +1,63 @@
+"""The Family contract: detect a checkpoint, load it, declare its modes, run one request.
+
+Every model family (the diffusers-based ones and toile's own) implements this; the engine knows
+nothing else about them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
+    from toile.progress import RunContext
+    from toile.request import FamilyDefaults, ResolvedRequest
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to run. ``pipelines`` maps a role ("txt2img", "inpaint", "stage2"...) to
+    the family's pipeline objects; ``defaults`` is what the loaded checkpoint declares."""
+
+    family: str
+    path: Path
+    defaults: FamilyDefaults
+    device: str
+    dtype: torch.dtype
+    pipelines: dict[str, Any] = field(default_factory=dict)
+    scheduler: str = ""
+    supports_lora: bool = False
+    variant: str = ""
+
+
+class Family(Protocol):
+    """A model family. Implementations are small classes registered in ``families.registry``."""
+
+    name: str
+
+    def detect(self, path: Path) -> bool:
+        """True when ``path`` (a folder or a .safetensors file) is a checkpoint of this family."""
+        ...
+
+    def load(self, path: Path, device: str, dtype: torch.dtype) -> LoadedModel:
+        """Load from local files only (safetensors, no network)."""
+        ...
+
+    def run(self, loaded: LoadedModel, request: ResolvedRequest, ctx: RunContext) -> list[Image.Image]:
+        """Run one resolved request (txt2img, img2img or inpaint; outpaint arrives as inpaint).
+
+        Returns ``len(request.seeds)`` RGB images; image ``i`` uses noise from
+        ``torch.Generator("cpu").manual_seed(request.seeds[i])``, so a batch equals singles.
+        """
+        ...
+
+
+def cpu_generators(seeds: tuple[int, ...]) -> list[torch.Generator]:
+    """One seeded CPU generator per image, as diffusers recommends for reproducibility."""
+    import torch
+
+    return [torch.Generator("cpu").manual_seed(seed) for seed in seeds]

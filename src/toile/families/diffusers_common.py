@@ -1,0 +1,195 @@
+"""Shared plumbing for the families that run on diffusers pipelines.
+
+Loading is offline and safetensors-only; each family derives its img2img / inpaint pipelines
+from the loaded one with ``from_pipe`` so the weights are held once. Progress and cancellation
+go through diffusers' ``callback_on_step_end``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from toile.errors import ModelFormatError
+from toile.families.base import cpu_generators
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
+    from toile.progress import RunContext
+    from toile.request import LoraSpec, ResolvedRequest
+
+
+def read_model_index(path: Path) -> dict[str, Any] | None:
+    """The folder's ``model_index.json`` as a dict, or None when there is none."""
+    index = path / "model_index.json"
+    if not path.is_dir() or not index.is_file():
+        return None
+    try:
+        data = json.loads(index.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelFormatError(f"{index} is not valid JSON: {exc}") from None
+    return data if isinstance(data, dict) else None
+
+
+def pipeline_class_name(path: Path) -> str | None:
+    index = read_model_index(path)
+    return None if index is None else index.get("_class_name")
+
+
+def read_component_config(path: Path, component: str) -> dict[str, Any]:
+    config = path / component / "config.json"
+    if not config.is_file():
+        config = path / component / "scheduler_config.json"
+    try:
+        return json.loads(config.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelFormatError(f"cannot read {config}: {exc}") from None
+
+
+def load_pipeline(pipeline_cls: Any, path: Path, device: str, dtype: torch.dtype, **kwargs: Any) -> Any:
+    """``from_pretrained`` from local files only, refusing pickle weights.
+
+    A missing component or weight file becomes a ModelFormatError naming it instead of a deep
+    traceback from diffusers.
+    """
+    quiet_libraries()
+    try:
+        pipe = pipeline_cls.from_pretrained(
+            str(path), torch_dtype=dtype, local_files_only=True, use_safetensors=True, **kwargs
+        )
+    except (OSError, ValueError, EnvironmentError) as exc:
+        raise ModelFormatError(f"cannot load {path} as {pipeline_cls.__name__}: {exc}") from None
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def quiet_libraries() -> None:
+    """Loading bars and advisory warnings from diffusers/transformers would drown toile's own
+    progress output; toile reports progress itself."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    diffusers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
+
+
+def derive(pipeline_cls: Any, base: Any, **kwargs: Any) -> Any:
+    """A pipeline of another class sharing ``base``'s components (no extra memory)."""
+    pipe = pipeline_cls.from_pipe(base, **kwargs)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def step_callback(
+    ctx: RunContext,
+    stage: str = "denoise",
+    preview: Callable[[Any, torch.Tensor], Image.Image | None] | None = None,
+) -> Callable[[Any, int, Any, dict[str, Any]], dict[str, Any]]:
+    """A ``callback_on_step_end`` that reports progress and raises on cancel.
+
+    ``preview(pipe, latents)`` turns the current latents into a small image; it is only called
+    when the context wants a preview at this step.
+    """
+
+    def callback(pipe: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+        total = int(getattr(pipe, "num_timesteps", 0) or 0)
+        latents = kwargs.get("latents")
+        make_preview = None
+        if preview is not None and latents is not None:
+            def make_preview() -> Image.Image | None:
+                return preview(pipe, latents)
+        ctx.on_step(step + 1, total, stage, make_preview)
+        return {}
+
+    return callback
+
+
+def base_kwargs(request: ResolvedRequest, *, negative: bool = True) -> dict[str, Any]:
+    """The arguments every diffusers text-to-image pipeline shares, from a resolved request.
+
+    One seeded CPU generator per image makes image i of a batch equal a single run with seed i.
+    """
+    kwargs: dict[str, Any] = {
+        "prompt": request.prompt,
+        "num_inference_steps": request.steps,
+        "guidance_scale": request.guidance,
+        "num_images_per_prompt": len(request.seeds),
+        "generator": cpu_generators(request.seeds),
+        "output_type": "pil",
+    }
+    if negative and request.negative_prompt:
+        kwargs["negative_prompt"] = request.negative_prompt
+    return kwargs
+
+
+def mode_kwargs(request: ResolvedRequest) -> dict[str, Any]:
+    """Inputs for img2img / inpaint (outpaint arrives here as inpaint)."""
+    from toile.request import Mode
+
+    kwargs: dict[str, Any] = {}
+    req = request.request
+    if request.mode in (Mode.IMG2IMG, Mode.INPAINT):
+        assert req.image is not None
+        kwargs["image"] = req.image.convert("RGB")
+        kwargs["strength"] = request.strength
+    if request.mode is Mode.INPAINT:
+        assert req.mask is not None
+        kwargs["mask_image"] = req.mask.convert("L")
+        kwargs["width"], kwargs["height"] = req.image.size
+    return kwargs
+
+
+@contextlib.contextmanager
+def loras_applied(pipe: Any, loras: tuple[LoraSpec, ...]) -> Iterator[None]:
+    """Load LoRA files as named adapters with their scales for one run, then unload them.
+
+    Uses diffusers' own LoRA loader (peft underneath), which reads the diffusers/peft and the
+    kohya key layouts. Files are already checked to be .safetensors by the engine.
+    """
+    if not loras:
+        yield
+        return
+    names = []
+    try:
+        for index, lora in enumerate(loras):
+            name = f"toile_lora_{index}"
+            pipe.load_lora_weights(lora.path, adapter_name=name)
+            names.append(name)
+        pipe.set_adapters(names, adapter_weights=[lora.scale for lora in loras])
+        yield
+    except (ValueError, KeyError, RuntimeError) as exc:
+        if not names or len(names) < len(loras):
+            from toile.errors import RequestError
+
+            raise RequestError("loras", f"cannot apply {loras[len(names)].path}: {exc}") from None
+        raise
+    finally:
+        if names:
+            pipe.unload_lora_weights()
+
+
+def vae_preview(pipe: Any, latents: torch.Tensor) -> Image.Image | None:
+    """Decode the first image's latents with the pipeline's VAE (SD-style 4D latents)."""
+    import torch
+
+    if latents.ndim != 4:
+        return None
+    vae = pipe.vae
+    with torch.no_grad():
+        scaled = latents[:1] / vae.config.scaling_factor
+        shift = getattr(vae.config, "shift_factor", None)
+        if shift:
+            scaled = scaled + shift
+        image = vae.decode(scaled.to(vae.dtype), return_dict=False)[0]
+    return pipe.image_processor.postprocess(image, output_type="pil")[0]
+
+
+def scheduler_name(pipe: Any) -> str:
+    return type(pipe.scheduler).__name__

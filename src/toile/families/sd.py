@@ -1,0 +1,110 @@
+"""Stable Diffusion 1.x / 2.x (diffusers ``StableDiffusionPipeline`` folders).
+
+A 4-channel U-Net runs txt2img, img2img and inpaint (diffusers blends latents for inpainting
+with a regular checkpoint); a 9-channel U-Net is an inpainting checkpoint and runs inpaint only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from toile.families.base import LoadedModel
+from toile.families.diffusers_common import (
+    base_kwargs,
+    derive,
+    load_pipeline,
+    loras_applied,
+    mode_kwargs,
+    pipeline_class_name,
+    read_component_config,
+    scheduler_name,
+    step_callback,
+    vae_preview,
+)
+from toile.request import FamilyDefaults, Mode
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
+    from toile.progress import RunContext
+    from toile.request import ResolvedRequest
+
+SD_PIPELINES = frozenset(
+    {"StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline"}
+)
+ALL_MODES = frozenset({Mode.TXT2IMG, Mode.IMG2IMG, Mode.INPAINT, Mode.OUTPAINT})
+INPAINT_MODES = frozenset({Mode.INPAINT, Mode.OUTPAINT})
+
+
+def unet_defaults(path: Path, *, steps: int, guidance: float, modes: frozenset[Mode]) -> FamilyDefaults:
+    """Size from the checkpoint's own configs, as diffusers derives its default size."""
+    unet = read_component_config(path, "unet")
+    vae = read_component_config(path, "vae")
+    scale = 2 ** (len(vae.get("block_out_channels", [0, 0, 0, 0])) - 1)
+    sample = unet.get("sample_size", 64)
+    side = (sample if isinstance(sample, int) else sample[0]) * scale
+    return FamilyDefaults(
+        modes=modes,
+        width=side,
+        height=side,
+        steps=steps,
+        guidance=guidance,
+        size_multiple=scale,
+        min_side=scale,
+    )
+
+
+class StableDiffusionFamily:
+    name = "sd"
+
+    def detect(self, path: Path) -> bool:
+        return pipeline_class_name(path) in SD_PIPELINES
+
+    def load(self, path: Path, device: str, dtype: torch.dtype) -> LoadedModel:
+        from diffusers import (
+            StableDiffusionImg2ImgPipeline,
+            StableDiffusionInpaintPipeline,
+            StableDiffusionPipeline,
+        )
+
+        inpaint_checkpoint = read_component_config(path, "unet").get("in_channels") == 9
+        modes = INPAINT_MODES if inpaint_checkpoint else ALL_MODES
+        # No safety checker: toile's own safety layer decides; diffusers would black out images.
+        base_cls = StableDiffusionInpaintPipeline if inpaint_checkpoint else StableDiffusionPipeline
+        base = load_pipeline(
+            base_cls, path, device, dtype, safety_checker=None, requires_safety_checker=False
+        )
+        pipelines: dict[str, Any] = {"inpaint": derive(StableDiffusionInpaintPipeline, base)}
+        if not inpaint_checkpoint:
+            pipelines["txt2img"] = base
+            pipelines["img2img"] = derive(StableDiffusionImg2ImgPipeline, base)
+        return LoadedModel(
+            family=self.name,
+            path=path,
+            defaults=unet_defaults(path, steps=50, guidance=7.5, modes=modes),
+            device=device,
+            dtype=dtype,
+            pipelines=pipelines,
+            scheduler=scheduler_name(base),
+            supports_lora=True,
+            variant="inpainting" if inpaint_checkpoint else "",
+        )
+
+    def run(self, loaded: LoadedModel, request: ResolvedRequest, ctx: RunContext) -> list[Image.Image]:
+        return run_unet_pipeline(loaded, request, ctx)
+
+
+def run_unet_pipeline(
+    loaded: LoadedModel, request: ResolvedRequest, ctx: RunContext, **extra: Any
+) -> list[Image.Image]:
+    """Run the pipeline for the request's mode (shared by SD and SDXL)."""
+    role = {Mode.TXT2IMG: "txt2img", Mode.IMG2IMG: "img2img", Mode.INPAINT: "inpaint"}[request.mode]
+    pipe = loaded.pipelines[role]
+    kwargs = base_kwargs(request) | mode_kwargs(request) | extra
+    if request.mode is Mode.TXT2IMG:
+        kwargs["width"], kwargs["height"] = request.width, request.height
+    with loras_applied(pipe, request.request.loras):
+        output = pipe(**kwargs, callback_on_step_end=step_callback(ctx, preview=vae_preview))
+    return [image.convert("RGB") for image in output.images]

@@ -1,0 +1,1 @@
+"""Safe file loading (safetensors only), format checks and hashing."""

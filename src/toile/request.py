@@ -1,0 +1,290 @@
+"""One request type for every family and every mode.
+
+``GenerationRequest`` is what a user asks for (fields left ``None`` take the model's defaults);
+``resolve`` combines it with a family's declared capabilities into a ``ResolvedRequest`` where
+every value is concrete, so records and parity checks see exactly what ran.
+"""
+
+from __future__ import annotations
+
+import enum
+import secrets
+from dataclasses import dataclass, field, fields, replace
+from typing import TYPE_CHECKING, Any
+
+from toile.errors import ImageInputError, RequestError, UnsupportedModeError
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+MAX_SEED = 2**63 - 1
+MAX_IMAGES = 16
+MAX_STEPS = 1000
+MAX_GUIDANCE = 100.0
+MAX_SIDE = 8192
+MAX_PROMPT_CHARS = 10_000
+MAX_LORA_SCALE = 10.0
+
+
+class Mode(str, enum.Enum):
+    """What a request asks the model to do; derived from which inputs are present."""
+
+    TXT2IMG = "txt2img"
+    IMG2IMG = "img2img"
+    INPAINT = "inpaint"
+    OUTPAINT = "outpaint"
+
+
+@dataclass(frozen=True)
+class Outpaint:
+    """Pixels to add on each side of the input image before filling them in."""
+
+    left: int = 0
+    top: int = 0
+    right: int = 0
+    bottom: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("left", "top", "right", "bottom"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_SIDE:
+                raise RequestError(
+                    f"outpaint.{name}", f"must be an integer in [0, {MAX_SIDE}], got {value!r}"
+                )
+        if self.left + self.top + self.right + self.bottom == 0:
+            raise RequestError("outpaint", "at least one margin must be greater than 0")
+
+    @classmethod
+    def parse(cls, text: str) -> Outpaint:
+        """Parse ``LEFT,TOP,RIGHT,BOTTOM`` (the CLI's ``--outpaint`` form)."""
+        parts = text.split(",")
+        if len(parts) != 4:
+            raise RequestError("outpaint", f"expected LEFT,TOP,RIGHT,BOTTOM, got {text!r}")
+        try:
+            left, top, right, bottom = (int(p.strip()) for p in parts)
+        except ValueError:
+            raise RequestError(
+                "outpaint", f"margins must be integers (LEFT,TOP,RIGHT,BOTTOM), got {text!r}"
+            ) from None
+        return cls(left, top, right, bottom)
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """A LoRA file (safetensors) applied at generation time with a scale."""
+
+    path: str
+    scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.path, str) or not self.path:
+            raise RequestError("loras.path", "must be a non-empty path to a .safetensors file")
+        if not -MAX_LORA_SCALE <= float(self.scale) <= MAX_LORA_SCALE:
+            raise RequestError(
+                "loras.scale", f"must be in [-{MAX_LORA_SCALE}, {MAX_LORA_SCALE}], got {self.scale}"
+            )
+
+    @classmethod
+    def parse(cls, text: str) -> LoraSpec:
+        """Parse ``PATH[:SCALE]`` (the CLI's ``--lora`` form)."""
+        path, sep, scale = text.rpartition(":")
+        if sep and path:
+            try:
+                return cls(path, float(scale))
+            except ValueError:
+                pass  # a colon that is part of the path, not a scale
+        return cls(text, 1.0)
+
+
+def _check_int(name: str, value: Any, low: int, high: int) -> None:
+    if value is None:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise RequestError(name, f"must be an integer in [{low}, {high}], got {value!r}")
+
+
+def _check_float(name: str, value: Any, low: float, high: float, *, open_low: bool = False) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise RequestError(name, f"must be a number, got {value!r}")
+    ok = (low < value if open_low else low <= value) and value <= high
+    if not ok or value != value:  # value != value catches NaN
+        bracket = "(" if open_low else "["
+        raise RequestError(name, f"must be in {bracket}{low}, {high}], got {value!r}")
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """Everything one generation needs, for every family and mode.
+
+    ``None`` means "the model's default". The mode follows from the inputs: ``image`` alone is
+    img2img, ``image`` + ``mask`` is inpaint (white = repaint), ``image`` + ``outpaint`` extends
+    the canvas. Invalid values raise :class:`RequestError` naming the field.
+    """
+
+    prompt: str
+    negative_prompt: str = ""
+    width: int | None = None
+    height: int | None = None
+    steps: int | None = None
+    guidance: float | None = None
+    seed: int | None = None
+    num_images: int = 1
+    image: Image.Image | None = None
+    strength: float | None = None
+    mask: Image.Image | None = None
+    outpaint: Outpaint | None = None
+    loras: tuple[LoraSpec, ...] = ()
+    model: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.prompt, str):
+            raise RequestError("prompt", f"must be a string, got {type(self.prompt).__name__}")
+        for name in ("prompt", "negative_prompt"):
+            text = getattr(self, name)
+            if not isinstance(text, str) or len(text) > MAX_PROMPT_CHARS:
+                raise RequestError(name, f"must be a string of at most {MAX_PROMPT_CHARS} chars")
+        _check_int("width", self.width, 8, MAX_SIDE)
+        _check_int("height", self.height, 8, MAX_SIDE)
+        _check_int("steps", self.steps, 1, MAX_STEPS)
+        _check_float("guidance", self.guidance, 0.0, MAX_GUIDANCE)
+        _check_int("seed", self.seed, 0, MAX_SEED)
+        _check_int("num_images", self.num_images, 1, MAX_IMAGES)
+        _check_float("strength", self.strength, 0.0, 1.0, open_low=True)
+        if not isinstance(self.loras, tuple) or not all(
+            isinstance(lora, LoraSpec) for lora in self.loras
+        ):
+            raise RequestError("loras", "must be a tuple of LoraSpec(path, scale)")
+        self._check_images()
+
+    def _check_images(self) -> None:
+        from PIL import Image
+
+        for name in ("image", "mask"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, Image.Image):
+                raise ImageInputError(name, f"must be a PIL image, got {type(value).__name__}")
+        if self.mask is not None and self.image is None:
+            raise RequestError("mask", "inpainting needs an input image: set image as well")
+        if self.outpaint is not None:
+            if self.image is None:
+                raise RequestError("outpaint", "outpainting needs an input image: set image")
+            if self.mask is not None:
+                raise RequestError("outpaint", "cannot be combined with mask; use one of them")
+        if self.mask is not None and self.image is not None and self.mask.size != self.image.size:
+            raise ImageInputError(
+                "mask",
+                f"size {self.mask.size[0]}x{self.mask.size[1]} differs from the image's "
+                f"{self.image.size[0]}x{self.image.size[1]}; they must match",
+            )
+        if self.strength is not None and self.image is None:
+            raise RequestError("strength", "only applies with an input image (img2img/inpaint)")
+
+    @property
+    def mode(self) -> Mode:
+        if self.outpaint is not None:
+            return Mode.OUTPAINT
+        if self.mask is not None:
+            return Mode.INPAINT
+        if self.image is not None:
+            return Mode.IMG2IMG
+        return Mode.TXT2IMG
+
+    def with_changes(self, **changes: Any) -> GenerationRequest:
+        return replace(self, **changes)
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+
+@dataclass(frozen=True)
+class FamilyDefaults:
+    """What a loaded model declares: its modes and the values a request's ``None`` becomes."""
+
+    modes: frozenset[Mode]
+    width: int
+    height: int
+    steps: int
+    guidance: float
+    strength: float = 0.8
+    inpaint_strength: float = 1.0
+    size_multiple: int = 8
+    max_pixels: int = 2048 * 2048
+    min_side: int = 8
+
+
+@dataclass(frozen=True)
+class ResolvedRequest:
+    """A request with every default filled in: exactly what runs and what the record says."""
+
+    request: GenerationRequest
+    mode: Mode
+    width: int
+    height: int
+    steps: int
+    guidance: float
+    strength: float | None
+    seeds: tuple[int, ...] = field(default_factory=tuple)
+
+    @property
+    def prompt(self) -> str:
+        return self.request.prompt
+
+    @property
+    def negative_prompt(self) -> str:
+        return self.request.negative_prompt
+
+
+def resolve(request: GenerationRequest, defaults: FamilyDefaults, family: str) -> ResolvedRequest:
+    """Check ``request`` against what the family can do and fill in its defaults."""
+    mode = request.mode
+    if mode not in defaults.modes:
+        allowed = ", ".join(sorted(m.value for m in defaults.modes))
+        raise UnsupportedModeError(
+            "mode", f"{mode.value} is not supported by the {family} family (it supports: {allowed})"
+        )
+    if request.image is not None and (request.width is not None or request.height is not None):
+        # The output size follows the input image (plus outpaint margins); a different size
+        # would silently resample the user's picture.
+        raise RequestError("width", "width/height cannot be set with an input image")
+    if request.image is not None:
+        width, height = request.image.size
+        if request.outpaint is not None:
+            width += request.outpaint.left + request.outpaint.right
+            height += request.outpaint.top + request.outpaint.bottom
+    else:
+        width = request.width if request.width is not None else defaults.width
+        height = request.height if request.height is not None else defaults.height
+    for name, value in (("width", width), ("height", height)):
+        if value % defaults.size_multiple or value < defaults.min_side:
+            source = " (the input image's size plus margins)" if request.image is not None else ""
+            raise RequestError(
+                name,
+                f"{value}{source} must be a multiple of {defaults.size_multiple} and at least "
+                f"{defaults.min_side} for the {family} family",
+            )
+    if width * height > defaults.max_pixels:
+        raise RequestError(
+            "width",
+            f"{width}x{height} = {width * height} pixels exceeds the budget of "
+            f"{defaults.max_pixels} pixels for the {family} family",
+        )
+    strength: float | None = None
+    if mode is Mode.IMG2IMG:
+        strength = request.strength if request.strength is not None else defaults.strength
+    elif mode in (Mode.INPAINT, Mode.OUTPAINT):
+        strength = request.strength if request.strength is not None else defaults.inpaint_strength
+    base_seed = request.seed if request.seed is not None else secrets.randbelow(2**32)
+    seeds = tuple((base_seed + i) % (MAX_SEED + 1) for i in range(request.num_images))
+    return ResolvedRequest(
+        request=request,
+        mode=mode,
+        width=width,
+        height=height,
+        steps=request.steps if request.steps is not None else defaults.steps,
+        guidance=request.guidance if request.guidance is not None else defaults.guidance,
+        strength=strength,
+        seeds=seeds,
+    )

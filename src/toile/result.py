@@ -1,0 +1,94 @@
+"""What a generation returns: images, and for each image the record that reproduces it."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+RECORD_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """Everything needed to make one image again (the ``toile`` PNG chunk holds this as JSON).
+
+    ``safety`` holds the verdicts of any output checks that ran; an empty dict means none ran.
+    """
+
+    model_id: str
+    family: str
+    model_hash: str
+    mode: str
+    prompt: str
+    negative_prompt: str
+    width: int
+    height: int
+    steps: int
+    guidance: float
+    seed: int
+    strength: float | None = None
+    outpaint: tuple[int, int, int, int] | None = None
+    loras: tuple[dict[str, Any], ...] = ()
+    scheduler: str = ""
+    device: str = "cpu"
+    dtype: str = "float32"
+    software: dict[str, str] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    safety: dict[str, Any] = field(default_factory=dict)
+    version: int = RECORD_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["loras"] = [dict(lora) for lora in self.loras]
+        data["outpaint"] = list(self.outpaint) if self.outpaint is not None else None
+        return data
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ImageRecord:
+        known = set(cls.__dataclass_fields__)
+        values = {k: v for k, v in data.items() if k in known}
+        values["loras"] = tuple(dict(lora) for lora in values.get("loras", ()))
+        if values.get("outpaint") is not None:
+            values["outpaint"] = tuple(values["outpaint"])
+        return cls(**values)
+
+    @classmethod
+    def from_json(cls, text: str) -> ImageRecord:
+        return cls.from_dict(json.loads(text))
+
+
+@dataclass
+class GenerationResult:
+    """The images of one request (PIL, RGB) and one record per image, in the same order."""
+
+    images: list[Image.Image]
+    records: list[ImageRecord]
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def save(self, path: str) -> list[str]:
+        """Write the images as PNGs carrying their records; returns the paths written.
+
+        One image goes to ``path``; several go to ``NAME-0.png``, ``NAME-1.png``, ...
+        """
+        from toile.safety.metadata import save_png
+
+        paths = output_paths(path, len(self.images))
+        for image, record, out in zip(self.images, self.records, paths, strict=True):
+            save_png(image, record, out)
+        return paths
+
+
+def output_paths(path: str, count: int) -> list[str]:
+    if count == 1:
+        return [path]
+    stem, dot, ext = path.rpartition(".")
+    if not dot or "/" in ext:
+        stem, ext = path, "png"
+    return [f"{stem}-{i}.{ext}" for i in range(count)]

@@ -1,0 +1,1 @@
+"""Prompt policy, output checks, provenance and image metadata."""

@@ -1,0 +1,83 @@
+"""Generation records in PNG files.
+
+Two text chunks: ``toile`` holds the record as JSON (exact round trip), and ``parameters``
+holds the same in AUTOMATIC1111's format, so A1111's PNG Info, Civitai and other readers show it.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+from toile.errors import ImageInputError
+from toile.result import ImageRecord
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+TOILE_KEY = "toile"
+A1111_KEY = "parameters"
+
+
+def a1111_parameters(record: ImageRecord) -> str:
+    """Render a record in A1111's ``parameters`` layout (prompt, negative, key: value line)."""
+    lines = [record.prompt]
+    if record.negative_prompt:
+        lines.append(f"Negative prompt: {record.negative_prompt}")
+    items = [
+        ("Steps", str(record.steps)),
+        ("Sampler", record.scheduler or "default"),
+        ("CFG scale", f"{record.guidance:g}"),
+        ("Seed", str(record.seed)),
+        ("Size", f"{record.width}x{record.height}"),
+        ("Model hash", record.model_hash[:10]),
+        ("Model", record.model_id),
+    ]
+    if record.strength is not None and record.mode != "txt2img":
+        items.append(("Denoising strength", f"{record.strength:g}"))
+    if record.loras:
+        # A1111 writes LoRAs as <lora:name:scale> in the prompt and hashes in "Lora hashes".
+        hashes = ", ".join(f"{lora['name']}: {lora.get('hash', '')[:12]}" for lora in record.loras)
+        items.append(("Lora hashes", f'"{hashes}"'))
+    items.append(("Version", f"toile {record.software.get('toile', '')}".strip()))
+    lines.append(", ".join(f"{key}: {value}" for key, value in items))
+    return "\n".join(lines)
+
+
+def save_png(image: Image.Image, record: ImageRecord, path: str) -> None:
+    """Write ``image`` with its record. Writes to a temp file first so no partial PNG is left."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text(TOILE_KEY, record.to_json())
+    info.add_text(A1111_KEY, a1111_parameters(record))
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        image.save(tmp, format="PNG", pnginfo=info)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def read_record(path: str) -> ImageRecord:
+    """Read the ``toile`` record from a PNG written by :func:`save_png`."""
+    from toile.io.images import open_image
+
+    image = open_image(path, field="image")
+    text = image.info.get(TOILE_KEY)
+    if text is None:
+        found = ", ".join(sorted(k for k in image.info if isinstance(image.info[k], str))) or "none"
+        raise ImageInputError(
+            "image", f"{path} has no toile record (text chunks found: {found})"
+        )
+    return ImageRecord.from_json(text)
+
+
+def read_text_chunks(path: str) -> dict[str, str]:
+    from toile.io.images import open_image
+
+    image = open_image(path, field="image")
+    return {k: v for k, v in image.info.items() if isinstance(v, str)}
