@@ -92,7 +92,9 @@ class Engine:
     def load(self, model: str | None = None) -> _Cached:
         """Load (or fetch from the cache) the model named by id or path."""
         from toile.io.weights import check_folder_weights, model_hash
+        from toile.logs import quiet_libraries
 
+        quiet_libraries()
         entry = self.registry.resolve(model, allow_paths=self.allow_paths)
         key = str(entry.path)
         with self._lock:
@@ -135,19 +137,18 @@ class Engine:
         return GenerationResult(images=images, records=records, timings=timings)
 
     def _run_mode(self, cached: _Cached, resolved: ResolvedRequest, ctx: RunContext) -> list:
-        request = resolved.request
-        if resolved.mode is not Mode.OUTPAINT:
-            images = cached.family.run(cached.loaded, resolved, ctx)
-        else:
-            from toile.engine.outpaint import extend_canvas, paste_original
+        from toile.engine.outpaint import composite, extend_canvas
 
+        request = resolved.request
+        if resolved.mode is Mode.OUTPAINT:
             assert request.image is not None and request.outpaint is not None
             canvas, mask = extend_canvas(request.image, request.outpaint)
-            inner = replace(request, image=canvas, mask=mask, outpaint=None)
-            generated = cached.family.run(
-                cached.loaded, replace(resolved, request=inner, mode=Mode.INPAINT), ctx
-            )
-            images = [paste_original(g, request.image, request.outpaint) for g in generated]
+            request = replace(request, image=canvas, mask=mask, outpaint=None)
+            resolved = replace(resolved, request=request, mode=Mode.INPAINT)
+        images = cached.family.run(cached.loaded, resolved, ctx)
+        if resolved.mode is Mode.INPAINT:
+            assert request.image is not None and request.mask is not None
+            images = [composite(image, request.image, request.mask) for image in images]
         if len(images) != len(resolved.seeds):
             raise RuntimeError(
                 f"{cached.family.name} returned {len(images)} images for {len(resolved.seeds)} seeds"

@@ -1,4 +1,9 @@
-"""Outpainting as inpainting on an extended canvas, then the original pasted back exactly."""
+"""Canvas work around inpainting: extending the canvas for outpainting, and compositing.
+
+Both inpainting and outpainting keep the pixels the mask keeps *exactly*: the model's output is
+blended over the original with the mask as alpha (as A1111's mask overlay does), because a VAE
+round trip alters every pixel slightly and users expect what they did not mask to stay put.
+"""
 
 from __future__ import annotations
 
@@ -28,8 +33,8 @@ def extend_canvas(image: Image.Image, margins: Outpaint) -> tuple[Image.Image, I
     return Image.fromarray(padded), Image.fromarray(mask, mode="L")
 
 
-def paste_original(generated: Image.Image, original: Image.Image, margins: Outpaint) -> Image.Image:
-    """Put the original pixels back unchanged, so outpainting never alters what was there."""
-    result = generated.convert("RGB").copy()
-    result.paste(original.convert("RGB"), (margins.left, margins.top))
-    return result
+def composite(generated: Image.Image, original: Image.Image, mask: Image.Image) -> Image.Image:
+    """``mask`` as alpha: white takes the generated pixel, black keeps the original exactly."""
+    from PIL import Image
+
+    return Image.composite(generated.convert("RGB"), original.convert("RGB"), mask.convert("L"))

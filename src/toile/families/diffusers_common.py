@@ -57,27 +57,14 @@ def load_pipeline(pipeline_cls: Any, path: Path, device: str, dtype: torch.dtype
     A missing component or weight file becomes a ModelFormatError naming it instead of a deep
     traceback from diffusers.
     """
-    quiet_libraries()
     try:
         pipe = pipeline_cls.from_pretrained(
-            str(path), torch_dtype=dtype, local_files_only=True, use_safetensors=True, **kwargs
+            str(path), dtype=dtype, local_files_only=True, use_safetensors=True, **kwargs
         )
     except (OSError, ValueError, EnvironmentError) as exc:
         raise ModelFormatError(f"cannot load {path} as {pipeline_cls.__name__}: {exc}") from None
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
-
-
-def quiet_libraries() -> None:
-    """Loading bars and advisory warnings from diffusers/transformers would drown toile's own
-    progress output; toile reports progress itself."""
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    diffusers_logging.disable_progress_bar()
-    diffusers_logging.set_verbosity_error()
-    transformers_logging.disable_progress_bar()
-    transformers_logging.set_verbosity_error()
 
 
 def derive(pipeline_cls: Any, base: Any, **kwargs: Any) -> Any:

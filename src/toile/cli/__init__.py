@@ -1,0 +1,1 @@
+"""The ``toile`` command line. Each command is a module with ``add_parser`` and ``run``."""

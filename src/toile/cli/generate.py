@@ -1,0 +1,89 @@
+"""``toile generate PROMPT``: one request through the engine, PNGs with their records."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import Any
+
+from toile.errors import RequestError
+
+
+def add_parser(subparsers: Any) -> None:
+    p = subparsers.add_parser("generate", help="generate images from a prompt")
+    p.add_argument("prompt")
+    p.add_argument("-o", "--output", help="output PNG (default toile-<timestamp>.png; "
+                   "several images: NAME-0.png, NAME-1.png, ...)")
+    p.add_argument("--model", help="model id from `toile models` or a path (default: built-in)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--steps", type=int)
+    p.add_argument("--guidance", type=float)
+    p.add_argument("--width", type=int)
+    p.add_argument("--height", type=int)
+    p.add_argument("--negative", default="", help="negative prompt")
+    p.add_argument("-n", "--num-images", type=int, default=1)
+    p.add_argument("--image", help="input image (img2img; with --mask inpaint; with --outpaint)")
+    p.add_argument("--strength", type=float, help="how much of --image to change, (0, 1]")
+    p.add_argument("--mask", help="inpainting mask, same size as --image; white = repaint")
+    p.add_argument("--outpaint", metavar="LEFT,TOP,RIGHT,BOTTOM",
+                   help="pixels to add on each side of --image")
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                   help="LoRA .safetensors file with optional scale; repeatable")
+    p.add_argument("--device", choices=("cpu", "cuda", "mps"))
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--json", action="store_true", help="print one JSON object with the results")
+    p.set_defaults(run=run)
+
+
+def request_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """The CLI's options as request fields (files loaded and checked here)."""
+    from toile.io.images import load_mask, load_rgb
+    from toile.request import LoraSpec, Outpaint
+
+    fields: dict[str, Any] = {
+        "negative_prompt": args.negative,
+        "num_images": args.num_images,
+        "loras": tuple(LoraSpec.parse(text) for text in args.lora),
+    }
+    for name in ("seed", "steps", "guidance", "width", "height", "strength"):
+        value = getattr(args, name)
+        if value is not None:
+            fields[name] = value
+    if args.image is not None:
+        fields["image"] = load_rgb(args.image, field="image")
+    elif args.mask is not None or args.outpaint is not None:
+        option = "--mask" if args.mask is not None else "--outpaint"
+        raise RequestError("image", f"{option} needs an input image: pass --image PATH")
+    if args.mask is not None:
+        fields["mask"] = load_mask(args.mask, field="mask")
+    if args.outpaint is not None:
+        fields["outpaint"] = Outpaint.parse(args.outpaint)
+    return fields
+
+
+def run(args: argparse.Namespace) -> int:
+    from toile.cli.progress_bar import TerminalProgress
+    from toile.engine.engine import Engine
+    from toile.request import GenerationRequest
+
+    request = GenerationRequest(prompt=args.prompt, model=args.model, **request_fields(args))
+    engine = Engine(device=args.device, dtype=args.dtype)
+    bar = TerminalProgress()
+    try:
+        result = engine.run(request, progress=bar)
+    finally:
+        bar.close()
+    output = args.output or f"toile-{time.strftime('%Y%m%d-%H%M%S')}.png"
+    paths = result.save(output)
+    if args.json:
+        images = [
+            {"path": path, "seed": rec.seed, "width": rec.width, "height": rec.height,
+             "record": rec.to_dict()}
+            for path, rec in zip(paths, result.records, strict=True)
+        ]
+        print(json.dumps({"paths": paths, "images": images, "timings": result.timings}))
+    else:
+        for path, rec in zip(paths, result.records, strict=True):
+            print(f"{path}  seed={rec.seed} {rec.width}x{rec.height}")
+    return 0

@@ -1,0 +1,59 @@
+"""``toile``: entry point. Only argparse is imported here, so ``toile --help`` is instant."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# command name -> module; each module has add_parser(subparsers) and run(args) -> int.
+COMMANDS = {
+    "generate": "toile.cli.generate",
+    "models": "toile.cli.models",
+    "info": "toile.cli.info",
+    "train": "toile.cli.train_cmd",
+    "eval": "toile.cli.eval_cmd",
+    "bench": "toile.cli.bench",
+    "demo": "toile.cli.demo",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from toile import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="toile", description="Text-to-image generation, training and serving."
+    )
+    parser.add_argument("--version", action="version", version=f"toile {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, module_name in COMMANDS.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name != module_name:
+                raise
+            continue  # a command whose module is not part of this installation
+        module.add_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    from toile.errors import ToileError
+
+    try:
+        return int(args.run(args) or 0)
+    except ToileError as exc:
+        print(f"toile {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"toile {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

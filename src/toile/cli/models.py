@@ -1,0 +1,73 @@
+"""``toile models``: list, add and remove registered models."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+
+def add_parser(subparsers: Any) -> None:
+    p = subparsers.add_parser("models", help="list the models toile knows; add or remove one")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=run_list)
+    sub = p.add_subparsers(dest="models_command", metavar="ACTION")
+    add = sub.add_parser("add", help="register a checkpoint folder or .safetensors file by id")
+    add.add_argument("id")
+    add.add_argument("path")
+    add.set_defaults(run=run_add)
+    remove = sub.add_parser("remove", help="forget a registered id (files are left alone)")
+    remove.add_argument("id")
+    remove.set_defaults(run=run_remove)
+
+
+def describe(entry: Any) -> dict[str, Any]:
+    """id, family, path and modes; a model that cannot be identified says why instead."""
+    from toile.errors import ToileError
+    from toile.families.registry import detect_family
+
+    row: dict[str, Any] = {"id": entry.id, "path": str(entry.path)}
+    try:
+        family = detect_family(entry.path)
+        row["family"] = family.name
+        modes = getattr(family, "declared_modes", None)
+        row["modes"] = sorted(m.value for m in modes(entry.path)) if modes else []
+    except ToileError as exc:
+        row["family"] = None
+        row["error"] = str(exc)
+    return row
+
+
+def run_list(args: argparse.Namespace) -> int:
+    from toile.engine.models import ModelRegistry
+
+    registry = ModelRegistry()
+    rows = [describe(entry) for entry in registry.entries()]
+    default = registry.default_id
+    if args.json:
+        print(json.dumps({"default": default, "models": rows}, indent=2))
+        return 0
+    for row in rows:
+        mark = "*" if row["id"] == default else " "
+        family = row["family"] or "?"
+        detail = ",".join(row.get("modes", [])) or row.get("error", "")
+        print(f"{mark} {row['id']:<24} {family:<7} {detail}  {row['path']}")
+    return 0
+
+
+def run_add(args: argparse.Namespace) -> int:
+    from toile.engine.models import ModelRegistry
+    from toile.families.registry import detect_family
+
+    family = detect_family(args.path)  # refuse what toile could not load, before registering
+    entry = ModelRegistry().add(args.id, args.path)
+    print(f"added {entry.id} ({family.name}) -> {entry.path}")
+    return 0
+
+
+def run_remove(args: argparse.Namespace) -> int:
+    from toile.engine.models import ModelRegistry
+
+    ModelRegistry().remove(args.id)
+    print(f"removed {args.id}")
+    return 0

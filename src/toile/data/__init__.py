@@ -1,0 +1,1 @@
+"""Datasets: the procedural scene world, image-caption folders, shards."""

@@ -1,0 +1,1 @@
+"""Evaluation: the scene checker and benchmarks."""
