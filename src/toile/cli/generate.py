@@ -50,6 +50,8 @@ def request_fields(args: argparse.Namespace) -> dict[str, Any]:
         value = getattr(args, name)
         if value is not None:
             fields[name] = value
+    if args.outpaint is not None:
+        fields["outpaint"] = Outpaint.parse(args.outpaint)
     if args.image is not None:
         fields["image"] = load_rgb(args.image, field="image")
     elif args.mask is not None or args.outpaint is not None:
@@ -57,8 +59,6 @@ def request_fields(args: argparse.Namespace) -> dict[str, Any]:
         raise RequestError("image", f"{option} needs an input image: pass --image PATH")
     if args.mask is not None:
         fields["mask"] = load_mask(args.mask, field="mask")
-    if args.outpaint is not None:
-        fields["outpaint"] = Outpaint.parse(args.outpaint)
     return fields
 
 

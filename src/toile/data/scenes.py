@@ -51,7 +51,7 @@ COLORS: tuple[str, ...] = ("red", "orange", "yellow", "green", "blue", "purple",
 HELD_OUT_COLORS = frozenset({"pink"})
 ALL_COLORS: tuple[str, ...] = (*COLORS, "pink")
 
-# Chosen far apart in RGB (closest pair: orange/yellow, about 106 apart) so that the checker can
+# Chosen far apart in RGB (closest pair: orange/yellow, 108 apart) so that the checker can
 # classify by nearest colour with a wide tolerance. Pink sits away from red, purple and white.
 PALETTE: MappingProxyType[str, tuple[int, int, int]] = MappingProxyType(
     {
@@ -134,7 +134,9 @@ class Scene:
             raise RequestError("objects", "must be a tuple of SceneObject")
         expected = 2 if self.kind == "relation" else 1
         if len(self.objects) != expected:
-            raise RequestError("objects", f"a {self.kind} scene has {expected}, got {len(self.objects)}")
+            raise RequestError(
+                "objects", f"a {self.kind} scene has {expected}, got {len(self.objects)}"
+            )
         self._check_kind_fields()
         for obj in self.objects:
             if obj.color == self.background:
@@ -235,7 +237,9 @@ def render(scene: Scene, size: int = 64, rng: random.Random | None = None) -> Im
     picture; shapes are drawn at 4x and box-filtered down for clean anti-aliased edges.
     """
     if not isinstance(size, int) or not MIN_RENDER_SIZE <= size <= MAX_RENDER_SIZE:
-        raise RequestError("size", f"must be an int in {MIN_RENDER_SIZE}..{MAX_RENDER_SIZE}; got {size!r}")
+        raise RequestError(
+            "size", f"must be an int in {MIN_RENDER_SIZE}..{MAX_RENDER_SIZE}; got {size!r}"
+        )
     rng = random.Random(0) if rng is None else rng
     background = scene.background or _free_background(scene, rng)
     return _draw(_layout(scene, rng), background, size)
@@ -282,7 +286,9 @@ def _layout_relation(scene: Scene, rng: random.Random, tries: int = 500) -> list
         if distance >= (e_lo + e_hi) / 2 + _GAP and abs(across_hi - across_lo) <= 0.35 * distance:
             break
     else:  # only reachable for very large stated sizes: fall back to the smallest allowed
-        e_sub, e_ref = (SIZE_RANGES[o.size][0] if o.size else _FREE_RELATION_RANGE[0] for o in scene.objects)
+        e_sub, e_ref = (
+            SIZE_RANGES[o.size][0] if o.size else _FREE_RELATION_RANGE[0] for o in scene.objects
+        )
         e_lo, e_hi = (e_sub, e_ref) if subject_first else (e_ref, e_sub)
         along_lo, along_hi, across_lo, across_hi = 0.27, 0.73, 0.5, 0.5
     lo = (along_lo, across_lo) if horizontal else (across_lo, along_lo)
@@ -337,7 +343,9 @@ def _draw_shape(draw: ImageDraw.ImageDraw, item: _Placed, scale: int) -> None:
         draw.rectangle((cx - half, cy - half, cx + half, cy + half), fill=fill)
     elif shape == "triangle":
         h = half * math.sqrt(3)  # equilateral, apex up, bounding box centred on (cx, cy)
-        draw.polygon([(cx, cy - h / 2), (cx + half, cy + h / 2), (cx - half, cy + h / 2)], fill=fill)
+        draw.polygon(
+            [(cx, cy - h / 2), (cx + half, cy + h / 2), (cx - half, cy + h / 2)], fill=fill
+        )
     else:
         draw.polygon(_star_points(cx, cy, half), fill=fill)
 
@@ -564,7 +572,7 @@ def _is_color(tokens: list[str], i: int, used: list[bool]) -> bool:
     return 0 <= i < len(tokens) and tokens[i] in ALL_COLORS and not used[i]
 
 
-def _parse_background(tokens: list[str], used: list[bool]) -> str | None | bool:
+def _parse_background(tokens: list[str], used: list[bool]) -> str | bool | None:
     """The background colour, None if unstated, False if stated twice differently."""
     found: set[str] = set()
     for i, token in enumerate(tokens):
@@ -635,15 +643,17 @@ def _read_modifiers(tokens: list[str], used: list[bool], mention: _Mention) -> b
         used[j] = True
         j -= 1
     after = mention.index + 1
-    if mention.color is None and after + 1 < len(tokens) and tokens[after] == "in":
-        if _is_color(tokens, after + 1, used):
-            mention.color = tokens[after + 1]
-            used[after + 1] = True
+    in_color = (
+        after + 1 < len(tokens) and tokens[after] == "in" and _is_color(tokens, after + 1, used)
+    )
+    if mention.color is None and in_color:
+        mention.color = tokens[after + 1]
+        used[after + 1] = True
     used[mention.index] = True
     return True
 
 
-def _parse_relation(tokens: list[str], used: list[bool]) -> tuple[str, bool, int] | None | bool:
+def _parse_relation(tokens: list[str], used: list[bool]) -> tuple[str, bool, int] | bool | None:
     """(relation, said from the reference's side, token index), None, or False if ambiguous."""
     found = []
     for i, token in enumerate(tokens):

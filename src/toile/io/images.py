@@ -52,7 +52,12 @@ def open_image(source: str | bytes, *, field: str, max_pixels: int = MAX_IMAGE_P
             image.info.update(probe.info)
     except ImageInputError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError as exc:
+        raise ImageInputError(
+            field, f"{name} is refused as a decompression bomb ({exc}); at most {max_pixels} "
+            "pixels are allowed"
+        ) from None
+    except UnidentifiedImageError as exc:
         raise ImageInputError(field, f"{name} is not a readable image ({exc})") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageInputError(field, f"{name} is truncated or corrupt ({exc})") from None

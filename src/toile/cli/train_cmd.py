@@ -1,0 +1,87 @@
+"""``toile train``: train toile's own model on the scene world.
+
+    toile train --preset toile-mini --out runs/toile-mini [--steps N] [--batch-size N]
+                [--resume] [--lr F] [--seed N] [--threads N] [--checkpoint-minutes M]
+
+Also runnable as ``python -m toile.cli.train_cmd ...`` (e.g. under nohup or accelerate launch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "train", help="train toile's own model from scratch on the scene world",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_arguments(parser)
+    parser.set_defaults(func=run)
+    return parser
+
+
+def _add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", default="toile-mini", help="toile-mini (default) or tiny")
+    parser.add_argument("--out", required=True, help="run folder (checkpoints, samples, logs)")
+    parser.add_argument("--steps", type=int, help="total optimizer steps")
+    parser.add_argument("--batch-size", type=int, help="images per step per process")
+    parser.add_argument("--lr", type=float, help="peak learning rate (AdamW)")
+    parser.add_argument("--seed", type=int, help="seed for init, data, t and noise")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue exactly from the newest checkpoint in --out")
+    parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument("--checkpoint-minutes", type=float,
+                        help="wall-clock minutes between checkpoints (default 5)")
+    parser.add_argument("--checkpoint-every", type=int, help="steps between checkpoints")
+    parser.add_argument("--mixed-precision", choices=("auto", "no", "bf16", "fp16"))
+    parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    parser.add_argument("--export", metavar="DIR",
+                        help="after training, write the inference folder (EMA weights) here")
+
+
+def run(args: argparse.Namespace) -> int:
+    from toile.train.config import preset
+
+    overrides = {
+        "out_dir": args.out,
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "seed": args.seed,
+        "num_threads": args.threads,
+        "checkpoint_minutes": args.checkpoint_minutes,
+        "checkpoint_every": args.checkpoint_every,
+        "mixed_precision": args.mixed_precision,
+        "resume": bool(args.resume),
+    }
+    if args.no_progress:
+        overrides["progress_bar"] = False
+    try:
+        config = preset(args.preset, **{k: v for k, v in overrides.items() if v is not None})
+    except ValueError as exc:
+        print(f"toile train: error: {exc}", file=sys.stderr)
+        return 2
+    from toile.train.trainer import Trainer
+
+    command = "toile train " + shlex.join(sys.argv[1:]) if sys.argv[0] else "toile train"
+    trainer = Trainer(config, command=command)
+    out = trainer.train()
+    if args.export and trainer.accelerator.is_main_process:
+        trainer.export(args.export)
+        print(f"exported to {args.export}")
+    print(f"run folder: {out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="toile train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,185 @@
+"""Stable Diffusion XL: base, refiner and inpainting checkpoints.
+
+Three layouts share one family because they share one set of diffusers pipelines:
+
+- **base** (``StableDiffusionXLPipeline``, two text encoders): txt2img, img2img, inpaint and
+  outpaint (diffusers blends latents for inpainting with a regular 4-channel U-Net);
+- **refiner** (no ``text_encoder``, ``requires_aesthetics_score``): it was trained only on the
+  low-noise end of the schedule to polish existing images, so it runs img2img / inpaint /
+  outpaint and txt2img is refused by its declared modes instead of producing mush;
+- **inpainting** (9-channel U-Net): inpaint and outpaint only, like SD's inpainting checkpoints.
+
+Besides diffusers folders, a single ``.safetensors`` file in the original Stability layout (the
+one A1111 and ComfyUI share: ``conditioner.embedders.*``, ``model.diffusion_model.*``,
+``first_stage_model.*``) is loaded through diffusers' ``from_single_file``. That needs the
+diffusers configs and tokenizers, which such a file does not contain; since nothing may be
+fetched at run time, toile looks for them next to the file by convention: a folder ``NAME/``
+beside ``NAME.safetensors``, or a folder ``config/`` in the same directory, holding a diffusers
+layout without weights (``model_index.json``, ``unet/config.json``, ``tokenizer/``...).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from toile.errors import ModelFormatError
+from toile.families.base import LoadedModel
+from toile.families.diffusers_common import (
+    derive,
+    load_pipeline,
+    read_component_config,
+    read_model_index,
+    scheduler_name,
+)
+from toile.families.sd import ALL_MODES, INPAINT_MODES, run_unet_pipeline, unet_defaults
+from toile.request import Mode
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
+    from toile.progress import RunContext
+    from toile.request import ResolvedRequest
+
+SDXL_PIPELINES = frozenset(
+    {
+        "StableDiffusionXLPipeline",
+        "StableDiffusionXLImg2ImgPipeline",
+        "StableDiffusionXLInpaintPipeline",
+    }
+)
+REFINER_MODES = frozenset({Mode.IMG2IMG, Mode.INPAINT, Mode.OUTPAINT})
+DEFAULT_STEPS = 50
+DEFAULT_GUIDANCE = 5.0  # diffusers' StableDiffusionXLPipeline default
+
+# Key prefixes of the original SDXL single-file layout: both must be present. SD 1.x/2.x files
+# use ``cond_stage_model.`` instead of ``conditioner.``, SD3 files ``text_encoders.``.
+SINGLE_FILE_PREFIXES = ("conditioner.embedders.", "model.diffusion_model.")
+
+
+def checkpoint_kind(config_folder: Path) -> str:
+    """"base", "refiner" or "inpainting", from a diffusers layout's model_index and U-Net config.
+
+    The refiner is recognised the way diffusers builds it: no first text encoder, and time ids
+    that carry an aesthetic score instead of a target size.
+    """
+    index = read_model_index(config_folder) or {}
+    text_encoder = index.get("text_encoder")
+    no_text_encoder = not isinstance(text_encoder, list) or text_encoder[0] is None
+    if index.get("requires_aesthetics_score") or no_text_encoder:
+        return "refiner"
+    if read_component_config(config_folder, "unet").get("in_channels") == 9:
+        return "inpainting"
+    return "base"
+
+
+def single_file_keys(path: Path) -> list[str]:
+    """Tensor names from a .safetensors header (no weights are read)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return list(handle.keys())
+    except Exception:  # a malformed header is "not this family"; describe() reports it
+        return []
+
+
+def is_sdxl_single_file(path: Path) -> bool:
+    if not path.is_file() or path.suffix.lower() != ".safetensors":
+        return False
+    keys = single_file_keys(path)
+    return all(any(k.startswith(prefix) for k in keys) for prefix in SINGLE_FILE_PREFIXES)
+
+
+def single_file_config(path: Path) -> Path:
+    """The local diffusers config folder for ``NAME.safetensors``: ``NAME/`` or ``config/``."""
+    candidates = [path.with_suffix(""), path.parent / "config"]
+    for folder in candidates:
+        if (folder / "model_index.json").is_file():
+            return folder
+    raise ModelFormatError(
+        f"{path} is an SDXL single-file checkpoint, which holds weights but no configs or "
+        f"tokenizers; toile loads offline, so put a diffusers layout without weights "
+        f"(model_index.json, unet/config.json, vae/config.json, text_encoder*/config.json, "
+        f"tokenizer*/, scheduler/) in {candidates[0]}/ (or {candidates[1]}/). "
+        f"Copying those files from the matching diffusers repository "
+        f"(e.g. stable-diffusion-xl-base-1.0) is enough."
+    )
+
+
+def load_single_file(
+    pipeline_cls: Any, path: Path, config: Path, device: str, dtype: torch.dtype, **kwargs: Any
+) -> Any:
+    """``from_single_file`` with a local config folder, offline; failures name the file."""
+    from diffusers.loaders.single_file_utils import SingleFileComponentError
+
+    try:
+        pipe = pipeline_cls.from_single_file(
+            str(path), config=str(config), local_files_only=True, dtype=dtype, **kwargs
+        )
+    except (OSError, ValueError, KeyError, RuntimeError, SingleFileComponentError) as exc:
+        raise ModelFormatError(
+            f"cannot load {path} as {pipeline_cls.__name__} with the configs in {config}: {exc}"
+        ) from None
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+class SDXLFamily:
+    name = "sdxl"
+
+    def detect(self, path: Path) -> bool:
+        if path.is_file():
+            return is_sdxl_single_file(path)
+        index = read_model_index(path)
+        return index is not None and index.get("_class_name") in SDXL_PIPELINES
+
+    def load(self, path: Path, device: str, dtype: torch.dtype) -> LoadedModel:
+        from diffusers import (
+            StableDiffusionXLImg2ImgPipeline,
+            StableDiffusionXLInpaintPipeline,
+            StableDiffusionXLPipeline,
+        )
+
+        config = single_file_config(path) if path.is_file() else path
+        kind = checkpoint_kind(config)
+        base_cls = {
+            "base": StableDiffusionXLPipeline,
+            "refiner": StableDiffusionXLImg2ImgPipeline,
+            "inpainting": StableDiffusionXLInpaintPipeline,
+        }[kind]
+        # No invisible watermark from diffusers: toile's safety layer owns watermarking and
+        # provenance, and a second, silent one would also break parity with plain diffusers.
+        options: dict[str, Any] = {"add_watermarker": False}
+        if path.is_file():
+            base = load_single_file(base_cls, path, config, device, dtype, **options)
+        else:
+            base = load_pipeline(base_cls, path, device, dtype, **options)
+
+        def role(cls: Any) -> Any:
+            # from_pipe shares the loaded weights; the base pipeline serves its own role.
+            return base if type(base) is cls else derive(cls, base, **options)
+
+        pipelines: dict[str, Any] = {"inpaint": role(StableDiffusionXLInpaintPipeline)}
+        if kind == "base":
+            pipelines["txt2img"] = base
+        if kind in ("base", "refiner"):
+            pipelines["img2img"] = role(StableDiffusionXLImg2ImgPipeline)
+        modes = {"base": ALL_MODES, "refiner": REFINER_MODES, "inpainting": INPAINT_MODES}[kind]
+        return LoadedModel(
+            family=self.name,
+            path=path,
+            defaults=unet_defaults(
+                config, steps=DEFAULT_STEPS, guidance=DEFAULT_GUIDANCE, modes=modes
+            ),
+            device=device,
+            dtype=dtype,
+            pipelines=pipelines,
+            scheduler=scheduler_name(base),
+            supports_lora=True,
+            variant="" if kind == "base" else kind,
+        )
+
+    def run(self, loaded: LoadedModel, request: ResolvedRequest, ctx: RunContext) -> list[Image.Image]:
+        return run_unet_pipeline(loaded, request, ctx)

@@ -1,0 +1,93 @@
+"""``ToileFamily``: toile's own models behind the engine's ``Family`` contract."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from toile.families.base import LoadedModel, cpu_generators
+from toile.request import FamilyDefaults, Mode
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
+    from toile.progress import RunContext
+    from toile.request import ResolvedRequest
+
+# A U-Net trained at 64×64 generalises somewhat to larger canvases (it is convolutional), but
+# its self-attention at 1/4 resolution grows with the square of the pixel count; 256×256 keeps
+# a CPU run within seconds and memory within a few hundred MB.
+MAX_PIXELS = 256 * 256
+
+
+class ToileFamily:
+    """Folders saved by ``ToilePipeline.save_pretrained`` (``_class_name`` ToilePipeline)."""
+
+    name = "toile"
+
+    def detect(self, path: Path) -> bool:
+        index = Path(path) / "model_index.json"
+        if not index.is_file():
+            return False
+        try:
+            data = json.loads(index.read_text())
+        except (OSError, json.JSONDecodeError):
+            return False
+        return isinstance(data, dict) and data.get("_class_name") == "ToilePipeline"
+
+    def load(self, path: Path, device: str, dtype: torch.dtype) -> LoadedModel:
+        from toile.families.toile.pipeline import ToilePipeline
+
+        pipe = ToilePipeline.from_pretrained(path, device=device, dtype=dtype)
+        config = pipe.config
+        defaults = FamilyDefaults(
+            modes=frozenset({Mode.TXT2IMG, Mode.IMG2IMG, Mode.INPAINT, Mode.OUTPAINT}),
+            width=config.packing.image_size,
+            height=config.packing.image_size,
+            steps=config.sampler.steps,
+            guidance=config.sampler.guidance,
+            strength=0.8,
+            inpaint_strength=1.0,
+            size_multiple=config.size_multiple,
+            max_pixels=MAX_PIXELS,
+            min_side=config.size_multiple,
+        )
+        return LoadedModel(
+            family=self.name,
+            path=Path(path),
+            defaults=defaults,
+            device=device,
+            dtype=dtype,
+            pipelines={"txt2img": pipe},
+            scheduler=f"rectified-flow euler (shift {config.sampler.shift})",
+            supports_lora=False,
+        )
+
+    def run(
+        self, loaded: LoadedModel, request: ResolvedRequest, ctx: RunContext
+    ) -> list[Image.Image]:
+        pipe = loaded.pipelines["txt2img"]
+        req = request.request
+        n = len(request.seeds)
+
+        def on_step(step: int, total: int, x: torch.Tensor) -> None:
+            ctx.on_step(step, total, preview=lambda: pipe.to_images(x[:1])[0])
+
+        ctx.check_cancelled()
+        image = req.image if request.mode in (Mode.IMG2IMG, Mode.INPAINT) else None
+        mask = req.mask if request.mode is Mode.INPAINT else None
+        return pipe(
+            [req.prompt] * n,
+            generators=cpu_generators(request.seeds),
+            steps=request.steps,
+            guidance=request.guidance,
+            width=None if image is not None else request.width,
+            height=None if image is not None else request.height,
+            image=image,
+            mask=mask,
+            strength=request.strength if image is not None else None,
+            negative_prompt=request.negative_prompt,
+            callback=on_step,
+        )

@@ -1,0 +1,429 @@
+"""Training a toile model from scratch on the scene world with accelerate.
+
+The loop is rectified-flow training (Liu et al. 2022) with SD3's logit-normal t (Esser et al.
+2024): draw a batch of (image, caption) scenes, pack the images, pick t and noise, and regress
+the U-Net's output on the velocity noise − x0. Around it:
+
+- accelerate's ``Accelerator`` runs it on CPU, one GPU (bf16 autocast) or several processes
+  under ``accelerate launch`` (each process draws its own batches; DDP averages gradients);
+- AdamW with linear warmup then a constant rate, gradient clipping, 10 % caption dropout;
+- an EMA of the weights (diffusers ``EMAModel``), which is what gets exported;
+- checkpoints as safetensors (model, EMA, optimizer, RNG, step) every few minutes, and a
+  sample grid (PNG) with each; ``resume`` continues exactly from the newest checkpoint.
+
+Exactness of resume: the batch, t, noise and caption dropout of step k depend only on
+(seed, k, rank), and the learning rate only on k, so no iterator or scheduler state needs
+restoring beyond model, EMA and optimizer.
+
+Run layout::
+
+    OUT/train_config.json   OUT/run_info.json   OUT/log.jsonl   OUT/train.log (nohup)
+    OUT/checkpoints/step-000500/{model,ema,optimizer,rng}.safetensors + state.json
+    OUT/samples/step-000500.png
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import platform
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from toile.families.toile.denoiser import TextCondition, count_parameters, predict_velocity
+from toile.families.toile.pipeline import ToilePipeline
+from toile.families.toile.sampling import (
+    forward_noise,
+    sample_logit_normal,
+    velocity_target,
+)
+from toile.train.config import TrainConfig
+from toile.train.scene_data import make_batch
+
+CHECKPOINT_FILES = ("model.safetensors", "ema.safetensors", "optimizer.safetensors", "state.json")
+
+
+def learning_rate(step: int, config: TrainConfig) -> float:
+    """Linear warmup over ``warmup_steps``, then constant. Stateless, so resume is exact."""
+    if config.warmup_steps and step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    return config.lr
+
+
+def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
+    """The CPU generator for step ``step``'s t, noise and caption dropout on process ``rank``."""
+    mixed = random.Random(f"toile-train:{seed}:{step}:{rank}").getrandbits(63)
+    return torch.Generator("cpu").manual_seed(mixed)
+
+
+def flow_matching_loss(
+    model: torch.nn.Module,
+    x0: torch.Tensor,
+    cond: TextCondition,
+    generator: torch.Generator,
+    *,
+    t_mean: float = 0.0,
+    t_std: float = 1.0,
+) -> torch.Tensor:
+    """Rectified-flow loss: E‖v(x_t, t, c) − (ε − x0)‖² with logit-normal t.
+
+    x0 [B, C, h, w] are packed clean images; t, ε are drawn on the CPU from ``generator``.
+    """
+    batch = x0.shape[0]
+    t = sample_logit_normal(batch, mean=t_mean, std=t_std, generator=generator)  # [B]
+    noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32)  # [B, C, h, w]
+    t, noise = t.to(x0.device), noise.to(x0.device)
+    x_t = forward_noise(x0, noise, t)
+    v = predict_velocity(model, x_t, t, cond)
+    return torch.nn.functional.mse_loss(v.float(), velocity_target(x0, noise))
+
+
+def drop_captions(
+    cond: TextCondition, empty: TextCondition, p: float, generator: torch.Generator
+) -> TextCondition:
+    """Replace each caption's condition by the empty prompt's with probability ``p``."""
+    keep = torch.rand(len(cond), generator=generator) >= p  # [B]
+    return cond.where(keep.to(cond.tokens.device), empty)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Optimizer state_dict -> safetensors tensors + JSON metadata (param_groups, scalars)."""
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, Any] = {}
+    for index, per_param in state["state"].items():
+        for key, value in per_param.items():
+            name = f"state.{index}.{key}"
+            if isinstance(value, torch.Tensor):
+                tensors[name] = value.detach().contiguous().cpu()
+            else:
+                scalars[name] = value
+    meta = {"param_groups": json.dumps(state["param_groups"]), "scalars": json.dumps(scalars)}
+    return tensors, meta
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> dict:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        _, index, key = name.split(".", 2)
+        state.setdefault(int(index), {})[key] = value
+    for name, value in json.loads(meta["scalars"]).items():
+        _, index, key = name.split(".", 2)
+        state.setdefault(int(index), {})[key] = value
+    return {"state": state, "param_groups": json.loads(meta["param_groups"])}
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [
+        p for p in root.glob("step-*")
+        if p.is_dir() and all((p / f).is_file() for f in CHECKPOINT_FILES)
+    ]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+@dataclass
+class _Meter:
+    """Smoothed loss and throughput for the progress bar and the log."""
+
+    loss: float = float("nan")
+    images: int = 0
+    seconds: float = 0.0
+
+    def update(self, loss: float, images: int, seconds: float) -> None:
+        self.loss = loss if math.isnan(self.loss) else 0.98 * self.loss + 0.02 * loss
+        self.images += images
+        self.seconds += seconds
+
+
+class Trainer:
+    """One run: ``train()`` to run to ``config.steps``; ``export(out)`` for the inference folder."""
+
+    def __init__(self, config: TrainConfig, *, command: str | None = None) -> None:
+        from accelerate import Accelerator
+        from diffusers.training_utils import EMAModel
+
+        self.config = config
+        self.out = Path(config.out_dir)
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        mixed = config.mixed_precision
+        if mixed == "auto":
+            mixed = "bf16" if torch.cuda.is_available() else "no"
+        self.accelerator = Accelerator(mixed_precision=mixed)
+        self.device = self.accelerator.device
+        self.rank = self.accelerator.process_index
+        self.command = command if command is not None else " ".join(sys.argv)
+
+        # fp32 master weights; autocast (bf16) applies in the forward under accelerate.
+        self.pipe = ToilePipeline.from_config(
+            config.model, device=self.device, dtype=torch.float32, seed=config.seed
+        )
+        unet = self.pipe.unet
+        unet.train().requires_grad_(True)
+        self.ema = EMAModel(
+            unet.parameters(), decay=config.ema_decay, use_ema_warmup=True,
+            power=config.ema_power, inv_gamma=1.0,
+        )
+        self.ema.to(self.device)
+        optimizer = torch.optim.AdamW(
+            unet.parameters(), lr=learning_rate(0, config), betas=config.adam_betas,
+            weight_decay=config.weight_decay,
+        )
+        self.model, self.optimizer = self.accelerator.prepare(unet, optimizer)
+        self.step = 0
+        self.train_seconds = 0.0  # accumulated over resumes, for the model card
+        if config.resume:
+            found = latest_checkpoint(self.out)
+            if found is not None:
+                self.load_checkpoint(found)
+
+    # ------------------------------------------------------------------------------ train
+    @property
+    def unwrapped(self) -> torch.nn.Module:
+        return self.accelerator.unwrap_model(self.model)
+
+    def train(self) -> Path:
+        """Train up to ``config.steps`` (a no-op if already there); returns the run folder."""
+        config, acc = self.config, self.accelerator
+        if acc.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+            config.save(self.out / "train_config.json")
+            self._write_run_info()
+        empty = self.pipe.encode_prompts([""])
+        bar = None
+        if acc.is_main_process and config.progress_bar:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=config.steps, initial=self.step, desc="train", dynamic_ncols=True,
+                       mininterval=5.0)
+        meter = _Meter()
+        last_ckpt = time.monotonic()
+        images_per_step = config.batch_size * acc.num_processes
+        while self.step < config.steps:
+            start = time.perf_counter()
+            loss = self.train_step(empty)
+            seconds = time.perf_counter() - start
+            self.train_seconds += seconds
+            meter.update(loss, images_per_step, seconds)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{meter.loss:.4f}", img_s=f"{images_per_step / seconds:.1f}")
+            if acc.is_main_process and (
+                self.step % config.log_every == 0 or self.step == config.steps
+            ):
+                self._log(loss, meter, seconds, images_per_step)
+            if self._checkpoint_due(last_ckpt) or self.step == config.steps:
+                self.save_checkpoint()
+                last_ckpt = time.monotonic()
+        if bar is not None:
+            bar.close()
+        acc.wait_for_everyone()
+        return self.out
+
+    def train_step(self, empty: TextCondition) -> float:
+        """One optimizer step on the batch for ``self.step``; returns the loss."""
+        config, acc = self.config, self.accelerator
+        batch = make_batch(
+            config.seed, self.step, config.batch_size, image_size=config.model.packing.image_size,
+            rank=self.rank, kinds=config.scene_kinds, allow_held_out=config.allow_held_out,
+        )
+        generator = step_generator(config.seed, self.step, self.rank)
+        x0 = self.pipe.pack(batch.images.to(self.device))  # [B, 3p², H/p, W/p]
+        cond = drop_captions(
+            self.pipe.encode_prompts(batch.captions), empty, config.caption_dropout, generator
+        )
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate(self.step, config)
+        with acc.autocast():
+            loss = flow_matching_loss(
+                self.model, x0, cond, generator, t_mean=config.t_mean, t_std=config.t_std
+            )
+        acc.backward(loss)
+        if config.grad_clip:
+            acc.clip_grad_norm_(self.model.parameters(), config.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.ema.step(self.model.parameters())
+        self.step += 1
+        value = loss.detach().float()
+        if acc.num_processes > 1:
+            value = acc.reduce(value, reduction="mean")
+        return float(value)
+
+    def _checkpoint_due(self, last: float) -> bool:
+        config = self.config
+        due = bool(config.checkpoint_every) and self.step % config.checkpoint_every == 0
+        if config.checkpoint_minutes and time.monotonic() - last >= 60 * config.checkpoint_minutes:
+            due = True
+        if self.accelerator.num_processes > 1:  # clocks differ: the main process decides
+            from accelerate.utils import broadcast_object_list
+
+            due = broadcast_object_list([due])[0]
+        return due
+
+    def _log(self, loss: float, meter: _Meter, seconds: float, images: int) -> None:
+        record = {
+            "step": self.step,
+            "loss": round(loss, 6),
+            "loss_smooth": round(meter.loss, 6),
+            "lr": learning_rate(self.step - 1, self.config),
+            "s_per_step": round(seconds, 4),
+            "images_per_s": round(images / seconds, 2),
+            "mean_s_per_step": round(meter.seconds / max(1, meter.images / images), 4),
+            "train_seconds": round(self.train_seconds, 1),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+        with open(self.out / "log.jsonl", "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    def _write_run_info(self) -> None:
+        path = self.out / "run_info.json"
+        info = json.loads(path.read_text()) if path.is_file() else {"commands": []}
+        info["commands"].append({"command": self.command, "start_step": self.step,
+                                 "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        info["hardware"] = hardware_description(self.accelerator)
+        info["parameters"] = count_parameters(self.unwrapped)
+        path.write_text(json.dumps(info, indent=2) + "\n")
+
+    # ------------------------------------------------------------------------- checkpoints
+    def save_checkpoint(self) -> Path:
+        """Write checkpoints/step-N atomically (temp folder + rename); prune old ones."""
+        from safetensors.torch import save_file
+
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        state = acc.get_state_dict(self.model)  # gathers under FSDP; plain dict otherwise
+        target = self.out / "checkpoints" / f"step-{self.step:06d}"
+        if acc.is_main_process:
+            tmp = target.with_name(target.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            save_file({k: v.contiguous().cpu() for k, v in state.items()},
+                      str(tmp / "model.safetensors"))
+            names = [n for n, _ in self.unwrapped.named_parameters()]
+            save_file(
+                {n: p.detach().contiguous().cpu() for n, p in zip(names, self.ema.shadow_params,
+                                                                  strict=True)},
+                str(tmp / "ema.safetensors"),
+            )
+            tensors, meta = _flatten_optimizer(self.optimizer.state_dict())
+            save_file(tensors, str(tmp / "optimizer.safetensors"), metadata=meta)
+            save_file({"torch_cpu": torch.get_rng_state()}, str(tmp / "rng.safetensors"),
+                      metadata={"python": json.dumps(random.getstate())})
+            (tmp / "state.json").write_text(json.dumps({
+                "step": self.step,
+                "ema_optimization_step": self.ema.optimization_step,
+                "train_seconds": self.train_seconds,
+                "config": self.config.to_dict(),
+            }, indent=2) + "\n")
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(tmp, target)
+            for old in list_checkpoints(self.out)[: -self.config.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+            if self.config.samples_with_checkpoints and self.config.sample_prompts:
+                self.sample_grid(self.out / "samples" / f"step-{self.step:06d}.png")
+        acc.wait_for_everyone()
+        return target
+
+    def load_checkpoint(self, folder: Path) -> None:
+        """Restore model, EMA, optimizer, RNG and step from ``folder``."""
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        state = json.loads((folder / "state.json").read_text())
+        model_state = load_file(str(folder / "model.safetensors"), device=str(self.device))
+        self.unwrapped.load_state_dict(model_state)
+        ema_state = load_file(str(folder / "ema.safetensors"), device=str(self.device))
+        names = [n for n, _ in self.unwrapped.named_parameters()]
+        for shadow, name in zip(self.ema.shadow_params, names, strict=True):
+            shadow.data.copy_(ema_state[name])
+        self.ema.optimization_step = int(state["ema_optimization_step"])
+        with safe_open(str(folder / "optimizer.safetensors"), framework="pt") as handle:
+            meta = handle.metadata()
+            tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
+        self.optimizer.load_state_dict(_unflatten_optimizer(tensors, meta))
+        rng_path = folder / "rng.safetensors"
+        if rng_path.is_file():
+            with safe_open(str(rng_path), framework="pt") as handle:
+                torch.set_rng_state(handle.get_tensor("torch_cpu"))
+                py_state = json.loads(handle.metadata()["python"])
+            random.setstate((py_state[0], tuple(py_state[1]), py_state[2]))
+        self.step = int(state["step"])
+        self.train_seconds = float(state.get("train_seconds", 0.0))
+
+    # ------------------------------------------------------------------------------ output
+    def ema_pipeline(self) -> ToilePipeline:
+        """A pipeline whose U-Net holds the EMA weights (a copy; training is untouched)."""
+        unet = copy.deepcopy(self.unwrapped)
+        self.ema.copy_to(unet.parameters())
+        unet.eval().requires_grad_(False)
+        return ToilePipeline(unet, self.pipe.text_encoder, self.config.model)
+
+    def sample_grid(self, path: Path) -> Path:
+        """Sample ``config.sample_prompts`` with the EMA weights into one PNG grid."""
+        pipe = self.ema_pipeline()
+        prompts = list(self.config.sample_prompts)
+        images = pipe(prompts, seeds=list(range(len(prompts))), steps=self.config.sample_steps,
+                      guidance=self.config.sample_guidance)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image_grid(images, columns=4, scale=2).save(path)
+        return path
+
+    def export(self, out_dir: Path, *, weights_dtype: torch.dtype | None = torch.float16,
+               eval_prompts: int = 0) -> Path:
+        """Write the inference folder (EMA weights) and MODEL_CARD.md."""
+        from toile.train.export import write_model_card
+
+        pipe = self.ema_pipeline()
+        pipe.save_pretrained(out_dir, weights_dtype=weights_dtype)
+        write_model_card(Path(out_dir), self.out, pipe, step=self.step,
+                         train_seconds=self.train_seconds, eval_prompts=eval_prompts)
+        return Path(out_dir)
+
+
+def image_grid(images: list, columns: int, scale: int = 1) -> Any:
+    """Tile equal-size PIL images into rows of ``columns``; nearest-neighbour ``scale``."""
+    from PIL import Image
+
+    w, h = images[0].size
+    rows = math.ceil(len(images) / columns)
+    grid = Image.new("RGB", (columns * w, rows * h), "gray")
+    for i, image in enumerate(images):
+        grid.paste(image, ((i % columns) * w, (i // columns) * h))
+    if scale != 1:
+        grid = grid.resize((grid.width * scale, grid.height * scale), Image.Resampling.NEAREST)
+    return grid
+
+
+def hardware_description(accelerator: Any = None) -> str:
+    """E.g. "cpu: x86_64, 2 torch threads" or "cuda: 1 × NVIDIA H100 (bf16)"."""
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name(0)
+        n = accelerator.num_processes if accelerator is not None else 1
+        mixed = accelerator.mixed_precision if accelerator is not None else "no"
+        return f"cuda: {n} × {name} (mixed precision {mixed})"
+    cpu = platform.processor() or platform.machine()
+    return f"cpu: {cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+
+
+def run_training(config: TrainConfig, *, command: str | None = None) -> Path:
+    """Train (or resume) the run described by ``config``; returns the run folder."""
+    return Trainer(config, command=command).train()

@@ -1,0 +1,160 @@
+"""Stable Diffusion 3: detection, parity with diffusers (with and without T5), properties, errors.
+
+Parity calls pass diffusers every value explicitly: SD3's inpaint pipeline defaults to strength
+0.6 and its img2img resizes its input to the default size unless told the size.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from helpers import assert_same_image, center_mask, gradient_image, max_abs_diff, unmasked_diff
+
+from toile.engine.engine import Engine
+from toile.errors import RequestError
+from toile.request import GenerationRequest, Outpaint
+
+STEPS = 3
+GUIDANCE = 7.0
+
+
+@pytest.fixture(scope="module")
+def sd3_path(tiny_models):
+    return tiny_models("sd3")
+
+
+@pytest.fixture(scope="module")
+def no_t5_path(tiny_models):
+    return tiny_models("sd3_no_t5")
+
+
+@pytest.fixture(scope="module")
+def engine() -> Engine:
+    return Engine(device="cpu", cache_size=2)
+
+
+def diffusers_pipe(cls, path):
+    pipe = cls.from_pretrained(str(path))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def seeded(seed: int) -> torch.Generator:
+    return torch.Generator("cpu").manual_seed(seed)
+
+
+def test_detected_and_defaults(engine, sd3_path):
+    cached = engine.load(str(sd3_path))
+    assert cached.family.name == "sd3"
+    assert cached.loaded.variant == "" and cached.loaded.supports_lora
+    defaults = cached.loaded.defaults
+    # 16 latents x VAE scale 2; diffusers' SD3 defaults; multiple = VAE scale 2 x patch 2.
+    assert (defaults.width, defaults.height, defaults.steps, defaults.guidance) == (32, 32, 28, 7.0)
+    assert defaults.size_multiple == 4
+
+
+def test_txt2img_parity(engine, sd3_path):
+    from diffusers import StableDiffusion3Pipeline
+
+    ours = engine.run(GenerationRequest("a red cat", model=str(sd3_path), steps=STEPS, seed=7))
+    pipe = diffusers_pipe(StableDiffusion3Pipeline, sd3_path)
+    ref = pipe("a red cat", num_inference_steps=STEPS, guidance_scale=GUIDANCE,
+               generator=seeded(7)).images[0]
+    assert_same_image(ours.images[0], ref)
+    record = ours.records[0]
+    assert (record.family, record.mode, record.seed, record.steps, record.guidance) == (
+        "sd3", "txt2img", 7, STEPS, GUIDANCE
+    )
+    assert record.scheduler == "FlowMatchEulerDiscreteScheduler"
+
+
+def test_img2img_parity_keeps_input_size(engine, sd3_path):
+    from diffusers import StableDiffusion3Img2ImgPipeline
+
+    init = gradient_image(40, 32)  # not the default size: the output must stay 40x32
+    ours = engine.run(GenerationRequest("a blue dog", negative_prompt="green", model=str(sd3_path),
+                                        steps=STEPS, seed=3, image=init, strength=0.7))
+    assert ours.images[0].size == (40, 32)
+    pipe = diffusers_pipe(StableDiffusion3Img2ImgPipeline, sd3_path)
+    ref = pipe("a blue dog", negative_prompt="green", image=init, strength=0.7, width=40,
+               height=32, num_inference_steps=STEPS, guidance_scale=GUIDANCE,
+               generator=seeded(3)).images[0]
+    assert_same_image(ours.images[0], ref)
+    record = ours.records[0]
+    assert (record.family, record.mode, record.seed, record.strength) == ("sd3", "img2img", 3, 0.7)
+
+
+def test_inpaint_parity_and_keeps_unmasked(engine, sd3_path):
+    from diffusers import StableDiffusion3InpaintPipeline
+
+    init, mask = gradient_image(32, 32), center_mask(32, 32)
+    ours = engine.run(GenerationRequest("a cat", model=str(sd3_path), steps=STEPS, seed=5,
+                                        image=init, mask=mask))
+    pipe = diffusers_pipe(StableDiffusion3InpaintPipeline, sd3_path)
+    ref = pipe("a cat", image=init, mask_image=mask, strength=1.0, num_inference_steps=STEPS,
+               guidance_scale=GUIDANCE, height=32, width=32, generator=seeded(5)).images[0]
+    # toile keeps unmasked pixels exactly (mask overlay) and matches diffusers inside the mask.
+    assert_same_image(ours.images[0], Image.composite(ref, init, mask))
+    assert unmasked_diff(ours.images[0], init, mask) == 0.0
+    record = ours.records[0]
+    assert (record.family, record.mode, record.seed, record.strength) == ("sd3", "inpaint", 5, 1.0)
+
+
+def test_same_seed_same_image_and_batch_equals_singles(engine, sd3_path):
+    batch = engine.run(GenerationRequest("a cat", model=str(sd3_path), steps=STEPS, seed=11,
+                                         num_images=2))
+    assert [r.seed for r in batch.records] == [11, 12]
+    for image, record in zip(batch.images, batch.records, strict=True):
+        single = engine.run(GenerationRequest("a cat", model=str(sd3_path), steps=STEPS,
+                                              seed=record.seed))
+        assert_same_image(image, single.images[0])
+    again = engine.run(GenerationRequest("a cat", model=str(sd3_path), steps=STEPS, seed=11))
+    assert max_abs_diff(again.images[0], batch.images[0]) <= 2
+    assert max_abs_diff(batch.images[0], batch.images[1]) > 2  # different seeds differ
+
+
+def test_outpaint_keeps_original_exactly(engine, sd3_path):
+    init = gradient_image(16, 24)
+    result = engine.run(GenerationRequest("a cat", model=str(sd3_path), steps=STEPS, seed=1,
+                                          image=init, outpaint=Outpaint(8, 0, 8, 8)))
+    out = result.images[0]
+    assert out.size == (32, 32)
+    assert np.array_equal(np.asarray(out)[0:24, 8:24], np.asarray(init))
+    assert (result.records[0].mode, result.records[0].outpaint) == ("outpaint", (8, 0, 8, 8))
+
+
+def test_progress_with_previews(engine, sd3_path):
+    """SD3 latents are 4D with a VAE shift factor; the preview decodes them like the pipeline."""
+    events = []
+    engine.run(GenerationRequest("a cat", model=str(sd3_path), steps=STEPS, seed=1),
+               progress=events.append, preview_every=2)
+    assert [e.step for e in events] == [1, 2, 3]
+    assert all(e.total == STEPS for e in events)
+    assert events[1].preview is not None and events[1].preview.size == (32, 32)
+
+
+def test_size_errors(engine, sd3_path):
+    # 30 is a multiple of the VAE scale (2) but not of VAE scale x patch size (4).
+    with pytest.raises(RequestError, match="width: 30 must be a multiple of 4") as info:
+        engine.run(GenerationRequest("x", model=str(sd3_path), width=30, steps=1))
+    assert info.value.field == "width"
+    init = gradient_image(30, 32)
+    with pytest.raises(RequestError, match="width: 30 .*input image"):
+        engine.run(GenerationRequest("x", model=str(sd3_path), image=init, steps=1))
+
+
+def test_without_t5_parity(engine, no_t5_path):
+    """T5 slot null in model_index: both toile and diffusers run with zeros in its place."""
+    from diffusers import StableDiffusion3Pipeline
+
+    cached = engine.load(str(no_t5_path))
+    assert cached.family.name == "sd3" and cached.loaded.variant == "no-t5"
+    ours = engine.run(GenerationRequest("a red cat", model=str(no_t5_path), steps=STEPS, seed=2))
+    pipe = diffusers_pipe(StableDiffusion3Pipeline, no_t5_path)
+    assert pipe.text_encoder_3 is None
+    ref = pipe("a red cat", num_inference_steps=STEPS, guidance_scale=GUIDANCE,
+               generator=seeded(2)).images[0]
+    assert_same_image(ours.images[0], ref)
+    assert (ours.records[0].family, ours.records[0].mode) == ("sd3:no-t5", "txt2img")

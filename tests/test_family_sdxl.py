@@ -1,0 +1,220 @@
+"""Stable Diffusion XL (base, refiner, single file): detection, parity with diffusers,
+properties, errors.
+
+Parity calls pass diffusers every value explicitly (steps, guidance, strength), because the
+SDXL pipelines disagree among themselves on defaults (inpaint: guidance 7.5, strength 0.9999)
+while toile applies one set per checkpoint.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from helpers import assert_same_image, center_mask, gradient_image, max_abs_diff, unmasked_diff
+
+from toile.engine.engine import Engine
+from toile.errors import ModelFormatError, RequestError, UnsupportedModeError
+from toile.request import GenerationRequest, Outpaint
+
+STEPS = 3
+GUIDANCE = 5.0
+
+
+@pytest.fixture(scope="module")
+def sdxl_path(tiny_models):
+    return tiny_models("sdxl")
+
+
+@pytest.fixture(scope="module")
+def refiner_path(tiny_models):
+    return tiny_models("sdxl_refiner")
+
+
+@pytest.fixture(scope="module")
+def single_file(tiny_models):
+    return tiny_models("sdxl_single_file")
+
+
+@pytest.fixture(scope="module")
+def engine() -> Engine:
+    return Engine(device="cpu", cache_size=3)
+
+
+def diffusers_pipe(cls, path):
+    pipe = cls.from_pretrained(str(path), add_watermarker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def seeded(seed: int) -> torch.Generator:
+    return torch.Generator("cpu").manual_seed(seed)
+
+
+def test_detected_and_defaults(engine, sdxl_path):
+    cached = engine.load(str(sdxl_path))
+    assert cached.family.name == "sdxl"
+    assert cached.loaded.variant == "" and cached.loaded.supports_lora
+    defaults = cached.loaded.defaults
+    # 16 latents x VAE scale 2, diffusers' SDXL defaults for steps and guidance.
+    assert (defaults.width, defaults.height, defaults.steps, defaults.guidance) == (32, 32, 50, 5.0)
+    assert defaults.size_multiple == 2
+
+
+def test_txt2img_parity(engine, sdxl_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    ours = engine.run(GenerationRequest("a red cat", model=str(sdxl_path), steps=STEPS, seed=7))
+    pipe = diffusers_pipe(StableDiffusionXLPipeline, sdxl_path)
+    ref = pipe("a red cat", num_inference_steps=STEPS, guidance_scale=GUIDANCE,
+               generator=seeded(7)).images[0]
+    assert_same_image(ours.images[0], ref)
+    record = ours.records[0]
+    assert (record.family, record.mode, record.seed, record.steps, record.guidance) == (
+        "sdxl", "txt2img", 7, STEPS, GUIDANCE
+    )
+    assert record.scheduler == "EulerDiscreteScheduler"
+
+
+def test_img2img_parity(engine, sdxl_path):
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+    init = gradient_image(32, 32)
+    ours = engine.run(GenerationRequest("a blue dog", negative_prompt="green", model=str(sdxl_path),
+                                        steps=STEPS, seed=3, image=init, strength=0.7))
+    pipe = diffusers_pipe(StableDiffusionXLImg2ImgPipeline, sdxl_path)
+    ref = pipe("a blue dog", negative_prompt="green", image=init, strength=0.7,
+               num_inference_steps=STEPS, guidance_scale=GUIDANCE, generator=seeded(3)).images[0]
+    assert_same_image(ours.images[0], ref)
+    record = ours.records[0]
+    assert (record.family, record.mode, record.seed, record.strength) == ("sdxl", "img2img", 3, 0.7)
+
+
+def test_inpaint_parity_and_keeps_unmasked(engine, sdxl_path):
+    from diffusers import StableDiffusionXLInpaintPipeline
+
+    init, mask = gradient_image(32, 32), center_mask(32, 32)
+    ours = engine.run(GenerationRequest("a cat", model=str(sdxl_path), steps=STEPS, seed=5,
+                                        image=init, mask=mask))
+    pipe = diffusers_pipe(StableDiffusionXLInpaintPipeline, sdxl_path)
+    ref = pipe("a cat", image=init, mask_image=mask, strength=1.0, num_inference_steps=STEPS,
+               guidance_scale=GUIDANCE, height=32, width=32, generator=seeded(5)).images[0]
+    # toile keeps unmasked pixels exactly (mask overlay) and matches diffusers inside the mask.
+    assert_same_image(ours.images[0], Image.composite(ref, init, mask))
+    assert unmasked_diff(ours.images[0], init, mask) == 0.0
+    record = ours.records[0]
+    assert (record.family, record.mode, record.seed, record.strength) == ("sdxl", "inpaint", 5, 1.0)
+
+
+def test_same_seed_same_image_and_batch_equals_singles(engine, sdxl_path):
+    batch = engine.run(GenerationRequest("a cat", model=str(sdxl_path), steps=STEPS, seed=11,
+                                         num_images=2))
+    assert [r.seed for r in batch.records] == [11, 12]
+    for image, record in zip(batch.images, batch.records, strict=True):
+        single = engine.run(GenerationRequest("a cat", model=str(sdxl_path), steps=STEPS,
+                                              seed=record.seed))
+        assert_same_image(image, single.images[0])
+    again = engine.run(GenerationRequest("a cat", model=str(sdxl_path), steps=STEPS, seed=11))
+    assert max_abs_diff(again.images[0], batch.images[0]) <= 2
+    assert max_abs_diff(batch.images[0], batch.images[1]) > 2  # different seeds differ
+
+
+def test_outpaint_keeps_original_exactly(engine, sdxl_path):
+    init = gradient_image(16, 24)
+    result = engine.run(GenerationRequest("a cat", model=str(sdxl_path), steps=STEPS, seed=1,
+                                          image=init, outpaint=Outpaint(8, 0, 8, 8)))
+    out = result.images[0]
+    assert out.size == (32, 32)
+    assert np.array_equal(np.asarray(out)[0:24, 8:24], np.asarray(init))
+    assert (result.records[0].mode, result.records[0].outpaint) == ("outpaint", (8, 0, 8, 8))
+
+
+def test_progress_with_previews(engine, sdxl_path):
+    events = []
+    engine.run(GenerationRequest("a cat", model=str(sdxl_path), steps=STEPS, seed=1),
+               progress=events.append, preview_every=2)
+    assert [e.step for e in events] == [1, 2, 3]
+    assert events[1].preview is not None and events[1].preview.size == (32, 32)
+
+
+def test_size_errors(engine, sdxl_path):
+    with pytest.raises(RequestError, match="width: 37 must be a multiple of 2") as info:
+        engine.run(GenerationRequest("x", model=str(sdxl_path), width=37, steps=1))
+    assert info.value.field == "width"
+
+
+# --- refiner ----------------------------------------------------------------------------------
+
+
+def test_refiner_detected_and_refuses_txt2img(engine, refiner_path):
+    cached = engine.load(str(refiner_path))
+    assert cached.family.name == "sdxl" and cached.loaded.variant == "refiner"
+    with pytest.raises(UnsupportedModeError, match="txt2img is not supported by the sdxl family"):
+        engine.run(GenerationRequest("x", model=str(refiner_path), steps=1))
+
+
+def test_refiner_img2img_parity(engine, refiner_path):
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+    init = gradient_image(32, 32, seed=1)
+    ours = engine.run(GenerationRequest("a red cat", model=str(refiner_path), steps=STEPS, seed=9,
+                                        image=init, strength=0.5))
+    pipe = diffusers_pipe(StableDiffusionXLImg2ImgPipeline, refiner_path)
+    ref = pipe("a red cat", image=init, strength=0.5, num_inference_steps=STEPS,
+               guidance_scale=GUIDANCE, generator=seeded(9)).images[0]
+    assert_same_image(ours.images[0], ref)
+    record = ours.records[0]
+    assert (record.family, record.mode, record.seed) == ("sdxl:refiner", "img2img", 9)
+
+
+def test_refiner_inpaint_parity_and_outpaint(engine, refiner_path):
+    from diffusers import StableDiffusionXLInpaintPipeline
+
+    init, mask = gradient_image(32, 32, seed=2), center_mask(32, 32)
+    ours = engine.run(GenerationRequest("a dog", model=str(refiner_path), steps=STEPS, seed=4,
+                                        image=init, mask=mask))
+    pipe = diffusers_pipe(StableDiffusionXLInpaintPipeline, refiner_path)
+    ref = pipe("a dog", image=init, mask_image=mask, strength=1.0, num_inference_steps=STEPS,
+               guidance_scale=GUIDANCE, height=32, width=32, generator=seeded(4)).images[0]
+    assert_same_image(ours.images[0], Image.composite(ref, init, mask))
+    outpainted = engine.run(GenerationRequest("a dog", model=str(refiner_path), steps=STEPS,
+                                              seed=4, image=init, outpaint=Outpaint(right=8)))
+    assert outpainted.images[0].size == (40, 32)
+    assert np.array_equal(np.asarray(outpainted.images[0])[:, :32], np.asarray(init))
+
+
+# --- single file ------------------------------------------------------------------------------
+
+
+def test_single_file_matches_the_diffusers_folder(engine, single_file, sdxl_path):
+    """The original-layout file holds the same weights as the tiny folder (both builders are
+    seeded), so toile's single-file load must give diffusers' folder output."""
+    from diffusers import StableDiffusionXLPipeline
+
+    cached = engine.load(str(single_file))
+    assert cached.family.name == "sdxl" and cached.loaded.variant == ""
+    assert (cached.loaded.defaults.width, cached.loaded.defaults.height) == (32, 32)
+    ours = engine.run(GenerationRequest("a red cat", model=str(single_file), steps=STEPS, seed=7))
+    pipe = diffusers_pipe(StableDiffusionXLPipeline, sdxl_path)
+    ref = pipe("a red cat", num_inference_steps=STEPS, guidance_scale=GUIDANCE,
+               generator=seeded(7)).images[0]
+    assert_same_image(ours.images[0], ref)
+    assert ours.records[0].family == "sdxl"
+    init = gradient_image(32, 32)
+    img2img = engine.run(GenerationRequest("a red cat", model=str(single_file), steps=STEPS,
+                                           seed=7, image=init, strength=0.6))
+    assert img2img.records[0].mode == "img2img"
+
+
+def test_single_file_without_configs_names_the_folder(tmp_path, single_file):
+    lonely = tmp_path / "my-sdxl.safetensors"
+    shutil.copy(single_file, lonely)
+    with pytest.raises(ModelFormatError, match="my-sdxl/"):
+        Engine(device="cpu").load(str(lonely))
+    # The other convention: a ``config/`` folder beside the file.
+    shutil.copytree(single_file.with_suffix(""), tmp_path / "config")
+    cached = Engine(device="cpu").load(str(lonely))
+    assert cached.family.name == "sdxl"
