@@ -24,8 +24,14 @@ def gradient_image(width: int, height: int, seed: int = 0) -> Image.Image:
     """A deterministic non-trivial RGB image for img2img/inpaint inputs."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:height, 0:width]
-    base = np.stack([xx * 255 // max(width - 1, 1), yy * 255 // max(height - 1, 1),
-                     (xx + yy) * 127 // max(width + height - 2, 1)], axis=-1)
+    base = np.stack(
+        [
+            xx * 255 // max(width - 1, 1),
+            yy * 255 // max(height - 1, 1),
+            (xx + yy) * 127 // max(width + height - 2, 1),
+        ],
+        axis=-1,
+    )
     noise = rng.integers(0, 30, size=base.shape)
     return Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8))
 

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import center_mask, gradient_image
 from PIL import Image
+
+from helpers import center_mask, gradient_image
 
 TOILE = str(Path(sys.executable).parent / "toile")
 
@@ -33,8 +34,22 @@ def test_help_lists_commands(toile_home):
 def test_generate_json_info_and_batch(tiny_models, toile_home, tmp_path):
     model = str(tiny_models("sd"))
     out = tmp_path / "cat.png"
-    proc = toile("generate", "a red cat", "--model", model, "--steps", "2", "--seed", "5",
-                 "-n", "2", "-o", str(out), "--json", home=toile_home)
+    proc = toile(
+        "generate",
+        "a red cat",
+        "--model",
+        model,
+        "--steps",
+        "2",
+        "--seed",
+        "5",
+        "-n",
+        "2",
+        "-o",
+        str(out),
+        "--json",
+        home=toile_home,
+    )
     data = json.loads(proc.stdout)
     assert data["paths"] == [str(tmp_path / "cat-0.png"), str(tmp_path / "cat-1.png")]
     assert [image["seed"] for image in data["images"]] == [5, 6]
@@ -47,8 +62,19 @@ def test_generate_json_info_and_batch(tiny_models, toile_home, tmp_path):
     assert a1111.startswith("a red cat\nSteps: 2, ") and "Seed: 5" in a1111
     # The second image is what a single run with its recorded seed gives.
     single = tmp_path / "single.png"
-    toile("generate", "a red cat", "--model", model, "--steps", "2", "--seed", "6", "-o",
-          str(single), home=toile_home)
+    toile(
+        "generate",
+        "a red cat",
+        "--model",
+        model,
+        "--steps",
+        "2",
+        "--seed",
+        "6",
+        "-o",
+        str(single),
+        home=toile_home,
+    )
     a = np.asarray(Image.open(single), dtype=int)
     b = np.asarray(Image.open(data["paths"][1]), dtype=int)
     assert np.abs(a - b).max() <= 2
@@ -60,8 +86,9 @@ def test_models_add_list_and_generate_by_id(tiny_models, toile_home, tmp_path):
     row = next(m for m in listing["models"] if m["id"] == "tiny-sd")
     assert row["family"] == "sd"
     out = tmp_path / "by-id.png"
-    toile("generate", "a cat", "--model", "tiny-sd", "--steps", "1", "-o", str(out),
-          home=toile_home)
+    toile(
+        "generate", "a cat", "--model", "tiny-sd", "--steps", "1", "-o", str(out), home=toile_home
+    )
     assert Image.open(out).size == (32, 32)
 
 
@@ -71,14 +98,40 @@ def test_inpaint_and_outpaint_from_files(tiny_models, toile_home, tmp_path):
     gradient_image(32, 32).save(image)
     center_mask(32, 32).save(mask)
     out = tmp_path / "inpainted.png"
-    toile("generate", "a cat", "--model", model, "--steps", "2", "--image", str(image),
-          "--mask", str(mask), "-o", str(out), home=toile_home)
+    toile(
+        "generate",
+        "a cat",
+        "--model",
+        model,
+        "--steps",
+        "2",
+        "--image",
+        str(image),
+        "--mask",
+        str(mask),
+        "-o",
+        str(out),
+        home=toile_home,
+    )
     result = np.asarray(Image.open(out))
     keep = np.asarray(Image.open(mask)) < 128
     assert np.array_equal(result[keep], np.asarray(Image.open(image))[keep])
     out2 = tmp_path / "outpainted.png"
-    toile("generate", "a cat", "--model", model, "--steps", "2", "--image", str(image),
-          "--outpaint", "8,0,8,0", "-o", str(out2), home=toile_home)
+    toile(
+        "generate",
+        "a cat",
+        "--model",
+        model,
+        "--steps",
+        "2",
+        "--image",
+        str(image),
+        "--outpaint",
+        "8,0,8,0",
+        "-o",
+        str(out2),
+        home=toile_home,
+    )
     assert Image.open(out2).size == (48, 32)
 
 
@@ -100,9 +153,23 @@ def test_errors_are_clear(tiny_models, toile_home, tmp_path, args, message):
     if "style.ckpt" in args:
         (tmp_path / "style.ckpt").write_bytes(b"x")
         args[args.index("style.ckpt")] = str(tmp_path / "style.ckpt")
-    proc = toile("generate", "a cat", "--steps", "1", *args, "-o", str(tmp_path / "x.png"),
-                 home=toile_home, check=False) if "--steps" not in args else toile(
-        "generate", "a cat", *args, "-o", str(tmp_path / "x.png"), home=toile_home, check=False)
+    proc = (
+        toile(
+            "generate",
+            "a cat",
+            "--steps",
+            "1",
+            *args,
+            "-o",
+            str(tmp_path / "x.png"),
+            home=toile_home,
+            check=False,
+        )
+        if "--steps" not in args
+        else toile(
+            "generate", "a cat", *args, "-o", str(tmp_path / "x.png"), home=toile_home, check=False
+        )
+    )
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr

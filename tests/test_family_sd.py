@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from helpers import assert_same_image, center_mask, gradient_image, max_abs_diff, unmasked_diff
 
+from helpers import assert_same_image, center_mask, gradient_image, max_abs_diff, unmasked_diff
 from toile.engine.engine import Engine
 from toile.errors import RequestError, UnsupportedModeError
 from toile.request import GenerationRequest, Outpaint
@@ -56,12 +56,18 @@ def test_img2img_parity(engine, sd_path):
 
     init = gradient_image(32, 32)
     ours = engine.run(
-        GenerationRequest("a blue dog", model=str(sd_path), steps=STEPS, seed=3, image=init,
-                          strength=0.7)
+        GenerationRequest(
+            "a blue dog", model=str(sd_path), steps=STEPS, seed=3, image=init, strength=0.7
+        )
     )
     pipe = diffusers_pipe(StableDiffusionImg2ImgPipeline, sd_path)
-    ref = pipe("a blue dog", image=init, strength=0.7, num_inference_steps=STEPS,
-               generator=torch.Generator("cpu").manual_seed(3)).images[0]
+    ref = pipe(
+        "a blue dog",
+        image=init,
+        strength=0.7,
+        num_inference_steps=STEPS,
+        generator=torch.Generator("cpu").manual_seed(3),
+    ).images[0]
     assert_same_image(ours.images[0], ref)
     assert ours.records[0].mode == "img2img" and ours.records[0].strength == 0.7
 
@@ -74,20 +80,29 @@ def test_inpaint_parity_and_keeps_unmasked(engine, sd_path):
         GenerationRequest("a cat", model=str(sd_path), steps=STEPS, seed=5, image=init, mask=mask)
     )
     pipe = diffusers_pipe(StableDiffusionInpaintPipeline, sd_path)
-    ref = pipe("a cat", image=init, mask_image=mask, num_inference_steps=STEPS, height=32,
-               width=32, generator=torch.Generator("cpu").manual_seed(5)).images[0]
+    ref = pipe(
+        "a cat",
+        image=init,
+        mask_image=mask,
+        num_inference_steps=STEPS,
+        height=32,
+        width=32,
+        generator=torch.Generator("cpu").manual_seed(5),
+    ).images[0]
     # toile keeps unmasked pixels exactly (mask overlay) and matches diffusers inside the mask.
     assert_same_image(ours.images[0], Image.composite(ref, init, mask))
     assert unmasked_diff(ours.images[0], init, mask) == 0.0
 
 
 def test_same_seed_same_image_and_batch_equals_singles(engine, sd_path):
-    batch = engine.run(GenerationRequest("a cat", model=str(sd_path), steps=STEPS, seed=11,
-                                         num_images=2))
+    batch = engine.run(
+        GenerationRequest("a cat", model=str(sd_path), steps=STEPS, seed=11, num_images=2)
+    )
     assert [r.seed for r in batch.records] == [11, 12]
     for image, record in zip(batch.images, batch.records, strict=True):
-        single = engine.run(GenerationRequest("a cat", model=str(sd_path), steps=STEPS,
-                                              seed=record.seed))
+        single = engine.run(
+            GenerationRequest("a cat", model=str(sd_path), steps=STEPS, seed=record.seed)
+        )
         assert_same_image(image, single.images[0])
     again = engine.run(GenerationRequest("a cat", model=str(sd_path), steps=STEPS, seed=11))
     assert max_abs_diff(again.images[0], batch.images[0]) <= 2
@@ -97,8 +112,14 @@ def test_same_seed_same_image_and_batch_equals_singles(engine, sd_path):
 def test_outpaint_keeps_original_exactly(engine, sd_path):
     init = gradient_image(16, 24)
     result = engine.run(
-        GenerationRequest("a cat", model=str(sd_path), steps=STEPS, seed=1, image=init,
-                          outpaint=Outpaint(left=8, top=0, right=8, bottom=8))
+        GenerationRequest(
+            "a cat",
+            model=str(sd_path),
+            steps=STEPS,
+            seed=1,
+            image=init,
+            outpaint=Outpaint(left=8, top=0, right=8, bottom=8),
+        )
     )
     out = result.images[0]
     assert out.size == (32, 32)
@@ -110,8 +131,11 @@ def test_outpaint_keeps_original_exactly(engine, sd_path):
 
 def test_progress_events(engine, sd_path):
     events = []
-    engine.run(GenerationRequest("a cat", model=str(sd_path), steps=STEPS, seed=1),
-               progress=events.append, preview_every=2)
+    engine.run(
+        GenerationRequest("a cat", model=str(sd_path), steps=STEPS, seed=1),
+        progress=events.append,
+        preview_every=2,
+    )
     assert [e.step for e in events] == [1, 2, 3]
     assert all(e.total == STEPS for e in events)
     assert events[1].preview is not None and events[1].preview.size == (32, 32)
@@ -130,8 +154,11 @@ def test_cancel_stops_within_one_step(engine, sd_path):
         cancel.set()
 
     with pytest.raises(CancelledError):
-        engine.run(GenerationRequest("a cat", model=str(sd_path), steps=10, seed=1),
-                   progress=progress, cancel=cancel)
+        engine.run(
+            GenerationRequest("a cat", model=str(sd_path), steps=10, seed=1),
+            progress=progress,
+            cancel=cancel,
+        )
     assert steps_seen == [1]
 
 
@@ -150,6 +177,7 @@ def test_inpainting_checkpoint_refuses_txt2img(tmp_path):
     with pytest.raises(UnsupportedModeError, match="txt2img is not supported"):
         engine.run(GenerationRequest("x", model=str(path), steps=1))
     init, mask = gradient_image(32, 32), center_mask(32, 32)
-    result = engine.run(GenerationRequest("x", model=str(path), steps=2, seed=0, image=init,
-                                          mask=mask))
+    result = engine.run(
+        GenerationRequest("x", model=str(path), steps=2, seed=0, image=init, mask=mask)
+    )
     assert result.images[0].size == (32, 32)

@@ -106,10 +106,22 @@ def test_transparent_mask_means_repaint(tmp_path):
 
 def test_record_round_trip_and_a1111_text(tmp_path):
     record = ImageRecord(
-        model_id="m", family="sd", model_hash="abcdef0123456789", mode="img2img", prompt="a cat",
-        negative_prompt="blurry", width=64, height=48, steps=20, guidance=7.5, seed=42,
-        strength=0.6, loras=({"name": "style", "hash": "1234", "scale": 0.8},),
-        scheduler="EulerDiscreteScheduler", software={"toile": "0.1.0"}, timings={"generate_s": 1.5},
+        model_id="m",
+        family="sd",
+        model_hash="abcdef0123456789",
+        mode="img2img",
+        prompt="a cat",
+        negative_prompt="blurry",
+        width=64,
+        height=48,
+        steps=20,
+        guidance=7.5,
+        seed=42,
+        strength=0.6,
+        loras=({"name": "style", "hash": "1234", "scale": 0.8},),
+        scheduler="EulerDiscreteScheduler",
+        software={"toile": "0.1.0"},
+        timings={"generate_s": 1.5},
     )
     path = tmp_path / "out.png"
     save_png(Image.new("RGB", (64, 48)), record, str(path))
@@ -117,7 +129,9 @@ def test_record_round_trip_and_a1111_text(tmp_path):
     text = a1111_parameters(record)
     assert text.splitlines()[0] == "a cat"
     assert text.splitlines()[1] == "Negative prompt: blurry"
-    assert "Steps: 20, Sampler: EulerDiscreteScheduler, CFG scale: 7.5, Seed: 42, Size: 64x48, " \
+    assert (
+        "Steps: 20, Sampler: EulerDiscreteScheduler, CFG scale: 7.5, Seed: 42, Size: 64x48, "
         "Model hash: abcdef0123, Model: m, Denoising strength: 0.6" in text
+    )
     with Image.open(path) as image:
         assert image.info["parameters"] == text

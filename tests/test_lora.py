@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from helpers import max_abs_diff
 
+from helpers import max_abs_diff
 from toile.engine.engine import Engine
 from toile.errors import RequestError
 from toile.request import GenerationRequest, LoraSpec
@@ -21,8 +21,14 @@ def make_sd_lora(base: Path, out: Path, seed: int) -> Path:
 
     unet = UNet2DConditionModel.from_pretrained(base / "unet")
     torch.manual_seed(seed)
-    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
-                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    unet.add_adapter(
+        LoraConfig(
+            r=4,
+            lora_alpha=4,
+            init_lora_weights="gaussian",
+            target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+        )
+    )
     with torch.no_grad():  # gaussian init leaves B at zero; make the LoRA do something
         for name, param in unet.named_parameters():
             if "lora_B" in name:
@@ -42,8 +48,9 @@ def loras(tiny_models, tmp_path_factory):
 
 
 def run(engine, model, loras=()):
-    return engine.run(GenerationRequest("a cat", model=str(model), steps=2, seed=3,
-                                        loras=tuple(loras))).images[0]
+    return engine.run(
+        GenerationRequest("a cat", model=str(model), steps=2, seed=3, loras=tuple(loras))
+    ).images[0]
 
 
 def test_lora_changes_output_and_unloads(tiny_models, loras):
@@ -60,9 +67,15 @@ def test_lora_changes_output_and_unloads(tiny_models, loras):
 
 
 def test_lora_record(tiny_models, loras):
-    result = Engine(device="cpu").run(GenerationRequest(
-        "a cat", model=str(tiny_models("sd")), steps=1, seed=0,
-        loras=(LoraSpec(str(loras[0]), 0.7),)))
+    result = Engine(device="cpu").run(
+        GenerationRequest(
+            "a cat",
+            model=str(tiny_models("sd")),
+            steps=1,
+            seed=0,
+            loras=(LoraSpec(str(loras[0]), 0.7),),
+        )
+    )
     lora = result.records[0].loras[0]
     assert lora["name"] == "pytorch_lora_weights" and lora["scale"] == 0.7
     assert len(lora["hash"]) == 64
@@ -72,15 +85,21 @@ def test_bad_lora_files(tiny_models, tmp_path):
     engine = Engine(device="cpu")
     missing = tmp_path / "missing.safetensors"
     with pytest.raises(RequestError, match="loras.path: .* must be an existing .safetensors"):
-        engine.run(GenerationRequest("a", model=str(tiny_models("sd")), steps=1,
-                                     loras=(LoraSpec(str(missing)),)))
+        engine.run(
+            GenerationRequest(
+                "a", model=str(tiny_models("sd")), steps=1, loras=(LoraSpec(str(missing)),)
+            )
+        )
     junk = tmp_path / "junk.safetensors"
-    from safetensors.torch import save_file
     import torch
+    from safetensors.torch import save_file
 
     save_file({"nothing.here": torch.zeros(2)}, str(junk))
     with pytest.raises(RequestError, match="loras: cannot apply"):
-        engine.run(GenerationRequest("a", model=str(tiny_models("sd")), steps=1,
-                                     loras=(LoraSpec(str(junk)),)))
+        engine.run(
+            GenerationRequest(
+                "a", model=str(tiny_models("sd")), steps=1, loras=(LoraSpec(str(junk)),)
+            )
+        )
     # The engine still serves the next request.
     assert engine.run(GenerationRequest("a", model=str(tiny_models("sd")), steps=1)).images

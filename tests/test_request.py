@@ -71,8 +71,15 @@ def test_outpaint_and_lora_parsing():
 
 
 def test_resolve_fills_defaults_and_checks_family_limits():
-    defaults = FamilyDefaults(modes=frozenset({Mode.TXT2IMG}), width=64, height=48, steps=30,
-                              guidance=4.0, size_multiple=16, max_pixels=256 * 256)
+    defaults = FamilyDefaults(
+        modes=frozenset({Mode.TXT2IMG}),
+        width=64,
+        height=48,
+        steps=30,
+        guidance=4.0,
+        size_multiple=16,
+        max_pixels=256 * 256,
+    )
     resolved = resolve(GenerationRequest("a", seed=9, num_images=3), defaults, "test")
     assert (resolved.width, resolved.height, resolved.steps, resolved.guidance) == (64, 48, 30, 4.0)
     assert resolved.seeds == (9, 10, 11)
@@ -88,7 +95,8 @@ def test_resolve_fills_defaults_and_checks_family_limits():
 def test_build_request_names_unknown_fields():
     with pytest.raises(RequestError, match="cfg_scale: unknown field; the fields are: "):
         build_request("a", cfg_scale=7)
-    request = build_request("a", loras=[("x.safetensors", 0.5)], outpaint=(8, 0, 0, 0),
-                            image=Image.new("RGB", (8, 8)))
+    request = build_request(
+        "a", loras=[("x.safetensors", 0.5)], outpaint=(8, 0, 0, 0), image=Image.new("RGB", (8, 8))
+    )
     assert request.loras == (LoraSpec("x.safetensors", 0.5),)
     assert request.outpaint == Outpaint(8, 0, 0, 0)

@@ -54,8 +54,10 @@ class RunContext:
         if self.progress is None:
             return
         image = None
-        if preview is not None and self.preview_every > 0 and (
-            step % self.preview_every == 0 or step == total
+        if (
+            preview is not None
+            and self.preview_every > 0
+            and (step % self.preview_every == 0 or step == total)
         ):
             image = preview()
         self.progress(ProgressEvent(step=step, total=total, stage=stage, preview=image))

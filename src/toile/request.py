@@ -26,7 +26,7 @@ MAX_PROMPT_CHARS = 10_000
 MAX_LORA_SCALE = 10.0
 
 
-class Mode(str, enum.Enum):
+class Mode(enum.StrEnum):
     """What a request asks the model to do; derived from which inputs are present."""
 
     TXT2IMG = "txt2img"

@@ -30,6 +30,7 @@ class ImageRecord:
     steps: int
     guidance: float
     seed: int
+    variant: str = ""
     strength: float | None = None
     outpaint: tuple[int, int, int, int] | None = None
     loras: tuple[dict[str, Any], ...] = ()

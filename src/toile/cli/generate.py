@@ -13,8 +13,12 @@ from toile.errors import RequestError
 def add_parser(subparsers: Any) -> None:
     p = subparsers.add_parser("generate", help="generate images from a prompt")
     p.add_argument("prompt")
-    p.add_argument("-o", "--output", help="output PNG (default toile-<timestamp>.png; "
-                   "several images: NAME-0.png, NAME-1.png, ...)")
+    p.add_argument(
+        "-o",
+        "--output",
+        help="output PNG (default toile-<timestamp>.png; "
+        "several images: NAME-0.png, NAME-1.png, ...)",
+    )
     p.add_argument("--model", help="model id from `toile models` or a path (default: built-in)")
     p.add_argument("--seed", type=int)
     p.add_argument("--steps", type=int)
@@ -26,10 +30,16 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--image", help="input image (img2img; with --mask inpaint; with --outpaint)")
     p.add_argument("--strength", type=float, help="how much of --image to change, (0, 1]")
     p.add_argument("--mask", help="inpainting mask, same size as --image; white = repaint")
-    p.add_argument("--outpaint", metavar="LEFT,TOP,RIGHT,BOTTOM",
-                   help="pixels to add on each side of --image")
-    p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
-                   help="LoRA .safetensors file with optional scale; repeatable")
+    p.add_argument(
+        "--outpaint", metavar="LEFT,TOP,RIGHT,BOTTOM", help="pixels to add on each side of --image"
+    )
+    p.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="PATH[:SCALE]",
+        help="LoRA .safetensors file with optional scale; repeatable",
+    )
     p.add_argument("--device", choices=("cpu", "cuda", "mps"))
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--json", action="store_true", help="print one JSON object with the results")
@@ -78,8 +88,13 @@ def run(args: argparse.Namespace) -> int:
     paths = result.save(output)
     if args.json:
         images = [
-            {"path": path, "seed": rec.seed, "width": rec.width, "height": rec.height,
-             "record": rec.to_dict()}
+            {
+                "path": path,
+                "seed": rec.seed,
+                "width": rec.width,
+                "height": rec.height,
+                "record": rec.to_dict(),
+            }
             for path, rec in zip(paths, result.records, strict=True)
         ]
         print(json.dumps({"paths": paths, "images": images, "timings": result.timings}))

@@ -15,8 +15,10 @@ import sys
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
-        "train", help="train toile's own model from scratch on the scene world",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        "train",
+        help="train toile's own model from scratch on the scene world",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_arguments(parser)
     parser.set_defaults(func=run)
@@ -30,16 +32,23 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, help="images per step per process")
     parser.add_argument("--lr", type=float, help="peak learning rate (AdamW)")
     parser.add_argument("--seed", type=int, help="seed for init, data, t and noise")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue exactly from the newest checkpoint in --out")
+    parser.add_argument(
+        "--resume", action="store_true", help="continue exactly from the newest checkpoint in --out"
+    )
     parser.add_argument("--threads", type=int, help="torch CPU threads")
-    parser.add_argument("--checkpoint-minutes", type=float,
-                        help="wall-clock minutes between checkpoints (default 5)")
+    parser.add_argument(
+        "--checkpoint-minutes",
+        type=float,
+        help="wall-clock minutes between checkpoints (default 5)",
+    )
     parser.add_argument("--checkpoint-every", type=int, help="steps between checkpoints")
     parser.add_argument("--mixed-precision", choices=("auto", "no", "bf16", "fp16"))
     parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
-    parser.add_argument("--export", metavar="DIR",
-                        help="after training, write the inference folder (EMA weights) here")
+    parser.add_argument(
+        "--export",
+        metavar="DIR",
+        help="after training, write the inference folder (EMA weights) here",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -77,8 +86,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="toile train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="toile train",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     _add_arguments(parser)
     return run(parser.parse_args(argv))
 

@@ -151,7 +151,8 @@ class Engine:
             images = [composite(image, request.image, request.mask) for image in images]
         if len(images) != len(resolved.seeds):
             raise RuntimeError(
-                f"{cached.family.name} returned {len(images)} images for {len(resolved.seeds)} seeds"
+                f"{cached.family.name} returned {len(images)} images "
+                f"for {len(resolved.seeds)} seeds"
             )
         return images
 
@@ -180,9 +181,8 @@ class Engine:
         outpaint = request.outpaint
         return ImageRecord(
             model_id=cached.entry.id,
-            family=cached.family.name if not cached.loaded.variant else (
-                f"{cached.family.name}:{cached.loaded.variant}"
-            ),
+            family=cached.family.name,
+            variant=cached.loaded.variant,
             model_hash=cached.model_hash,
             mode=resolved.mode.value,
             prompt=request.prompt,

@@ -40,7 +40,9 @@ class ModelRegistry:
         except (OSError, json.JSONDecodeError) as exc:
             raise ModelFormatError(f"model registry {self.path} is not valid JSON: {exc}") from None
         if not isinstance(data, dict) or not isinstance(data.get("models", {}), dict):
-            raise ModelFormatError(f"model registry {self.path} must hold {{'models': {{id: ...}}}}")
+            raise ModelFormatError(
+                f"model registry {self.path} must hold {{'models': {{id: ...}}}}"
+            )
         data.setdefault("models", {})
         return data
 
@@ -70,9 +72,7 @@ class ModelRegistry:
 
     def add(self, model_id: str, path: str | Path) -> ModelEntry:
         if not MODEL_ID.match(model_id):
-            raise RequestError(
-                "id", "must be 1-64 characters of letters, digits, '.', '_' or '-'"
-            )
+            raise RequestError("id", "must be 1-64 characters of letters, digits, '.', '_' or '-'")
         if model_id == BUILTIN_MODEL:
             raise RequestError("id", f"{BUILTIN_MODEL!r} is the built-in model's id")
         target = Path(path).expanduser().resolve()

@@ -47,7 +47,9 @@ class Family(Protocol):
         """Load from local files only (safetensors, no network)."""
         ...
 
-    def run(self, loaded: LoadedModel, request: ResolvedRequest, ctx: RunContext) -> list[Image.Image]:
+    def run(
+        self, loaded: LoadedModel, request: ResolvedRequest, ctx: RunContext
+    ) -> list[Image.Image]:
         """Run one resolved request (txt2img, img2img or inpaint; outpaint arrives as inpaint).
 
         Returns ``len(request.seeds)`` RGB images; image ``i`` uses noise from

@@ -51,7 +51,9 @@ def read_component_config(path: Path, component: str) -> dict[str, Any]:
         raise ModelFormatError(f"cannot read {config}: {exc}") from None
 
 
-def load_pipeline(pipeline_cls: Any, path: Path, device: str, dtype: torch.dtype, **kwargs: Any) -> Any:
+def load_pipeline(
+    pipeline_cls: Any, path: Path, device: str, dtype: torch.dtype, **kwargs: Any
+) -> Any:
     """``from_pretrained`` from local files only, refusing pickle weights.
 
     A missing component or weight file becomes a ModelFormatError naming it instead of a deep
@@ -61,7 +63,7 @@ def load_pipeline(pipeline_cls: Any, path: Path, device: str, dtype: torch.dtype
         pipe = pipeline_cls.from_pretrained(
             str(path), dtype=dtype, local_files_only=True, use_safetensors=True, **kwargs
         )
-    except (OSError, ValueError, EnvironmentError) as exc:
+    except (OSError, ValueError) as exc:
         raise ModelFormatError(f"cannot load {path} as {pipeline_cls.__name__}: {exc}") from None
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
@@ -90,8 +92,10 @@ def step_callback(
         latents = kwargs.get("latents")
         make_preview = None
         if preview is not None and latents is not None:
+
             def make_preview() -> Image.Image | None:
                 return preview(pipe, latents)
+
         ctx.on_step(step + 1, total, stage, make_preview)
         return {}
 

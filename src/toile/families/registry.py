@@ -80,7 +80,9 @@ def describe(target: Path) -> str:
         entries = sorted(p.name for p in target.iterdir())[:12]
         return "a folder without model_index.json containing: " + (", ".join(entries) or "nothing")
     if target.suffix.lower() != ".safetensors":
-        return f"a {target.suffix or 'suffix-less'} file; toile loads .safetensors files and folders"
+        return (
+            f"a {target.suffix or 'suffix-less'} file; toile loads .safetensors files and folders"
+        )
     try:
         from safetensors import safe_open
 

@@ -38,7 +38,9 @@ ALL_MODES = frozenset({Mode.TXT2IMG, Mode.IMG2IMG, Mode.INPAINT, Mode.OUTPAINT})
 INPAINT_MODES = frozenset({Mode.INPAINT, Mode.OUTPAINT})
 
 
-def unet_defaults(path: Path, *, steps: int, guidance: float, modes: frozenset[Mode]) -> FamilyDefaults:
+def unet_defaults(
+    path: Path, *, steps: int, guidance: float, modes: frozenset[Mode]
+) -> FamilyDefaults:
     """Size from the checkpoint's own configs, as diffusers derives its default size."""
     unet = read_component_config(path, "unet")
     vae = read_component_config(path, "vae")
@@ -92,7 +94,9 @@ class StableDiffusionFamily:
             variant="inpainting" if inpaint_checkpoint else "",
         )
 
-    def run(self, loaded: LoadedModel, request: ResolvedRequest, ctx: RunContext) -> list[Image.Image]:
+    def run(
+        self, loaded: LoadedModel, request: ResolvedRequest, ctx: RunContext
+    ) -> list[Image.Image]:
         return run_unet_pipeline(loaded, request, ctx)
 
 

@@ -14,7 +14,9 @@ MAX_IMAGE_PIXELS = 8192 * 8192
 MAX_IMAGE_BYTES = 64 * 1024 * 1024
 
 
-def open_image(source: str | bytes, *, field: str, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+def open_image(
+    source: str | bytes, *, field: str, max_pixels: int = MAX_IMAGE_PIXELS
+) -> Image.Image:
     """Open and fully decode an image from a path or bytes.
 
     The header is read first and the pixel count checked *before* decoding, so a decompression
@@ -54,8 +56,9 @@ def open_image(source: str | bytes, *, field: str, max_pixels: int = MAX_IMAGE_P
         raise
     except Image.DecompressionBombError as exc:
         raise ImageInputError(
-            field, f"{name} is refused as a decompression bomb ({exc}); at most {max_pixels} "
-            "pixels are allowed"
+            field,
+            f"{name} is refused as a decompression bomb ({exc}); at most {max_pixels} "
+            "pixels are allowed",
         ) from None
     except UnidentifiedImageError as exc:
         raise ImageInputError(field, f"{name} is not a readable image ({exc})") from None

@@ -12,7 +12,7 @@ from toile.errors import ModelFormatError, ModelNotFoundError, UnsafeFileError
 PICKLE_SUFFIXES = frozenset({".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle"})
 CONVERT_HINT = (
     "pickle files can run arbitrary code when loaded, so toile only loads .safetensors. "
-    "Convert it once, in an environment you trust, e.g.: python -c \"import torch, safetensors."
+    'Convert it once, in an environment you trust, e.g.: python -c "import torch, safetensors.'
     "torch as st; sd = torch.load('IN', weights_only=True); sd = sd.get('state_dict', sd); "
     "st.save_file({k: v.contiguous() for k, v in sd.items()}, 'OUT.safetensors')\""
 )

@@ -70,9 +70,7 @@ def read_record(path: str) -> ImageRecord:
     text = image.info.get(TOILE_KEY)
     if text is None:
         found = ", ".join(sorted(k for k in image.info if isinstance(image.info[k], str))) or "none"
-        raise ImageInputError(
-            "image", f"{path} has no toile record (text chunks found: {found})"
-        )
+        raise ImageInputError("image", f"{path} has no toile record (text chunks found: {found})")
     return ImageRecord.from_json(text)
 
 
