@@ -11,6 +11,7 @@ COMMANDS = {
     "generate": "toile.cli.generate",
     "models": "toile.cli.models",
     "info": "toile.cli.info",
+    "families": "toile.cli.families_cmd",
     "train": "toile.cli.train_cmd",
     "eval": "toile.cli.eval_cmd",
     "bench": "toile.cli.bench",

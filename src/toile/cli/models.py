@@ -29,13 +29,20 @@ def describe(entry: Any) -> dict[str, Any]:
     row: dict[str, Any] = {"id": entry.id, "path": str(entry.path)}
     try:
         family = detect_family(entry.path)
+        variant = family.variant(entry.path)
         row["family"] = family.name
-        modes = getattr(family, "declared_modes", None)
-        row["modes"] = sorted(m.value for m in modes(entry.path)) if modes else []
+        row["variant"] = variant
+        row["modes"] = [m.value for m in sorted_modes(family.capabilities[variant])]
     except ToileError as exc:
         row["family"] = None
         row["error"] = str(exc)
     return row
+
+
+def sorted_modes(modes: frozenset) -> list:
+    from toile.request import Mode
+
+    return [mode for mode in Mode if mode in modes]
 
 
 def run_list(args: argparse.Namespace) -> int:

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from toile.progress import RunContext
-    from toile.request import FamilyDefaults, ResolvedRequest
+    from toile.request import FamilyDefaults, Mode, ResolvedRequest
 
 
 @dataclass
@@ -35,12 +35,24 @@ class LoadedModel:
 
 
 class Family(Protocol):
-    """A model family. Implementations are small classes registered in ``families.registry``."""
+    """A model family. Implementations are small classes registered in ``families.registry``.
+
+    ``title`` names it for people; ``capabilities`` maps each variant the family tells apart
+    ("" for the plain checkpoint) to the modes it runs, and ``lora`` says whether LoRA files
+    apply: the README's family table is generated from these.
+    """
 
     name: str
+    title: str
+    capabilities: dict[str, frozenset[Mode]]
+    lora: bool
 
     def detect(self, path: Path) -> bool:
         """True when ``path`` (a folder or a .safetensors file) is a checkpoint of this family."""
+        ...
+
+    def variant(self, path: Path) -> str:
+        """Which of ``capabilities``' variants the checkpoint at ``path`` is (cheap: configs)."""
         ...
 
     def load(self, path: Path, device: str, dtype: torch.dtype) -> LoadedModel:

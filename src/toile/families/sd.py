@@ -60,9 +60,15 @@ def unet_defaults(
 
 class StableDiffusionFamily:
     name = "sd"
+    title = "Stable Diffusion 1.x / 2.x"
+    capabilities: dict[str, frozenset[Mode]] = {"": ALL_MODES, "inpainting": INPAINT_MODES}
+    lora = True
 
     def detect(self, path: Path) -> bool:
         return pipeline_class_name(path) in SD_PIPELINES
+
+    def variant(self, path: Path) -> str:
+        return "inpainting" if read_component_config(path, "unet").get("in_channels") == 9 else ""
 
     def load(self, path: Path, device: str, dtype: torch.dtype) -> LoadedModel:
         from diffusers import (
@@ -71,8 +77,9 @@ class StableDiffusionFamily:
             StableDiffusionPipeline,
         )
 
-        inpaint_checkpoint = read_component_config(path, "unet").get("in_channels") == 9
-        modes = INPAINT_MODES if inpaint_checkpoint else ALL_MODES
+        variant = self.variant(path)
+        inpaint_checkpoint = variant == "inpainting"
+        modes = self.capabilities[variant]
         # No safety checker: toile's own safety layer decides; diffusers would black out images.
         base_cls = StableDiffusionInpaintPipeline if inpaint_checkpoint else StableDiffusionPipeline
         base = load_pipeline(
@@ -91,7 +98,7 @@ class StableDiffusionFamily:
             pipelines=pipelines,
             scheduler=scheduler_name(base),
             supports_lora=True,
-            variant="inpainting" if inpaint_checkpoint else "",
+            variant=variant,
         )
 
     def run(

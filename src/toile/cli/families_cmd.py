@@ -1,0 +1,42 @@
+"""``toile families``: what each family can do, from the code (the README's table is this)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def add_parser(subparsers: Any) -> None:
+    p = subparsers.add_parser("families", help="list model families, variants, modes and LoRA")
+    p.add_argument("--markdown", action="store_true", help="print the README's table")
+    p.set_defaults(run=run)
+
+
+def capability_rows() -> list[tuple[str, str, str, str, str]]:
+    """(family id, title, variant, modes, lora) for every installed family and variant."""
+    from toile.families.registry import available_families, get_family
+    from toile.request import Mode
+
+    rows = []
+    for name in available_families():
+        family = get_family(name)
+        for variant, modes in family.capabilities.items():
+            ordered = ", ".join(mode.value for mode in Mode if mode in modes)
+            rows.append((name, family.title, variant or "—", ordered, "yes" if family.lora else "no"))
+    return rows
+
+
+def markdown_table() -> str:
+    lines = ["| family | id | variant | modes | LoRA |", "|---|---|---|---|---|"]
+    lines += [f"| {title} | `{name}` | {variant} | {modes} | {lora} |"
+              for name, title, variant, modes, lora in capability_rows()]
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.markdown:
+        print(markdown_table())
+        return 0
+    for name, title, variant, modes, lora in capability_rows():
+        print(f"{name:<6} {variant:<11} {modes:<36} lora={lora:<4} {title}")
+    return 0
