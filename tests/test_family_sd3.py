@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from helpers import assert_same_image, center_mask, gradient_image, max_abs_diff, unmasked_diff
 
+from helpers import assert_same_image, center_mask, gradient_image, max_abs_diff, unmasked_diff
 from toile.engine.engine import Engine
 from toile.errors import RequestError
 from toile.request import GenerationRequest, Outpaint
@@ -58,7 +58,8 @@ def seeded(seed: int) -> torch.Generator:
 def test_detected_and_defaults(engine, sd3_path):
     cached = engine.load(str(sd3_path))
     assert cached.family.name == "sd3"
-    assert cached.loaded.variant == "" and cached.loaded.supports_lora
+    assert cached.loaded.variant == cached.family.variant(sd3_path) == ""
+    assert cached.loaded.supports_lora and cached.family.lora
     defaults = cached.loaded.defaults
     # 16 latents x VAE scale 2; diffusers' SD3 defaults; multiple = VAE scale 2 x patch 2.
     assert (defaults.width, defaults.height, defaults.steps, defaults.guidance) == (32, 32, 28, 7.0)
@@ -172,4 +173,46 @@ def test_without_t5_parity(engine, no_t5_path):
     ref = pipe("a red cat", num_inference_steps=STEPS, guidance_scale=GUIDANCE,
                generator=seeded(2)).images[0]
     assert_same_image(ours.images[0], ref)
-    assert (ours.records[0].family, ours.records[0].mode) == ("sd3:no-t5", "txt2img")
+    record = ours.records[0]
+    assert (record.family, record.variant, record.mode) == ("sd3", "no-t5", "txt2img")
+
+
+def test_lora_parity_and_unloaded_after(engine, sd3_path, tmp_path):
+    from diffusers import StableDiffusion3Pipeline
+
+    from fixtures.models_sdxl_sd3 import make_lora
+    from toile.request import LoraSpec
+
+    lora = make_lora(StableDiffusion3Pipeline, sd3_path, "transformer", tmp_path)
+    request = GenerationRequest("a red cat", model=str(sd3_path), steps=STEPS, seed=1)
+    plain = engine.run(request).images[0]
+    with_lora = engine.run(request.with_changes(loras=(LoraSpec(str(lora), 0.8),)))
+    assert max_abs_diff(plain, with_lora.images[0]) > 2
+    pipe = diffusers_pipe(StableDiffusion3Pipeline, sd3_path)
+    pipe.load_lora_weights(str(lora), adapter_name="lora")
+    pipe.set_adapters(["lora"], adapter_weights=[0.8])
+    ref = pipe("a red cat", num_inference_steps=STEPS, guidance_scale=GUIDANCE,
+               generator=seeded(1)).images[0]
+    assert_same_image(with_lora.images[0], ref)
+    assert_same_image(engine.run(request).images[0], plain, tolerance=0)  # LoRA unloaded
+
+
+def test_inpainting_checkpoint_runs_inpaint_only(tmp_path):
+    from diffusers import StableDiffusion3InpaintPipeline
+
+    from fixtures.models_sdxl_sd3 import make_sd3
+    from toile.errors import UnsupportedModeError
+
+    path = make_sd3(tmp_path / "sd3-inpaint", in_channels=33)
+    engine = Engine(device="cpu")
+    assert engine.load(str(path)).loaded.variant == "inpainting"
+    with pytest.raises(UnsupportedModeError, match="txt2img is not supported"):
+        engine.run(GenerationRequest("x", model=str(path), steps=1))
+    init, mask = gradient_image(32, 32), center_mask(32, 32)
+    ours = engine.run(GenerationRequest("a cat", model=str(path), steps=STEPS, seed=6, image=init,
+                                        mask=mask))
+    pipe = diffusers_pipe(StableDiffusion3InpaintPipeline, path)
+    ref = pipe("a cat", image=init, mask_image=mask, strength=1.0, num_inference_steps=STEPS,
+               guidance_scale=GUIDANCE, height=32, width=32, generator=seeded(6)).images[0]
+    assert_same_image(ours.images[0], Image.composite(ref, init, mask))
+    assert (ours.records[0].mode, ours.records[0].variant) == ("inpaint", "inpainting")

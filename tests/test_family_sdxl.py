@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from helpers import assert_same_image, center_mask, gradient_image, max_abs_diff, unmasked_diff
 
+from helpers import assert_same_image, center_mask, gradient_image, max_abs_diff, unmasked_diff
 from toile.engine.engine import Engine
 from toile.errors import ModelFormatError, RequestError, UnsupportedModeError
 from toile.request import GenerationRequest, Outpaint
@@ -67,7 +67,8 @@ def seeded(seed: int) -> torch.Generator:
 def test_detected_and_defaults(engine, sdxl_path):
     cached = engine.load(str(sdxl_path))
     assert cached.family.name == "sdxl"
-    assert cached.loaded.variant == "" and cached.loaded.supports_lora
+    assert cached.loaded.variant == cached.family.variant(sdxl_path) == ""
+    assert cached.loaded.supports_lora and cached.family.lora
     defaults = cached.loaded.defaults
     # 16 latents x VAE scale 2, diffusers' SDXL defaults for steps and guidance.
     assert (defaults.width, defaults.height, defaults.steps, defaults.guidance) == (32, 32, 50, 5.0)
@@ -162,6 +163,7 @@ def test_size_errors(engine, sdxl_path):
 def test_refiner_detected_and_refuses_txt2img(engine, refiner_path):
     cached = engine.load(str(refiner_path))
     assert cached.family.name == "sdxl" and cached.loaded.variant == "refiner"
+    assert cached.family.capabilities["refiner"] == cached.loaded.defaults.modes
     with pytest.raises(UnsupportedModeError, match="txt2img is not supported by the sdxl family"):
         engine.run(GenerationRequest("x", model=str(refiner_path), steps=1))
 
@@ -177,7 +179,9 @@ def test_refiner_img2img_parity(engine, refiner_path):
                guidance_scale=GUIDANCE, generator=seeded(9)).images[0]
     assert_same_image(ours.images[0], ref)
     record = ours.records[0]
-    assert (record.family, record.mode, record.seed) == ("sdxl:refiner", "img2img", 9)
+    assert (record.family, record.variant, record.mode, record.seed) == (
+        "sdxl", "refiner", "img2img", 9
+    )
 
 
 def test_refiner_inpaint_parity_and_outpaint(engine, refiner_path):
@@ -228,3 +232,44 @@ def test_single_file_without_configs_names_the_folder(tmp_path, single_file):
     shutil.copytree(single_file.with_suffix(""), tmp_path / "config")
     cached = Engine(device="cpu").load(str(lonely))
     assert cached.family.name == "sdxl"
+
+
+# --- inpainting checkpoint, LoRA --------------------------------------------------------------
+
+
+def test_inpainting_checkpoint_runs_inpaint_only(tmp_path):
+    from fixtures.models_sdxl_sd3 import make_sdxl
+
+    path = make_sdxl(tmp_path / "sdxl-inpaint", in_channels=9)
+    engine = Engine(device="cpu")
+    assert engine.load(str(path)).loaded.variant == "inpainting"
+    with pytest.raises(UnsupportedModeError, match="txt2img is not supported"):
+        engine.run(GenerationRequest("x", model=str(path), steps=1))
+    with pytest.raises(UnsupportedModeError, match="img2img is not supported"):
+        engine.run(GenerationRequest("x", model=str(path), steps=1, image=gradient_image(32, 32)))
+    init, mask = gradient_image(32, 32), center_mask(32, 32)
+    result = engine.run(GenerationRequest("x", model=str(path), steps=2, seed=0, image=init,
+                                          mask=mask))
+    assert result.images[0].size == (32, 32)
+    assert (result.records[0].mode, result.records[0].variant) == ("inpaint", "inpainting")
+
+
+def test_lora_parity_and_unloaded_after(engine, sdxl_path, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    from fixtures.models_sdxl_sd3 import make_lora
+    from toile.request import LoraSpec
+
+    lora = make_lora(StableDiffusionXLPipeline, sdxl_path, "unet", tmp_path, add_watermarker=False)
+    request = GenerationRequest("a red cat", model=str(sdxl_path), steps=STEPS, seed=1)
+    plain = engine.run(request).images[0]
+    with_lora = engine.run(request.with_changes(loras=(LoraSpec(str(lora), 0.8),)))
+    assert max_abs_diff(plain, with_lora.images[0]) > 2
+    assert with_lora.records[0].loras[0]["scale"] == 0.8
+    pipe = diffusers_pipe(StableDiffusionXLPipeline, sdxl_path)
+    pipe.load_lora_weights(str(lora), adapter_name="lora")
+    pipe.set_adapters(["lora"], adapter_weights=[0.8])
+    ref = pipe("a red cat", num_inference_steps=STEPS, guidance_scale=GUIDANCE,
+               generator=seeded(1)).images[0]
+    assert_same_image(with_lora.images[0], ref)
+    assert_same_image(engine.run(request).images[0], plain, tolerance=0)  # LoRA unloaded

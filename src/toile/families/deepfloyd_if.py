@@ -13,14 +13,14 @@ The img2img / inpainting variants of each stage (``IFImg2ImgPipeline``,
 ``IFInpaintingSuperResolutionPipeline``, ...) are built from the same weights with
 ``from_pipe``. Stage II's own text encoder is never loaded (``text_encoder=None``): the T5
 embeddings are computed once by stage I and reused by stage II, as diffusers' IF docs do, which
-saves loading the 4.5B-parameter T5 twice. Stage III is the SD upscaler with its own CLIP text
+saves loading the T5-XXL encoder twice. Stage III is the SD upscaler with its own CLIP text
 encoder, so it gets the prompt text. No safety checker or watermarker is loaded (toile's own
 safety layer decides); the ``None`` slots are passed explicitly.
 
 **Sizes.** ``width``/``height`` name the *final* output size. Stage I runs at
 ``final / factor`` where ``factor`` is 4 with stage II and ``4 x the upscaler's VAE scale``
 (16) with stage III; the final size must be a multiple of ``factor`` times whatever each stage's
-U-Net needs to downsample evenly (for the real models: 32 for I+II, 128 for I+II+III). The
+U-Net needs to downsample evenly, computed from the stage configs (``cascade_geometry``). The
 default is stage I's ``sample_size`` x ``factor`` (256 or 1024 px for the real models). For
 img2img / inpaint the input image is that final size; toile resizes it (bicubic) to each stage's
 size itself and hands the stages tensors, because diffusers' IF pipelines would otherwise resize
@@ -42,9 +42,9 @@ current pixels (IF works in pixel space); stage III's latents go through its VAE
 
 **Batches.** Image ``i`` uses one seeded CPU generator for all stages, so a batch equals singles.
 
-**Inpainting** keeps unmasked pixels by construction in stages I and II (they reset them to the
-input at every step). The SD upscaler is not mask-aware, so after stage III the unmasked input
-pixels are pasted back at full size (mask threshold 0.5, as IF binarizes its masks).
+**Inpainting**: stages I and II reset the unmasked pixels to the input at every step; the SD
+upscaler (stage III) is not mask-aware and repaints everything, so the cascade relies on the
+engine's mask overlay (done for every family) to keep the unmasked input pixels exactly.
 
 LoRA files are not supported for the cascade (a stage-I LoRA would not steer stage II).
 """
@@ -55,7 +55,7 @@ import inspect
 import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from toile.errors import ModelFormatError, RequestError
 from toile.families.base import LoadedModel, cpu_generators
@@ -130,7 +130,8 @@ def cascade_geometry(folders: list[Path]) -> tuple[int, int, int]:
     factor, multiple = 1, unet_factor(folders[0])
     if len(folders) > 1:
         factor = SR_FACTOR
-        multiple = math.lcm(multiple, unet_factor(folders[1]) // math.gcd(unet_factor(folders[1]), 4))
+        unet2 = unet_factor(folders[1])
+        multiple = math.lcm(multiple, unet2 // math.gcd(unet2, 4))
     if len(folders) > 2:
         unet3, vae3 = unet_factor(folders[2]), unet_factor(folders[2], "vae")
         factor *= vae3
@@ -204,11 +205,20 @@ def stage_callback(
 
 class IFFamily:
     name = "if"
+    title = "DeepFloyd IF"
+    # Variants name how many stages the folder holds; every cascade runs every mode.
+    capabilities: ClassVar[dict[str, frozenset[Mode]]] = {
+        f"{count}-stage": ALL_MODES for count in (1, 2, 3)
+    }
+    lora = False
 
     def detect(self, path: Path) -> bool:
         if pipeline_class_name(path) in STAGE1_PIPELINES:
             return True
         return path.is_dir() and pipeline_class_name(path / "stage_1") in STAGE1_PIPELINES
+
+    def variant(self, path: Path) -> str:
+        return f"{len(stage_folders(path))}-stage"
 
     def load(self, path: Path, device: str, dtype: torch.dtype) -> LoadedModel:
         from diffusers import (
@@ -267,11 +277,13 @@ class IFFamily:
             dtype=dtype,
             pipelines=pipelines,
             scheduler=scheduler_name(stage1),
-            supports_lora=False,
+            supports_lora=self.lora,
             variant=f"{len(folders)}-stage",
         )
 
-    def run(self, loaded: LoadedModel, request: ResolvedRequest, ctx: RunContext) -> list[Image.Image]:
+    def run(
+        self, loaded: LoadedModel, request: ResolvedRequest, ctx: RunContext
+    ) -> list[Image.Image]:
         role = ROLES[request.mode]
         stages = 1 + ("stage2:txt2img" in loaded.pipelines) + ("stage3" in loaded.pipelines)
         stage3 = loaded.pipelines.get("stage3")
@@ -327,7 +339,9 @@ class IFFamily:
             # Stage II: the batch is already expanded, so the embeddings are repeated to match
             # (diffusers would otherwise repeat the images once more per prompt).
             pipe2 = loaded.pipelines[f"stage2:{role}"]
-            strength2 = None if request.mode is Mode.TXT2IMG else call_default(type(pipe2), "strength")
+            strength2 = (
+                None if request.mode is Mode.TXT2IMG else call_default(type(pipe2), "strength")
+            )
             steps2 = later_stage_steps(
                 request.steps, call_default(type(pipe2), "num_inference_steps"), stage1_default,
                 strength2,
@@ -374,8 +388,6 @@ class IFFamily:
                 ),
                 callback_steps=1,
             ).images
-            if request.mode is Mode.INPAINT:
-                images = [_keep_unmasked(image, req.image, req.mask) for image in images]
         return [image.convert("RGB") for image in images]
 
 
@@ -385,15 +397,3 @@ def _derive(pipeline_cls: Any, base: Any) -> Any:
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
-
-def _keep_unmasked(generated: Image.Image, original: Image.Image | None,
-                   mask: Image.Image | None) -> Image.Image:
-    """Paste the input's unmasked pixels over the upscaler's output (mask >= 0.5 is repainted)."""
-    import numpy as np
-    from PIL import Image
-
-    assert original is not None and mask is not None
-    keep = np.asarray(mask.convert("L")) < 128
-    pixels = np.asarray(generated.convert("RGB")).copy()
-    pixels[keep] = np.asarray(original.convert("RGB"))[keep]
-    return Image.fromarray(pixels)

@@ -28,7 +28,11 @@ Decisions:
   computes it (1024 for the real models); sizes must be multiples of the VAE scale x 2 because
   latents are packed in 2x2 patches.
 - **Strength**: img2img defaults to 0.6 (``FluxImg2ImgPipeline``'s default); inpaint / outpaint
-  default to 1.0 so the masked area is repainted from noise, as in toile's other families.
+  default to 1.0 so the masked area is repainted from noise, as in toile's other families. Any
+  strength > 0 runs at least one step (Flux counts ``steps - int(steps x (1 - strength))``).
+- **Unmasked pixels** come back exactly: the engine overlays the input outside the mask for
+  every family (neither the VAE round trip of ``FluxInpaintPipeline`` nor Fill, which repaints
+  the whole image conditioned on the masked input, would keep them bit for bit).
 - **Previews**: the latents in the step callback are packed ``[B, tokens, C x 4]``; the preview
   unpacks them with the pipeline's own ``_unpack_latents``, undoes the VAE scaling and shift
   (``latents / scaling_factor + shift_factor``, as the pipeline does before decoding) and
@@ -41,7 +45,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from toile.errors import ModelFormatError, RequestError
 from toile.families.base import LoadedModel
@@ -132,17 +136,19 @@ def packed_preview(width: int, height: int) -> Callable[[Any, torch.Tensor], Ima
     return preview
 
 
-def flow_steps_run(steps: int, strength: float) -> int:
-    """How many steps a Flux img2img/inpaint pipeline runs (its ``get_timesteps``)."""
-    init = min(steps * strength, steps)
-    return steps - int(max(steps - init, 0))
-
-
 class FluxFamily:
     name = "flux"
+    title = "FLUX.1"
+    capabilities: ClassVar[dict[str, frozenset[Mode]]] = {
+        name: settings.modes for name, settings in VARIANTS.items()
+    }
+    lora = True
 
     def detect(self, path: Path) -> bool:
         return pipeline_class_name(path) in FLUX_PIPELINES
+
+    def variant(self, path: Path) -> str:
+        return flux_variant(path)
 
     def load(self, path: Path, device: str, dtype: torch.dtype) -> LoadedModel:
         from diffusers import (
@@ -152,7 +158,7 @@ class FluxFamily:
             FluxPipeline,
         )
 
-        variant = flux_variant(path)
+        variant = self.variant(path)
         settings = VARIANTS[variant]
         if variant == "fill":
             base = load_pipeline(FluxFillPipeline, path, device, dtype)
@@ -186,22 +192,18 @@ class FluxFamily:
             dtype=dtype,
             pipelines=pipelines,
             scheduler=scheduler_name(base),
-            supports_lora=True,
+            supports_lora=self.lora,
             variant=variant,
         )
 
-    def run(self, loaded: LoadedModel, request: ResolvedRequest, ctx: RunContext) -> list[Image.Image]:
+    def run(
+        self, loaded: LoadedModel, request: ResolvedRequest, ctx: RunContext
+    ) -> list[Image.Image]:
         if request.negative_prompt:
             raise RequestError(
                 "negative_prompt",
                 "FLUX.1 has no negative prompt (its guidance is distilled into the model, not "
                 "classifier-free); leave it empty and describe what you want in the prompt",
-            )
-        if request.strength is not None and flow_steps_run(request.steps, request.strength) < 1:
-            raise RequestError(
-                "strength",
-                f"{request.strength} x {request.steps} steps leaves no denoising step to run; "
-                "raise strength or steps",
             )
         role = {Mode.TXT2IMG: "txt2img", Mode.IMG2IMG: "img2img", Mode.INPAINT: "inpaint"}[
             request.mode

@@ -12,7 +12,7 @@ is cut into whole patches of latents.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from toile.families.base import LoadedModel
 from toile.families.diffusers_common import (
@@ -64,6 +64,12 @@ def sd3_defaults(path: Path, modes: frozenset[Mode] = ALL_MODES) -> FamilyDefaul
     )
 
 
+def is_inpaint_checkpoint(path: Path) -> bool:
+    """A 33-channel transformer (16 latent + 1 mask + 16 masked-image channels) inpaints only:
+    diffusers' SD3 inpaint pipeline runs it, the txt2img and img2img pipelines cannot."""
+    return read_component_config(path, "transformer").get("in_channels") == 33
+
+
 def has_t5(path: Path) -> bool:
     slot = (read_model_index(path) or {}).get("text_encoder_3")
     return isinstance(slot, list) and slot[0] is not None
@@ -71,9 +77,24 @@ def has_t5(path: Path) -> bool:
 
 class SD3Family:
     name = "sd3"
+    title = "Stable Diffusion 3 / 3.5"
+    # Without T5 the model runs the same modes; the variant is recorded because it changes the
+    # images (zeros stand in for the T5 tokens).
+    capabilities: ClassVar[dict[str, frozenset[Mode]]] = {
+        "": ALL_MODES,
+        "no-t5": ALL_MODES,
+        "inpainting": INPAINT_MODES,
+        "inpainting-no-t5": INPAINT_MODES,
+    }
+    lora = True
 
     def detect(self, path: Path) -> bool:
         return pipeline_class_name(path) in SD3_PIPELINES
+
+    def variant(self, path: Path) -> str:
+        inpainting = is_inpaint_checkpoint(path)
+        parts = (["inpainting"] if inpainting else []) + ([] if has_t5(path) else ["no-t5"])
+        return "-".join(parts)
 
     def load(self, path: Path, device: str, dtype: torch.dtype) -> LoadedModel:
         from diffusers import (
@@ -82,13 +103,13 @@ class SD3Family:
             StableDiffusion3Pipeline,
         )
 
-        t5 = has_t5(path)
-        # Passing None explicitly is how diffusers runs SD3 without T5 (zeros in its place).
-        options: dict[str, Any] = {} if t5 else {"text_encoder_3": None, "tokenizer_3": None}
-        # A 33-channel transformer (16 latent + 1 mask + 16 masked-image channels) is an
-        # inpainting checkpoint: diffusers' SD3 inpaint pipeline runs it, the others cannot.
-        inpaint_checkpoint = read_component_config(path, "transformer").get("in_channels") == 33
-        if inpaint_checkpoint:
+        variant = self.variant(path)
+        # Passing None explicitly is how diffusers runs SD3 without T5 (zeros in its place);
+        # from_pretrained refuses a null slot otherwise.
+        options: dict[str, Any] = {}
+        if not has_t5(path):
+            options = {"text_encoder_3": None, "tokenizer_3": None}
+        if is_inpaint_checkpoint(path):
             base = load_pipeline(StableDiffusion3InpaintPipeline, path, device, dtype, **options)
             pipelines: dict[str, Any] = {"inpaint": base}
         else:
@@ -98,13 +119,10 @@ class SD3Family:
                 "img2img": derive(StableDiffusion3Img2ImgPipeline, base),
                 "inpaint": derive(StableDiffusion3InpaintPipeline, base),
             }
-        variant = "-".join(
-            (["inpainting"] if inpaint_checkpoint else []) + ([] if t5 else ["no-t5"])
-        )
         return LoadedModel(
             family=self.name,
             path=path,
-            defaults=sd3_defaults(path, INPAINT_MODES if inpaint_checkpoint else ALL_MODES),
+            defaults=sd3_defaults(path, self.capabilities[variant]),
             device=device,
             dtype=dtype,
             pipelines=pipelines,
@@ -113,7 +131,9 @@ class SD3Family:
             variant=variant,
         )
 
-    def run(self, loaded: LoadedModel, request: ResolvedRequest, ctx: RunContext) -> list[Image.Image]:
+    def run(
+        self, loaded: LoadedModel, request: ResolvedRequest, ctx: RunContext
+    ) -> list[Image.Image]:
         # SD3's img2img resizes its input to the default size unless told the size, so every
         # mode passes it (for img2img/inpaint it is the input image's own size).
         return run_unet_pipeline(loaded, request, ctx, width=request.width, height=request.height)

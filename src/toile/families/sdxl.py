@@ -21,7 +21,7 @@ layout without weights (``model_index.json``, ``unet/config.json``, ``tokenizer/
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from toile.errors import ModelFormatError
 from toile.families.base import LoadedModel
@@ -59,7 +59,8 @@ SINGLE_FILE_PREFIXES = ("conditioner.embedders.", "model.diffusion_model.")
 
 
 def checkpoint_kind(config_folder: Path) -> str:
-    """"base", "refiner" or "inpainting", from a diffusers layout's model_index and U-Net config.
+    """The base ("") or "refiner" / "inpainting", from a diffusers layout's model_index and
+    U-Net config.
 
     The refiner is recognised the way diffusers builds it: no first text encoder, and time ids
     that carry an aesthetic score instead of a target size.
@@ -71,7 +72,7 @@ def checkpoint_kind(config_folder: Path) -> str:
         return "refiner"
     if read_component_config(config_folder, "unet").get("in_channels") == 9:
         return "inpainting"
-    return "base"
+    return ""
 
 
 def single_file_keys(path: Path) -> list[str]:
@@ -128,12 +129,24 @@ def load_single_file(
 
 class SDXLFamily:
     name = "sdxl"
+    title = "Stable Diffusion XL"
+    capabilities: ClassVar[dict[str, frozenset[Mode]]] = {
+        "": ALL_MODES,
+        "refiner": REFINER_MODES,
+        "inpainting": INPAINT_MODES,
+    }
+    lora = True
 
     def detect(self, path: Path) -> bool:
         if path.is_file():
             return is_sdxl_single_file(path)
         index = read_model_index(path)
         return index is not None and index.get("_class_name") in SDXL_PIPELINES
+
+    def variant(self, path: Path) -> str:
+        """The base ("") or "refiner" / "inpainting"; a single file is judged by its configs."""
+        config = single_file_config(path) if path.is_file() else path
+        return checkpoint_kind(config)
 
     def load(self, path: Path, device: str, dtype: torch.dtype) -> LoadedModel:
         from diffusers import (
@@ -145,7 +158,7 @@ class SDXLFamily:
         config = single_file_config(path) if path.is_file() else path
         kind = checkpoint_kind(config)
         base_cls = {
-            "base": StableDiffusionXLPipeline,
+            "": StableDiffusionXLPipeline,
             "refiner": StableDiffusionXLImg2ImgPipeline,
             "inpainting": StableDiffusionXLInpaintPipeline,
         }[kind]
@@ -162,11 +175,11 @@ class SDXLFamily:
             return base if type(base) is cls else derive(cls, base, **options)
 
         pipelines: dict[str, Any] = {"inpaint": role(StableDiffusionXLInpaintPipeline)}
-        if kind == "base":
+        if kind == "":
             pipelines["txt2img"] = base
-        if kind in ("base", "refiner"):
+        if kind in ("", "refiner"):
             pipelines["img2img"] = role(StableDiffusionXLImg2ImgPipeline)
-        modes = {"base": ALL_MODES, "refiner": REFINER_MODES, "inpainting": INPAINT_MODES}[kind]
+        modes = self.capabilities[kind]
         return LoadedModel(
             family=self.name,
             path=path,
@@ -178,8 +191,10 @@ class SDXLFamily:
             pipelines=pipelines,
             scheduler=scheduler_name(base),
             supports_lora=True,
-            variant="" if kind == "base" else kind,
+            variant=kind,
         )
 
-    def run(self, loaded: LoadedModel, request: ResolvedRequest, ctx: RunContext) -> list[Image.Image]:
+    def run(
+        self, loaded: LoadedModel, request: ResolvedRequest, ctx: RunContext
+    ) -> list[Image.Image]:
         return run_unet_pipeline(loaded, request, ctx)
