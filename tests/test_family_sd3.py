@@ -33,7 +33,7 @@ def no_t5_path(tiny_models):
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     """Tiny models on a shared 2-core machine: thread hand-offs cost more than the maths, and
-    under load two spinning OpenMP threads made this file 8x slower (69 s vs 8.5 s measured)."""
+    under load two spinning OpenMP threads made the SDXL tests 8x slower (69 s vs 8.5 s)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -202,7 +202,7 @@ def test_engine_runs_every_mode(saved: Path, tmp_path: Path, monkeypatch: pytest
     with pytest.raises(CancelledError):
         engine.run(GenerationRequest("x", model=str(saved), steps=2, seed=1), cancel=cancel)
     with pytest.raises(RequestError):
-        engine.run(GenerationRequest("x", model=str(saved), width=24, height=16))
+        engine.run(GenerationRequest("x", model=str(saved), width=18, height=16))
 
 
 @pytest.mark.skipif(not (SHIPPED / "model_index.json").is_file(), reason="toile-mini not exported")
