@@ -26,15 +26,6 @@ SIZE = 32
 PROMPT = "a red cat on the sky"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: OpenMP hand-offs cost more than the maths."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def dev(tiny_models):
     return tiny_models("flux_dev")

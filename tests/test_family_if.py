@@ -32,15 +32,6 @@ PROMPT = "a red circle on the blue sky"
 NONE = {"safety_checker": None, "feature_extractor": None, "watermarker": None}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: OpenMP hand-offs cost more than the maths."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def cascade(tiny_models):
     return tiny_models("if")

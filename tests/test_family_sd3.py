@@ -30,16 +30,6 @@ def no_t5_path(tiny_models):
     return tiny_models("sd3_no_t5")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: thread hand-offs cost more than the maths, and
-    under load two spinning OpenMP threads made the SDXL tests 8x slower (69 s vs 8.5 s)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def engine() -> Engine:
     return Engine(device="cpu", cache_size=2)

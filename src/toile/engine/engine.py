@@ -49,12 +49,13 @@ def pick_device(device: str | None) -> str:
     return device
 
 
-def pick_dtype(dtype: str | None, device: str) -> torch.dtype:
-    """float32 on CPU (half precision is slow and inexact there), float16 on GPUs by default."""
+def pick_dtype(dtype: str | None, device: str, gpu_default: str = "float16") -> torch.dtype:
+    """float32 on CPU (half precision is slow and inexact there); on GPUs the family's
+    preferred half type (bfloat16 for FLUX.1, whose activations overflow float16)."""
     import torch
 
     if dtype is None:
-        return torch.float32 if device == "cpu" else torch.float16
+        return torch.float32 if device == "cpu" else getattr(torch, gpu_default)
     if dtype not in DTYPES:
         raise RequestError("dtype", f"must be one of {', '.join(DTYPES)}, got {dtype!r}")
     return getattr(torch, dtype)
@@ -83,7 +84,8 @@ class Engine:
     ) -> None:
         self.registry = registry if registry is not None else ModelRegistry()
         self.device = pick_device(device)
-        self.dtype = pick_dtype(dtype, self.device)
+        self.dtype_name = dtype
+        pick_dtype(dtype, self.device)  # reject a bad --dtype before any model loads
         self.cache_size = cache_size
         self.allow_paths = allow_paths
         self._cache: OrderedDict[str, _Cached] = OrderedDict()
@@ -104,8 +106,9 @@ class Engine:
             family = detect_family(entry.path)
             if entry.path.is_dir():
                 check_folder_weights(entry.path)
+            dtype = pick_dtype(self.dtype_name, self.device, getattr(family, "gpu_dtype", "float16"))
             start = time.perf_counter()
-            loaded = family.load(entry.path, self.device, self.dtype)
+            loaded = family.load(entry.path, self.device, dtype)
             load_s = time.perf_counter() - start
             cached = _Cached(entry, family, loaded, model_hash(entry.path), load_s)
             self._cache[key] = cached

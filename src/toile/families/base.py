@@ -39,7 +39,8 @@ class Family(Protocol):
 
     ``title`` names it for people; ``capabilities`` maps each variant the family tells apart
     ("" for the plain checkpoint) to the modes it runs, and ``lora`` says whether LoRA files
-    apply: the README's family table is generated from these.
+    apply: the README's family table is generated from these. ``gpu_dtype`` (optional,
+    default "float16") is the half type used on GPUs when the user names none.
     """
 
     name: str

@@ -173,12 +173,20 @@ def vae_preview(pipe: Any, latents: torch.Tensor) -> Image.Image | None:
     if latents.ndim != 4:
         return None
     vae = pipe.vae
-    with torch.no_grad():
-        scaled = latents[:1] / vae.config.scaling_factor
-        shift = getattr(vae.config, "shift_factor", None)
-        if shift:
-            scaled = scaled + shift
-        image = vae.decode(scaled.to(vae.dtype), return_dict=False)[0]
+    # SDXL's VAE overflows in float16 (its config says force_upcast); decode in float32 then.
+    upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
+    try:
+        if upcast:
+            vae.to(torch.float32)
+        with torch.no_grad():
+            scaled = latents[:1] / vae.config.scaling_factor
+            shift = getattr(vae.config, "shift_factor", None)
+            if shift:
+                scaled = scaled + shift
+            image = vae.decode(scaled.to(vae.dtype), return_dict=False)[0]
+    finally:
+        if upcast:
+            vae.to(torch.float16)
     return pipe.image_processor.postprocess(image, output_type="pil")[0]
 
 

@@ -143,6 +143,7 @@ class FluxFamily:
         name: settings.modes for name, settings in VARIANTS.items()
     }
     lora = True
+    gpu_dtype = "bfloat16"  # FLUX.1 activations overflow float16
 
     def detect(self, path: Path) -> bool:
         return pipeline_class_name(path) in FLUX_PIPELINES
