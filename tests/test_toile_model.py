@@ -24,6 +24,16 @@ from toile.families.toile.testing import tiny_model_config, tiny_text_encoder  #
 SHIPPED = Path(__file__).resolve().parents[1] / "src" / "toile" / "assets" / "toile-mini"
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny models gain nothing from threads, and on a busy 2-core machine every op of a
+    # multi-threaded torch waits at OpenMP barriers for a sibling thread that is descheduled.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def text_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tiny_text_encoder(tmp_path_factory.mktemp("tiny-text"))
@@ -61,6 +71,26 @@ def test_config_round_trip(text_folder: Path) -> None:
     assert ToileModelConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
     with pytest.raises(ValueError, match="unknown"):
         ToileModelConfig.from_dict({"packing": {"bogus": 1}})
+
+
+def test_text_encoder_shapes(pipe: ToilePipeline) -> None:
+    cond = pipe.text_encoder.encode(["a red circle on a blue background", ""])
+    max_tokens, dim = pipe.config.text.max_tokens, pipe.config.text.dim
+    assert cond.tokens.shape == (2, max_tokens, dim)
+    assert cond.mask.shape == (2, max_tokens)
+    assert int(cond.mask[1].sum()) == 2  # "" is [CLS] [SEP] + padding
+    assert torch.allclose(cond.pooled.norm(dim=-1), torch.ones(2), atol=1e-5)
+    long = pipe.text_encoder.encode(["word " * 100])
+    assert long.tokens.shape[1] == max_tokens  # truncated
+
+
+def test_missing_text_encoder_is_a_clear_error(tmp_path: Path) -> None:
+    from toile.errors import ModelFormatError
+    from toile.families.toile.config import TextEncoderConfig
+    from toile.families.toile.text import TextEncoder
+
+    with pytest.raises(ModelFormatError, match="config.json"):
+        TextEncoder(TextEncoderConfig(path=str(tmp_path / "nothing-here"), dim=32))
 
 
 def test_time_schedule() -> None:
@@ -175,7 +205,9 @@ def test_missing_weights_is_a_clear_error(saved: Path, tmp_path: Path) -> None:
         ToilePipeline.from_pretrained(broken)
 
 
-def test_engine_runs_every_mode(saved: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_engine_runs_every_mode(
+    saved: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from toile.engine.engine import Engine
     from toile.engine.models import ModelRegistry
     from toile.request import GenerationRequest, Outpaint

@@ -19,6 +19,16 @@ from toile.train.scene_data import make_batch  # noqa: E402
 from toile.train.trainer import Trainer, latest_checkpoint, learning_rate  # noqa: E402
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny models gain nothing from threads, and on a busy 2-core machine every op of a
+    # multi-threaded torch waits at OpenMP barriers for a sibling thread that is descheduled.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def text_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tiny_text_encoder(tmp_path_factory.mktemp("tiny-text"))
@@ -97,7 +107,10 @@ def test_export_and_reexport(tmp_path: Path, text_folder: Path) -> None:
     card = (out / "MODEL_CARD.md").read_text()
     assert "Steps: 2" in card and "test" in card
 
-    assert export_main(["--run", str(tmp_path / "run"), "--out", str(tmp_path / "again")]) == 0
+    assert export_main(["--run", str(tmp_path / "run"), "--out", str(tmp_path / "again"),
+                        "--eval", "3"]) == 0
+    assert "Scene checker pass rate" in (tmp_path / "again" / "MODEL_CARD.md").read_text()
+    assert json.loads((tmp_path / "again" / "metrics.json").read_text())["prompts"] == 3
     loaded = ToileFamily().load(tmp_path / "again", "cpu", torch.float32)
     pipe = loaded.pipelines["txt2img"]
     # Exported weights are float16 on disk; the loaded pipeline runs in the asked dtype.

@@ -16,6 +16,7 @@ COMMANDS = {
     "eval": "toile.cli.eval_cmd",
     "bench": "toile.cli.bench",
     "demo": "toile.cli.demo",
+    "serve": "toile.cli.serve_cmd",
 }
 
 

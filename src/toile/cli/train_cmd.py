@@ -21,7 +21,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_arguments(parser)
-    parser.set_defaults(func=run)
+    parser.set_defaults(run=run)
     return parser
 
 
@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     from toile.train.trainer import Trainer
 
-    command = "toile train " + shlex.join(sys.argv[1:]) if sys.argv[0] else "toile train"
+    command = _command_line()
     trainer = Trainer(config, command=command)
     out = trainer.train()
     if args.export and trainer.accelerator.is_main_process:
@@ -83,6 +83,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"exported to {args.export}")
     print(f"run folder: {out}")
     return 0
+
+
+def _command_line() -> str:
+    """The command as the user typed it, for the run's record and the model card."""
+    if sys.argv and sys.argv[0].endswith("train_cmd.py"):
+        return "python -m toile.cli.train_cmd " + shlex.join(sys.argv[1:])
+    return "toile " + shlex.join(sys.argv[1:])
 
 
 def main(argv: list[str] | None = None) -> int:

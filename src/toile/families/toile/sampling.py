@@ -45,7 +45,7 @@ def velocity_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
 def sample_logit_normal(
     batch: int, *, mean: float = 0.0, std: float = 1.0, generator: torch.Generator | None = None
 ) -> torch.Tensor:
-    """t = sigmoid(u), u ~ N(mean, std²): SD3's logit-normal timestep density (Esser et al. 2024)."""
+    """t = sigmoid(u), u ~ N(mean, std²): SD3's logit-normal t density (Esser et al. 2024)."""
     u = torch.randn(batch, generator=generator) * std + mean
     return torch.sigmoid(u)
 

@@ -13,7 +13,9 @@ from pathlib import Path
 
 from toile.families.toile.config import TextEncoderConfig, ToileModelConfig, tiny_config
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"
+)
 TINY_TEXT_DIM = 32
 
 

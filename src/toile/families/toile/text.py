@@ -67,13 +67,22 @@ class TextEncoder:
         dtype: torch.dtype = torch.float32,
     ) -> None:
         from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
 
         self.config = config
         self.folder = resolve_encoder_folder(config, model_folder)
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.folder), local_files_only=True)
-        self.model = AutoModel.from_pretrained(
-            str(self.folder), local_files_only=True, use_safetensors=True, dtype=dtype
-        )
+        # A 6-layer encoder loads in a blink; its "Loading weights" bar would only clutter the
+        # CLI's own progress output.
+        bars = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+        try:
+            self.model = AutoModel.from_pretrained(
+                str(self.folder), local_files_only=True, use_safetensors=True, dtype=dtype
+            )
+        finally:
+            if bars:
+                hf_logging.enable_progress_bar()
         self.model.requires_grad_(False).eval().to(device)
         hidden = int(self.model.config.hidden_size)
         if hidden != config.dim:

@@ -1,0 +1,75 @@
+"""``toile serve``: the HTTP server (FastAPI + uvicorn) over a durable job queue.
+
+Only argparse at import time; FastAPI, uvicorn and torch load when the command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+
+def add_parser(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "serve",
+        help="run the HTTP server (jobs API, SSE progress, durable queue)",
+        description="Serve the native job API at /v1 (OpenAPI at /openapi.json, docs at /docs). "
+        "Binds 127.0.0.1 unless told otherwise; any other address needs an API token.",
+    )
+    p.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default 7860; 0 = any free port)")
+    p.add_argument("--config", metavar="PATH", help="TOML (or .json) server config file")
+    p.add_argument(
+        "--api-token",
+        metavar="T",
+        help="require 'Authorization: Bearer T' (default: $TOILE_API_TOKEN)",
+    )
+    p.add_argument("--data-dir", metavar="PATH", help="jobs.sqlite3, images/, uploads/")
+    p.add_argument("--device", choices=("cpu", "cuda", "mps"))
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from toile.serve.config import build_config
+
+    config = build_config(
+        args.config,
+        host=args.host,
+        port=args.port,
+        api_token=args.api_token,
+        data_dir=args.data_dir,
+        device=args.device,
+        dtype=args.dtype,
+    )
+    config.check_bind()  # before anything listens
+    config.check_files()
+    try:
+        import uvicorn
+
+        from toile.serve.app import create_app
+    except ModuleNotFoundError as exc:
+        from toile.errors import ToileError
+
+        raise ToileError(
+            f"toile serve needs the server extras ({exc.name} is missing): "
+            'pip install "toile[serve]"'
+        ) from None
+    import logging
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s: %(name)s: %(message)s")
+    auth = "token required" if config.api_token else "no token (loopback only)"
+    print(
+        f"toile serve: http://{config.host}:{config.port}  data: {config.data_dir}  auth: {auth}",
+        file=sys.stderr,
+    )
+    uvicorn.run(
+        create_app(config),
+        host=config.host,
+        port=config.port,
+        log_level=args.log_level,
+        timeout_graceful_shutdown=5,
+    )
+    return 0

@@ -1,0 +1,127 @@
+"""``create_app(config) -> FastAPI``: routes, error bodies, security middleware, lifespan.
+
+Nothing happens when this module is imported or when ``create_app`` is called: the store is
+opened, interrupted jobs recovered and the worker started in the app's lifespan (start-up), and
+all of it is stopped at shutdown. So an app can be built, inspected (``app.openapi()``) and
+mounted without touching the data folder.
+
+Every error is JSON ``{"error": {"type", "field", "message"}}``; ``field`` names the request
+field, query parameter or header at fault (``RequestError.field`` where the core raised it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+
+from toile.errors import RequestError
+from toile.serve.auth import SecurityMiddleware
+from toile.serve.config import ServeConfig
+from toile.serve.jobs import JobNotFoundError, JobService
+from toile.serve.store import QueueFullError
+
+LOCATIONS = ("body", "query", "header", "path", "cookie")
+
+
+def _error(status: int, kind: str, message: str, field: str | None = None, **extra: Any):
+    body = {"error": {"type": kind, "field": field, "message": message, **extra}}
+    return JSONResponse(body, status_code=status)
+
+
+def field_from_loc(loc: tuple[Any, ...] | list[Any]) -> str:
+    """pydantic's ``("body", "loras", 0, "scale")`` -> ``"loras[0].scale"``."""
+    parts = list(loc)
+    if len(parts) > 1 and parts[0] in LOCATIONS:
+        parts = parts[1:]
+    name = ""
+    for part in parts:
+        if isinstance(part, int):
+            name += f"[{part}]"
+        else:
+            name += f".{part}" if name else str(part)
+    return name or "body"
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = list(exc.errors())
+        # An unknown field (a typo, or a "path" where an id belongs) explains the rest: first.
+        errors.sort(key=lambda e: e.get("type") != "extra_forbidden")
+        first = errors[0] if errors else {"loc": ("body",), "msg": "invalid request"}
+        field = "body" if first.get("type") == "json_invalid" else field_from_loc(first["loc"])
+        if first.get("type") == "extra_forbidden":
+            first = {**first, "msg": "unknown field; see the request schema at /openapi.json"}
+        details = [
+            {"field": field_from_loc(e.get("loc", ())), "message": str(e.get("msg", ""))}
+            for e in errors
+        ]
+        return _error(
+            422, "invalid_request", f"{field}: {first.get('msg')}", field, details=details
+        )
+
+    @app.exception_handler(RequestError)
+    async def request_error(request: Request, exc: RequestError) -> JSONResponse:
+        return _error(422, "invalid_request", str(exc), exc.field)
+
+    @app.exception_handler(JobNotFoundError)
+    async def not_found(request: Request, exc: JobNotFoundError) -> JSONResponse:
+        return _error(404, "not_found", str(exc), "id")
+
+    @app.exception_handler(QueueFullError)
+    async def queue_full(request: Request, exc: QueueFullError) -> JSONResponse:
+        response = _error(503, "queue_full", str(exc))
+        response.headers["Retry-After"] = "5"
+        return response
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        response = _error(exc.status_code, "http_error", str(exc.detail))
+        for key, value in (exc.headers or {}).items():
+            response.headers[key] = value
+        return response
+
+
+def create_app(config: ServeConfig | None = None, *, engine: Any = None) -> FastAPI:
+    """The server as an ASGI app. ``engine`` (tests, benchmarks) replaces the id-only Engine
+    the lifespan would build; it must have been made with ``allow_paths=False``."""
+    from toile import __version__
+    from toile.serve.routes import jobs, system
+
+    config = config if config is not None else ServeConfig()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        service = await run_in_threadpool(lambda: JobService.open(config, engine=engine))
+        app.state.jobs = service
+        try:
+            yield
+        finally:
+            await run_in_threadpool(service.close)
+
+    app = FastAPI(
+        title="toile",
+        version=__version__,
+        description=(
+            "Text-to-image jobs over a durable queue. Models and LoRAs are named by id "
+            "(`GET /v1/models`), never by path. With an API token, send "
+            "`Authorization: Bearer <token>`."
+        ),
+        lifespan=lifespan,
+        docs_url="/docs",
+        openapi_url="/openapi.json",
+        redoc_url=None,
+    )
+    app.state.config = config
+    _install_error_handlers(app)
+    app.include_router(system.router)
+    app.include_router(jobs.router)
+    app.add_middleware(SecurityMiddleware, config=config)
+    return app

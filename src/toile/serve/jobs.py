@@ -1,0 +1,406 @@
+"""``JobService``: the job layer. Every route (native, and any compatibility API built later)
+goes through these methods and nothing else touches the store, the worker or the hub.
+
+- ``submit(body, idempotency_key)`` -> ``(Job, created)``: validate fully (a 2xx means the job
+  can be stored and run), save uploads, commit durably, wake the worker.
+- ``get(id)``, ``list(statuses, limit)``, ``cancel(id)``: the job as :class:`schemas.Job`.
+- ``events(id)``: an async iterator of :class:`events.JobEvent`, current state first.
+- ``image(id)``: the PNG's path inside the images folder, and its record.
+- ``health()``, ``models()``.
+
+Validation errors are :class:`~toile.errors.RequestError` with ``field`` set; the app turns
+them into 422 responses naming the field.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import re
+import secrets
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from toile.errors import ModelNotFoundError, RequestError, ToileError
+from toile.serve import schemas
+from toile.serve.events import EventHub, JobEvent
+from toile.serve.store import QUEUED, RUNNING, STATUSES, JobRow, JobStore
+from toile.serve.uploads import Upload, read_upload, write_durably
+
+if TYPE_CHECKING:
+    from toile.engine.models import ModelRegistry
+    from toile.serve.config import ServeConfig
+    from toile.serve.webhooks import WebhookSender
+    from toile.serve.worker import Worker
+
+log = logging.getLogger("toile.serve")
+ID_PATTERN = re.compile(r"^[0-9a-f]{32}$")
+IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
+TERMINAL_EVENT = {"succeeded": "finished", "failed": "failed", "cancelled": "cancelled"}
+MAX_LIST = 500
+
+
+class JobNotFoundError(ToileError, LookupError):
+    """No job (or image) with that id."""
+
+
+class DataDirInUseError(ToileError):
+    """Another server process holds the data folder (two would both "recover" its jobs)."""
+
+
+def _lock_data_dir(data_dir: Path) -> Any:
+    """An exclusive lock on ``server.lock``, released by the OS when the process dies (so a
+    ``kill -9`` never leaves a stale lock)."""
+    handle = open(data_dir / "server.lock", "a+")  # noqa: SIM115 - held for the server's life
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock, one server per folder is then the user's duty
+        return handle
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise DataDirInUseError(
+            f"another toile server is using {data_dir}; stop it or choose another data_dir"
+        ) from None
+    return handle
+
+
+class JobService:
+    """The internal API over the durable queue; see the module docstring."""
+
+    def __init__(
+        self,
+        config: ServeConfig,
+        store: JobStore,
+        hub: EventHub,
+        registry: ModelRegistry,
+        webhooks: WebhookSender,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.hub = hub
+        self.registry = registry
+        self.webhooks = webhooks
+        self.worker: Worker | None = None
+        self._lock_handle: Any = None
+
+    @classmethod
+    def open(cls, config: ServeConfig, *, engine: Any = None) -> JobService:
+        """Lock the data folder, open the store, re-queue jobs a crash interrupted, start the
+        worker. ``engine`` defaults to an id-only Engine on the configured device."""
+        from toile.serve.webhooks import WebhookSender
+        from toile.serve.worker import Worker
+
+        for folder in (config.data_dir, config.images_dir, config.uploads_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+        lock = _lock_data_dir(config.data_dir)
+        try:
+            store = JobStore(config.db_path)
+            requeued, failed = store.recover(config.max_attempts)
+            if requeued or failed:
+                log.warning(
+                    "recovered after an unclean stop: %d job(s) re-queued, %d failed after %d "
+                    "attempts",
+                    len(requeued),
+                    len(failed),
+                    config.max_attempts,
+                )
+            if engine is None:
+                from toile.engine.engine import Engine
+
+                engine = Engine(device=config.device, dtype=config.dtype, allow_paths=False)
+            if getattr(engine, "allow_paths", False):
+                raise ValueError("the server's engine must be built with allow_paths=False")
+            webhooks = WebhookSender(config.webhook_timeout_s, store.set_webhook_status)
+            service = cls(config, store, EventHub(), engine.registry, webhooks)
+            service._lock_handle = lock
+            service.worker = Worker(config, store, service.hub, engine, ended=service._job_ended)
+            for job in store.pending_webhooks():
+                if job.webhook is not None:
+                    webhooks.send(job.webhook, job.id, service.view(job).model_dump(mode="json"))
+            service.worker.start()
+        except BaseException:
+            lock.close()
+            raise
+        return service
+
+    def close(self) -> None:
+        if self.worker is not None:
+            self.worker.stop()
+        self.webhooks.close(wait=True)
+        self.store.close()
+        if self._lock_handle is not None:
+            self._lock_handle.close()
+            self._lock_handle = None
+
+    # -- submit -------------------------------------------------------------------------------
+
+    def submit(
+        self, body: schemas.JobCreate, idempotency_key: str | None = None
+    ) -> tuple[schemas.Job, bool]:
+        """Validate and enqueue. With an Idempotency-Key seen before (and the same body) the
+        earlier job comes back with ``created=False``."""
+        if idempotency_key is not None and not IDEMPOTENCY_KEY.match(idempotency_key):
+            raise RequestError("Idempotency-Key", "must be 1-255 visible ASCII characters")
+        body_hash = hashlib.sha256(
+            json.dumps(body.model_dump(mode="json"), sort_keys=True).encode()
+        ).hexdigest()
+        if idempotency_key is not None:
+            existing = self.store.get_by_key(idempotency_key)
+            if existing is not None:
+                if existing.body_hash != body_hash:
+                    raise RequestError(
+                        "Idempotency-Key",
+                        f"was already used for job {existing.id} with a different request body",
+                    )
+                return self.view(existing), False
+        stored, uploads = self._validate(body)
+        job_id = uuid.uuid4().hex
+        saved: list[Path] = []
+        try:
+            for name, upload in uploads.items():
+                file_name = f"{job_id}-{name}{upload.suffix}"
+                write_durably(self.config.uploads_dir / file_name, upload.data)
+                saved.append(self.config.uploads_dir / file_name)
+                stored[name] = file_name
+            from toile.serve.store import IdempotencyConflict
+
+            try:
+                row, created = self.store.insert(
+                    job_id,
+                    stored,
+                    body_hash=body_hash,
+                    idempotency_key=idempotency_key,
+                    webhook=body.webhook,
+                    max_queue=self.config.max_queue,
+                )
+            except IdempotencyConflict as exc:
+                raise RequestError(
+                    "Idempotency-Key",
+                    f"was already used for job {exc.job.id} with a different request body",
+                ) from None
+        except BaseException:
+            for path in saved:
+                path.unlink(missing_ok=True)
+            raise
+        if not created:
+            for path in saved:
+                path.unlink(missing_ok=True)
+            return self.view(row), False
+        self.hub.publish(
+            job_id, "queued", {"status": QUEUED, "position": self.store.queue_position(row)}
+        )
+        if self.worker is not None:
+            self.worker.wake()
+        return self.view(row), True
+
+    def _validate(self, body: schemas.JobCreate) -> tuple[dict[str, Any], dict[str, Upload]]:
+        """Everything that can be checked before running; returns the JSON to store and the
+        decoded uploads. Builds the GenerationRequest so its own checks apply."""
+        from toile.engine.models import MODEL_ID
+        from toile.request import GenerationRequest, LoraSpec, Outpaint, resolve
+        from toile.serve.webhooks import check_webhook_url
+
+        config = self.config
+        if body.steps is not None and body.steps > config.max_steps:
+            raise RequestError("steps", f"must be at most {config.max_steps} on this server")
+        if body.num_images > config.max_images:
+            raise RequestError("num_images", f"must be at most {config.max_images} on this server")
+        model = body.model if body.model is not None else self.registry.default_id
+        if not MODEL_ID.match(model):
+            raise RequestError(
+                "model", "must be a model id from GET /v1/models; paths and URLs are not accepted"
+            )
+        try:
+            self.registry.resolve(model, allow_paths=False)
+        except ModelNotFoundError as exc:
+            raise RequestError("model", str(exc)) from None
+        loras = []
+        for index, lora in enumerate(body.loras):
+            path = config.loras.get(lora.id)
+            if path is None:
+                known = ", ".join(sorted(config.loras)) or "none are configured"
+                raise RequestError(f"loras[{index}].id", f"unknown LoRA id {lora.id!r} ({known})")
+            loras.append(LoraSpec(str(path), lora.scale))
+        if body.webhook is not None:
+            if not config.webhooks:
+                raise RequestError("webhook", "webhooks are turned off on this server")
+            check_webhook_url(body.webhook)
+        uploads = {
+            name: read_upload(
+                text,
+                field=name,
+                max_bytes=config.max_image_bytes,
+                max_pixels=config.max_image_pixels,
+            )
+            for name in ("image", "mask")
+            if (text := getattr(body, name)) is not None
+        }
+        # Fix the seed now: a job re-run after a crash must make the same image.
+        seed = body.seed if body.seed is not None else secrets.randbelow(2**32)
+        fields: dict[str, Any] = {
+            "prompt": body.prompt,
+            "negative_prompt": body.negative_prompt,
+            "width": body.width,
+            "height": body.height,
+            "steps": body.steps,
+            "guidance": body.guidance,
+            "seed": seed,
+            "num_images": body.num_images,
+            "strength": body.strength,
+            "model": model,
+        }
+        outpaint = body.outpaint.model_dump() if body.outpaint is not None else None
+        request = GenerationRequest(
+            **fields,
+            image=uploads["image"].image if "image" in uploads else None,
+            mask=uploads["mask"].image if "mask" in uploads else None,
+            outpaint=Outpaint(**outpaint) if outpaint is not None else None,
+            loras=tuple(loras),
+        )
+        known = self.worker.known_defaults.get(model) if self.worker is not None else None
+        if known is not None:  # the model has been loaded: check mode and size now, not later
+            resolve(request, *known)
+        stored = {
+            **fields,
+            "image": None,
+            "mask": None,
+            "outpaint": outpaint,
+            "loras": [{"id": lora.id, "scale": lora.scale} for lora in body.loras],
+        }
+        return stored, uploads
+
+    # -- reads --------------------------------------------------------------------------------
+
+    def _row(self, job_id: str) -> JobRow:
+        row = self.store.get(job_id) if ID_PATTERN.match(job_id) else None
+        if row is None:
+            raise JobNotFoundError(f"no job with id {job_id!r}")
+        return row
+
+    def get(self, job_id: str) -> schemas.Job:
+        return self.view(self._row(job_id))
+
+    def list(self, statuses: Sequence[str] = (), limit: int = 100) -> schemas.JobList:
+        for status in statuses:
+            if status not in STATUSES:
+                raise RequestError(
+                    "status", f"must be one of {', '.join(STATUSES)}, got {status!r}"
+                )
+        if not 1 <= limit <= MAX_LIST:
+            raise RequestError("limit", f"must be an integer in [1, {MAX_LIST}], got {limit}")
+        jobs = [self.view(row) for row in self.store.list(tuple(statuses), limit)]
+        return schemas.JobList(jobs=jobs, queue_length=self.store.counts()[QUEUED])
+
+    def view(self, row: JobRow) -> schemas.Job:
+        progress = self.hub.progress(row.id) if row.status == RUNNING else None
+        request = dict(row.request)
+        for name in ("image", "mask"):
+            request[name] = request.get(name) is not None
+        return schemas.Job(
+            id=row.id,
+            status=row.status,  # type: ignore[arg-type]
+            created_at=row.created_at,
+            started_at=row.started_at,
+            finished_at=row.finished_at,
+            queue_position=self.store.queue_position(row),
+            progress=schemas.Progress(**progress) if progress else None,
+            attempts=row.attempts,
+            images=[
+                schemas.ImageOut(id=image.id, url=f"/v1/images/{image.id}", record=image.record)
+                for image in row.images
+            ],
+            error=(
+                schemas.ErrorInfo(message=row.error, field=row.error_field) if row.error else None
+            ),
+            request=request,
+            webhook_status=row.webhook_status,
+        )
+
+    def image(self, image_id: str) -> tuple[Path, dict[str, Any]]:
+        """The PNG (a file the server named, inside its images folder) and its record."""
+        row = self.store.image(image_id) if ID_PATTERN.match(image_id) else None
+        if row is None:
+            raise JobNotFoundError(f"no image with id {image_id!r}")
+        path = self.config.images_dir / Path(row.file).name
+        if not path.is_file():
+            raise JobNotFoundError(f"image {image_id} is no longer on disk")
+        return path, row.record
+
+    # -- cancel -------------------------------------------------------------------------------
+
+    def cancel(self, job_id: str) -> schemas.Job:
+        """A queued job is cancelled now and never starts; a running one stops within one
+        denoising step (the returned status is still ``running`` until it has)."""
+        if not ID_PATTERN.match(job_id):
+            raise JobNotFoundError(f"no job with id {job_id!r}")
+        row, moved = self.store.cancel(job_id)
+        if row is None:
+            raise JobNotFoundError(f"no job with id {job_id!r}")
+        if moved:
+            self._job_ended(row)
+        elif row.status == RUNNING and self.worker is not None:
+            self.worker.cancel(job_id)
+        return self.view(row)
+
+    # -- events -------------------------------------------------------------------------------
+
+    def _snapshot(self, job_id: str, live: dict[str, JobEvent | None]) -> list[JobEvent]:
+        row = self._row(job_id)
+        if row.status == QUEUED:
+            position = self.store.queue_position(row)
+            return [JobEvent("queued", job_id, {"status": QUEUED, "position": position})]
+        if row.status == RUNNING:
+            started = live["started"] or JobEvent(
+                "started", job_id, {"status": RUNNING, "attempt": row.attempts}
+            )
+            return [started] + ([live["progress"]] if live["progress"] is not None else [])
+        data = self.view(row).model_dump(mode="json")
+        return [JobEvent(TERMINAL_EVENT[row.status], job_id, data)]
+
+    async def events(
+        self, job_id: str, keepalive_s: float | None = None
+    ) -> AsyncIterator[JobEvent | None]:
+        """The job's events, current state first, ending after the terminal event. Yields
+        None after ``keepalive_s`` idle seconds, so a caller can ping or notice a hang-up."""
+        self._row(job_id)
+        loop = asyncio.get_running_loop()
+        subscription = self.hub.subscribe(job_id, loop, lambda live: self._snapshot(job_id, live))
+        try:
+            while True:
+                event = await subscription.get(keepalive_s)
+                yield event
+                if event is not None and event.terminal:
+                    return
+        finally:
+            with contextlib.suppress(Exception):
+                subscription.close()
+
+    def _job_ended(self, row: JobRow) -> None:
+        """Called once per job when it reaches a terminal state (worker thread or cancel)."""
+        data = self.view(row).model_dump(mode="json")
+        self.hub.publish(row.id, TERMINAL_EVENT[row.status], data)
+        if row.webhook:
+            self.webhooks.send(row.webhook, row.id, data)
+
+    # -- server -------------------------------------------------------------------------------
+
+    def health(self) -> schemas.Health:
+        counts = self.store.counts()
+        alive = self.worker is not None and self.worker.alive
+        return schemas.Health(
+            ok=alive, queue_length=counts[QUEUED], running=counts[RUNNING], worker_alive=alive
+        )
+
+    def models(self) -> schemas.ModelList:
+        return schemas.ModelList(
+            default=self.registry.default_id,
+            models=[entry.id for entry in self.registry.entries()],
+            loras=sorted(self.config.loras),
+        )

@@ -1,0 +1,128 @@
+"""Request and response bodies of the native API (pydantic: they are also the OpenAPI schema).
+
+``JobCreate`` carries :class:`~toile.request.GenerationRequest`'s fields by name. Types are
+strict (``"5"`` is not a number of steps) and unknown fields are refused, so a typo is a 422
+naming the field rather than a silently ignored option. The ranges shown here are the request
+type's own; :class:`GenerationRequest` checks them again, with the server's tighter caps.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from toile.request import (
+    MAX_GUIDANCE,
+    MAX_IMAGES,
+    MAX_LORA_SCALE,
+    MAX_PROMPT_CHARS,
+    MAX_SEED,
+    MAX_SIDE,
+    MAX_STEPS,
+)
+
+Status = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+STRICT = ConfigDict(extra="forbid", strict=True)
+
+
+class OutpaintIn(BaseModel):
+    model_config = STRICT
+    left: int = Field(0, ge=0, le=MAX_SIDE)
+    top: int = Field(0, ge=0, le=MAX_SIDE)
+    right: int = Field(0, ge=0, le=MAX_SIDE)
+    bottom: int = Field(0, ge=0, le=MAX_SIDE)
+
+
+class LoraIn(BaseModel):
+    """A LoRA registered in the server's config (``[loras]``), by id: never a file path."""
+
+    model_config = STRICT
+    id: str = Field(min_length=1, max_length=64)
+    scale: float = Field(1.0, ge=-MAX_LORA_SCALE, le=MAX_LORA_SCALE)
+
+
+class JobCreate(BaseModel):
+    """A generation job. Images are base64 (or ``data:image/...;base64,`` URLs): PNG, JPEG or
+    WebP. ``null`` fields take the model's defaults."""
+
+    model_config = STRICT
+    prompt: str = Field(max_length=MAX_PROMPT_CHARS)
+    negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS)
+    model: str | None = Field(None, max_length=64, description="a model id from GET /v1/models")
+    width: int | None = Field(None, ge=8, le=MAX_SIDE)
+    height: int | None = Field(None, ge=8, le=MAX_SIDE)
+    steps: int | None = Field(None, ge=1, le=MAX_STEPS)
+    guidance: float | None = Field(None, ge=0.0, le=MAX_GUIDANCE)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="chosen by the server if null")
+    num_images: int = Field(1, ge=1, le=MAX_IMAGES)
+    image: str | None = Field(None, description="input image (img2img, inpaint, outpaint)")
+    strength: float | None = Field(None, gt=0.0, le=1.0)
+    mask: str | None = Field(None, description="inpainting mask; white = repaint")
+    outpaint: OutpaintIn | None = None
+    loras: list[LoraIn] = Field(default_factory=list, max_length=8)
+    webhook: str | None = Field(
+        None, max_length=2048, description="http(s) URL called with the job as JSON when it ends"
+    )
+
+
+class JobAccepted(BaseModel):
+    id: str
+    status: Status
+    url: str
+
+
+class Progress(BaseModel):
+    step: int
+    total: int
+    stage: str = "denoise"
+
+
+class ImageOut(BaseModel):
+    id: str
+    url: str
+    record: dict[str, Any]
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    field: str | None = None
+
+
+class Job(BaseModel):
+    id: str
+    status: Status
+    created_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    queue_position: int | None = Field(None, description="1 = next to run; only while queued")
+    progress: Progress | None = None
+    attempts: int = 0
+    images: list[ImageOut] = Field(default_factory=list)
+    error: ErrorInfo | None = None
+    request: dict[str, Any] = Field(
+        default_factory=dict, description="the stored request (image inputs shown as true)"
+    )
+    webhook_status: str | None = None
+
+
+class JobList(BaseModel):
+    jobs: list[Job]
+    queue_length: int
+
+
+class ModelList(BaseModel):
+    default: str
+    models: list[str]
+    loras: list[str]
+
+
+class Health(BaseModel):
+    ok: bool
+    queue_length: int
+    running: int
+    worker_alive: bool
+
+
+class ErrorBody(BaseModel):
+    error: dict[str, Any]

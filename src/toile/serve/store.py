@@ -1,0 +1,420 @@
+"""The durable job queue: one SQLite file in WAL mode with ``synchronous=FULL``.
+
+Why these settings: a job answered with a 2xx must survive ``kill -9`` and power loss. With
+``synchronous=FULL`` every commit is fsynced to the WAL before ``commit()`` returns, so a job
+is on disk before the client hears "accepted". WAL lets readers (GET routes) run while the worker
+writes. Every state change is one short ``BEGIN IMMEDIATE`` transaction, so two writers (or a
+second server sharing the file) never interleave a read-then-write.
+
+Live progress is *not* stored here: it changes every step and means nothing after a restart
+(see ``events``). Status, attempts, errors and result images are.
+
+States: ``queued -> running -> succeeded | failed | cancelled``; ``queued -> cancelled``.
+A job found ``running`` at start-up was interrupted by a crash: it goes back to ``queued``, or
+to ``failed`` with a reason once it has been started ``max_attempts`` times (a job that kills
+the server every time must not loop forever).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = (
+    "queued",
+    "running",
+    "succeeded",
+    "failed",
+    "cancelled",
+)
+STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
+TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED})
+SCHEMA_VERSION = 1
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    idempotency_key TEXT UNIQUE,
+    body_hash TEXT NOT NULL,
+    status TEXT NOT NULL,
+    request TEXT NOT NULL,
+    webhook TEXT,
+    created_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    error TEXT,
+    error_field TEXT,
+    webhook_status TEXT
+);
+CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, seq);
+CREATE TABLE IF NOT EXISTS images (
+    id TEXT PRIMARY KEY,
+    job_id TEXT NOT NULL REFERENCES jobs (id),
+    idx INTEGER NOT NULL,
+    file TEXT NOT NULL,
+    record TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS images_by_job ON images (job_id, idx);
+"""
+
+
+class QueueFullError(Exception):
+    """The queue holds ``max_queue`` jobs already; the client should retry later."""
+
+
+class IdempotencyConflict(Exception):
+    """An Idempotency-Key was reused with a different request body."""
+
+    def __init__(self, job: JobRow) -> None:
+        self.job = job
+        super().__init__(f"Idempotency-Key was already used for job {job.id} with another body")
+
+
+@dataclass(frozen=True)
+class ImageRow:
+    id: str
+    job_id: str
+    index: int
+    file: str  # a file name inside the images folder, never a client-supplied path
+    record: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class JobRow:
+    seq: int
+    id: str
+    status: str
+    request: dict[str, Any]
+    created_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    attempts: int = 0
+    cancel_requested: bool = False
+    error: str | None = None
+    error_field: str | None = None
+    webhook: str | None = None
+    webhook_status: str | None = None
+    idempotency_key: str | None = None
+    body_hash: str = ""
+    images: tuple[ImageRow, ...] = field(default=())
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL
+
+
+class JobStore:
+    """All reads and writes of ``jobs.sqlite3``. Thread-safe: one connection behind a lock
+    (the writes are tiny; a pool would add nothing but another way to get locking wrong)."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._lock = threading.Lock()
+        # isolation_level=None: autocommit, so every transaction here is explicit.
+        self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA busy_timeout = 10000")
+        mode = self._db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise RuntimeError(f"{path}: SQLite refused WAL mode (got {mode})")
+        self._db.execute("PRAGMA synchronous = FULL")
+        self._db.execute("PRAGMA foreign_keys = ON")
+        with self._transaction():
+            for statement in SCHEMA.split(";"):
+                if statement.strip():
+                    self._db.execute(statement)
+            version = self._db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise RuntimeError(f"{path} was written by a newer toile (schema {version})")
+            self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def pragma(self, name: str) -> Any:
+        with self._lock:
+            return self._db.execute(f"PRAGMA {name}").fetchone()[0]
+
+    # -- transactions -------------------------------------------------------------------------
+
+    class _Tx:
+        def __init__(self, store: JobStore) -> None:
+            self.store = store
+
+        def __enter__(self) -> sqlite3.Connection:
+            self.store._lock.acquire()
+            try:
+                self.store._db.execute("BEGIN IMMEDIATE")
+            except BaseException:
+                self.store._lock.release()
+                raise
+            return self.store._db
+
+        def __exit__(self, kind: Any, exc: Any, tb: Any) -> None:
+            try:
+                self.store._db.execute("COMMIT" if kind is None else "ROLLBACK")
+            finally:
+                self.store._lock.release()
+
+    def _transaction(self) -> JobStore._Tx:
+        return JobStore._Tx(self)
+
+    def _read(self, sql: str, args: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    # -- rows ---------------------------------------------------------------------------------
+
+    def _job(self, db: sqlite3.Connection, row: sqlite3.Row | None) -> JobRow | None:
+        if row is None:
+            return None
+        images = tuple(
+            ImageRow(r["id"], r["job_id"], r["idx"], r["file"], json.loads(r["record"]))
+            for r in db.execute("SELECT * FROM images WHERE job_id = ? ORDER BY idx", (row["id"],))
+        )
+        return JobRow(
+            seq=row["seq"],
+            id=row["id"],
+            status=row["status"],
+            request=json.loads(row["request"]),
+            created_at=row["created_at"],
+            started_at=row["started_at"],
+            finished_at=row["finished_at"],
+            attempts=row["attempts"],
+            cancel_requested=bool(row["cancel_requested"]),
+            error=row["error"],
+            error_field=row["error_field"],
+            webhook=row["webhook"],
+            webhook_status=row["webhook_status"],
+            idempotency_key=row["idempotency_key"],
+            body_hash=row["body_hash"],
+            images=images,
+        )
+
+    # -- writes -------------------------------------------------------------------------------
+
+    def insert(
+        self,
+        job_id: str,
+        request: dict[str, Any],
+        *,
+        body_hash: str,
+        idempotency_key: str | None = None,
+        webhook: str | None = None,
+        max_queue: int | None = None,
+    ) -> tuple[JobRow, bool]:
+        """Add a queued job, durably. Returns ``(job, created)``; with a key seen before, the
+        earlier job and ``False`` (or IdempotencyConflict if the body differs)."""
+        with self._transaction() as db:
+            if idempotency_key is not None:
+                existing = self._job(
+                    db,
+                    db.execute(
+                        "SELECT * FROM jobs WHERE idempotency_key = ?", (idempotency_key,)
+                    ).fetchone(),
+                )
+                if existing is not None:
+                    if existing.body_hash != body_hash:
+                        raise IdempotencyConflict(existing)
+                    return existing, False
+            if max_queue is not None:
+                waiting = db.execute(
+                    "SELECT COUNT(*) FROM jobs WHERE status IN (?, ?)", (QUEUED, RUNNING)
+                ).fetchone()[0]
+                if waiting >= max_queue:
+                    raise QueueFullError(f"the queue is full ({waiting} jobs); retry later")
+            db.execute(
+                "INSERT INTO jobs (id, idempotency_key, body_hash, status, request, webhook, "
+                "created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    job_id,
+                    idempotency_key,
+                    body_hash,
+                    QUEUED,
+                    json.dumps(request, sort_keys=True),
+                    webhook,
+                    time.time(),
+                ),
+            )
+            row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            job = self._job(db, row)
+        assert job is not None
+        return job, True
+
+    def claim_next(self) -> JobRow | None:
+        """The oldest queued job, now ``running`` with one more attempt; None if none waits."""
+        with self._transaction() as db:
+            row = db.execute(
+                "SELECT * FROM jobs WHERE status = ? ORDER BY seq LIMIT 1", (QUEUED,)
+            ).fetchone()
+            if row is None:
+                return None
+            db.execute(
+                "UPDATE jobs SET status = ?, attempts = attempts + 1, started_at = ? WHERE id = ?",
+                (RUNNING, time.time(), row["id"]),
+            )
+            return self._job(
+                db, db.execute("SELECT * FROM jobs WHERE id = ?", (row["id"],)).fetchone()
+            )
+
+    def finish(
+        self,
+        job_id: str,
+        status: str,
+        *,
+        error: str | None = None,
+        error_field: str | None = None,
+        images: Iterable[ImageRow] = (),
+    ) -> JobRow | None:
+        """Move a running job to a terminal state, with its images in the same transaction.
+        The image files must already be on disk (fsynced): the row is the commit point."""
+        if status not in TERMINAL:
+            raise ValueError(f"not a terminal status: {status}")
+        with self._transaction() as db:
+            for image in images:
+                db.execute(
+                    "INSERT INTO images (id, job_id, idx, file, record) VALUES (?, ?, ?, ?, ?)",
+                    (image.id, job_id, image.index, image.file, json.dumps(image.record)),
+                )
+            db.execute(
+                "UPDATE jobs SET status = ?, finished_at = ?, error = ?, error_field = ? "
+                "WHERE id = ? AND status = ?",
+                (status, time.time(), error, error_field, job_id, RUNNING),
+            )
+            return self._job(
+                db, db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            )
+
+    def requeue(self, job_id: str) -> None:
+        """Put an interrupted running job back (graceful shutdown); the attempt does not count."""
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE jobs SET status = ?, started_at = NULL, attempts = MAX(attempts - 1, 0) "
+                "WHERE id = ? AND status = ?",
+                (QUEUED, job_id, RUNNING),
+            )
+
+    def cancel(self, job_id: str) -> tuple[JobRow | None, bool]:
+        """A queued job becomes ``cancelled`` at once (it will never start); a running one gets
+        ``cancel_requested`` (durable, so a crash before it stops does not resurrect it) and the
+        caller signals the worker. Terminal jobs are left as they are. Returns the job and
+        whether this call moved it from queued to cancelled."""
+        with self._transaction() as db:
+            now = time.time()
+            moved = db.execute(
+                "UPDATE jobs SET status = ?, finished_at = ?, cancel_requested = 1 "
+                "WHERE id = ? AND status = ?",
+                (CANCELLED, now, job_id, QUEUED),
+            ).rowcount
+            db.execute(
+                "UPDATE jobs SET cancel_requested = 1 WHERE id = ? AND status = ?",
+                (job_id, RUNNING),
+            )
+            row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            return self._job(db, row), moved > 0
+
+    def recover(self, max_attempts: int) -> tuple[list[str], list[str]]:
+        """At start-up: jobs left ``running`` by a crash go back to the queue, or fail with a
+        reason after ``max_attempts`` starts, or are cancelled if that was asked. Returns the
+        (requeued, failed) ids."""
+        requeued, failed = [], []
+        with self._transaction() as db:
+            rows = db.execute(
+                "SELECT id, attempts, cancel_requested FROM jobs WHERE status = ?", (RUNNING,)
+            ).fetchall()
+            now = time.time()
+            for row in rows:
+                if row["cancel_requested"]:
+                    db.execute(
+                        "UPDATE jobs SET status = ?, finished_at = ? WHERE id = ?",
+                        (CANCELLED, now, row["id"]),
+                    )
+                elif row["attempts"] >= max_attempts:
+                    reason = (
+                        f"the server stopped while running this job {row['attempts']} times "
+                        f"(limit {max_attempts}); not retried again"
+                    )
+                    db.execute(
+                        "UPDATE jobs SET status = ?, finished_at = ?, error = ? WHERE id = ?",
+                        (FAILED, now, reason, row["id"]),
+                    )
+                    failed.append(row["id"])
+                else:
+                    db.execute(
+                        "UPDATE jobs SET status = ?, started_at = NULL WHERE id = ?",
+                        (QUEUED, row["id"]),
+                    )
+                    requeued.append(row["id"])
+        return requeued, failed
+
+    def set_webhook_status(self, job_id: str, status: str) -> None:
+        with self._transaction() as db:
+            db.execute("UPDATE jobs SET webhook_status = ? WHERE id = ?", (status[:500], job_id))
+
+    # -- reads --------------------------------------------------------------------------------
+
+    def get_by_key(self, idempotency_key: str) -> JobRow | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT * FROM jobs WHERE idempotency_key = ?", (idempotency_key,)
+            ).fetchone()
+            return self._job(self._db, row)
+
+    def get(self, job_id: str) -> JobRow | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            return self._job(self._db, row)
+
+    def list(self, statuses: Sequence[str] = (), limit: int = 100) -> list[JobRow]:
+        """The newest ``limit`` jobs (optionally of some statuses), oldest first: queue order."""
+        where = f"WHERE status IN ({', '.join('?' * len(statuses))})" if statuses else ""
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT * FROM (SELECT * FROM jobs {where} ORDER BY seq DESC LIMIT ?) "
+                "ORDER BY seq",
+                (*statuses, limit),
+            ).fetchall()
+            return [job for row in rows if (job := self._job(self._db, row)) is not None]
+
+    def queue_position(self, job: JobRow) -> int | None:
+        """1 = next to run. None unless the job is queued."""
+        if job.status != QUEUED:
+            return None
+        rows = self._read(
+            "SELECT COUNT(*) FROM jobs WHERE status = ? AND seq < ?", (QUEUED, job.seq)
+        )
+        return int(rows[0][0]) + 1
+
+    def counts(self) -> dict[str, int]:
+        rows = self._read("SELECT status, COUNT(*) FROM jobs GROUP BY status")
+        found = dict.fromkeys(STATUSES, 0)
+        found.update({row[0]: int(row[1]) for row in rows})
+        return found
+
+    def image(self, image_id: str) -> ImageRow | None:
+        rows = self._read("SELECT * FROM images WHERE id = ?", (image_id,))
+        if not rows:
+            return None
+        r = rows[0]
+        return ImageRow(r["id"], r["job_id"], r["idx"], r["file"], json.loads(r["record"]))
+
+    def pending_webhooks(self) -> list[JobRow]:
+        """Finished jobs whose webhook was never attempted (the server stopped first)."""
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT * FROM jobs WHERE webhook IS NOT NULL AND webhook_status IS NULL "
+                f"AND status IN ({', '.join('?' * len(TERMINAL))}) ORDER BY seq",
+                tuple(sorted(TERMINAL)),
+            ).fetchall()
+            return [job for row in rows if (job := self._job(self._db, row)) is not None]

@@ -1,0 +1,487 @@
+"""The fine-tuning loop: accelerate, a progress bar with the loss, checkpoints, exact resume.
+
+One :class:`FinetuneRunner` is one run of ``toile finetune``:
+
+1. with prior preservation, the main process generates (or reuses) the class images;
+2. every process loads the model through its family, the image set, and the trainable part:
+   LoRA adapters (Hu et al. 2021) or the whole denoiser (and text encoders if asked);
+3. ``accelerate`` prepares the denoiser and AdamW; each step draws a global batch from one
+   aspect-ratio bucket, each process takes its slice, computes its family's loss, and DDP
+   averages the gradients (several processes under ``accelerate launch``; plain on one);
+4. checkpoints go to ``OUT.checkpoints/step-N/`` every ``checkpoint_every`` steps and at the
+   end; the result is the LoRA file ``OUT`` (or the model folder ``OUT`` with ``--method full``).
+
+Exactness. The batch of step *k* (:class:`~toile.data.buckets.BucketBatchSampler`) and every
+random draw of sample *j* in it (t, noise, VAE sample: a generator seeded from (seed, k, j)) are
+pure functions of the seed, the step and the position in the *global* batch, and the learning
+rate is a function of the step. So a checkpoint needs only the trainable weights, the optimizer
+state and the step, and:
+
+- ``--resume`` continues bit for bit (2 steps + resume 2 = 4 straight steps);
+- N processes with batch B compute the same step as one process with batch N·B, up to the
+  rounding of the gradient all-reduce (``tests/test_distributed.py`` measures it).
+
+Modules stay in eval mode while training: the released denoisers have no batch norm and zero
+dropout, so that changes nothing but keeps each step a pure function of its inputs.
+
+Text encoders trained with ``--train-text-encoder`` run through the pipeline's own
+``encode_prompt``, not through a DDP wrapper; their gradients are averaged over processes by
+hand (``accelerator.reduce``) before the optimizer step.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from toile.data.buckets import BucketBatchSampler
+from toile.errors import RequestError
+from toile.train.finetune.config import FinetuneConfig
+from toile.train.finetune.dataset import ImageSet, load_image_set
+from toile.train.finetune.lora import DENOISER_TARGETS, TEXT_ENCODER_TARGETS, add_lora, save_lora
+from toile.train.finetune.objectives import OBJECTIVES, Objective, TrainBatch, objective_for
+
+CHECKPOINT_FILES = ("trainable.safetensors", "optimizer.safetensors", "state.json")
+
+
+def sample_generator(seed: int, step: int, position: int) -> torch.Generator:
+    """The CPU generator of the sample at ``position`` in the global batch of ``step``."""
+    mixed = random.Random(f"toile-finetune:{seed}:{step}:{position}").getrandbits(63)
+    return torch.Generator("cpu").manual_seed(mixed)
+
+
+# --------------------------------------------------------------------------- checkpoints
+def flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Optimizer state_dict -> safetensors tensors + JSON metadata (no pickle)."""
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, Any] = {}
+    for index, per_param in state["state"].items():
+        for key, value in per_param.items():
+            name = f"state.{index}.{key}"
+            if isinstance(value, torch.Tensor):
+                tensors[name] = value.detach().contiguous().cpu()
+            else:
+                scalars[name] = value
+    meta = {"param_groups": json.dumps(state["param_groups"]), "scalars": json.dumps(scalars)}
+    return tensors, meta
+
+
+def unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> dict:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in [*tensors.items(), *json.loads(meta["scalars"]).items()]:
+        _, index, key = name.split(".", 2)
+        state.setdefault(int(index), {})[key] = value
+    return {"state": state, "param_groups": json.loads(meta["param_groups"])}
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints under ``root``, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.glob("step-*")
+             if p.is_dir() and all((p / f).is_file() for f in CHECKPOINT_FILES)]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+@dataclass
+class FinetuneResult:
+    """What a run produced: the output, the per-step losses of this invocation, the skips."""
+
+    out: Path
+    steps: int
+    losses: list[float] = field(default_factory=list)
+    skipped: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+    trainable_parameters: int = 0
+
+
+class FinetuneRunner:
+    """One fine-tuning run; ``run()`` trains to ``config.steps`` and writes the output."""
+
+    def __init__(self, config: FinetuneConfig, *, command: str | None = None,
+                 echo: Any = None) -> None:
+        from accelerate import Accelerator
+
+        from toile.engine.models import ModelRegistry
+        from toile.families.registry import detect_family
+        from toile.logs import quiet_libraries
+
+        quiet_libraries()
+        self.config = config
+        self.command = command if command is not None else " ".join(sys.argv)
+        self.echo = echo if echo is not None else _stderr
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        mixed = config.mixed_precision
+        if mixed == "auto":
+            mixed = "bf16" if torch.cuda.is_available() else "no"
+        self.accelerator = acc = Accelerator(mixed_precision=mixed)
+        self.entry = ModelRegistry().resolve(config.model)
+        family = detect_family(self.entry.path)
+        if family.name not in OBJECTIVES:
+            raise RequestError(
+                "model", f"fine-tuning supports the {', '.join(OBJECTIVES)} families; "
+                f"{self.entry.path} is {family.name}"
+            )
+        if config.train_text_encoder and family.name == "toile":
+            raise RequestError(
+                "train_text_encoder",
+                "toile's models condition on a frozen sentence encoder (Imagen-style); only "
+                "the denoiser is fine-tuned. Leave out --train-text-encoder",
+            )
+        # LoRA keeps the frozen base in the mixed-precision type to save memory (the adapters
+        # train in float32, as diffusers' scripts); full fine-tuning keeps float32 masters.
+        half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(acc.mixed_precision)
+        self.weight_dtype = half if (half is not None and config.method == "lora") else (
+            torch.float32)
+
+        if config.prior_preservation:
+            self._make_class_images()
+        from toile.io.weights import check_folder_weights
+
+        if self.entry.path.is_dir():
+            check_folder_weights(self.entry.path)
+        loaded = family.load(self.entry.path, str(acc.device), self.weight_dtype)
+        self.objective: Objective = objective_for(loaded)
+        self.resolution = self._resolution(loaded.defaults)
+        self.multiple = loaded.defaults.size_multiple
+        self.data = self._load_images()
+        self.prior = self._load_class_images() if config.prior_preservation else None
+        global_batch = config.batch_size * acc.num_processes
+        self.sampler = BucketBatchSampler(self.data.bucket_of, global_batch, seed=config.seed)
+        self.prior_sampler = (
+            BucketBatchSampler([0] * len(self.prior), global_batch, seed=config.seed + 1)
+            if self.prior is not None else None
+        )
+        self.modules, self.trainable, self.text_params = self._setup_trainable()
+        groups = [{"params": [p for n, p in self.trainable.items() if p not in self.text_params],
+                   "lr": config.effective_lr}]
+        if self.text_params:
+            groups.append({"params": list(self.text_params),
+                           "lr": config.effective_text_encoder_lr})
+        optimizer = torch.optim.AdamW(groups, weight_decay=config.effective_weight_decay)
+        self.model, self.optimizer = acc.prepare(self.objective.denoiser, optimizer)
+        self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
+        self.step = 0
+        if config.resume:
+            self._resume()
+
+    # ----------------------------------------------------------------------------- setup
+    def _resolution(self, defaults: Any) -> int:
+        resolution = self.config.resolution or min(defaults.width, defaults.height)
+        if resolution % defaults.size_multiple or resolution < defaults.min_side:
+            raise RequestError(
+                "resolution", f"{resolution} must be a multiple of {defaults.size_multiple} "
+                f"(and at least {defaults.min_side}) for {self.entry.id}"
+            )
+        return resolution
+
+    def _load_images(self) -> ImageSet:
+        config = self.config
+        data = load_image_set(
+            config.images, prompt=config.prompt, resolution=self.resolution,
+            multiple=self.multiple, buckets=config.buckets, min_side=config.min_image_side,
+        )
+        if self.accelerator.is_main_process:
+            sizes = sorted({f"{data.buckets[b][1]}x{data.buckets[b][0]}" for b in data.bucket_of})
+            self.echo(f"images: {len(data)} from {data.root} at {', '.join(sizes)}")
+            if data.skips.total:
+                self.echo(f"images: {data.skips.summary()}")
+        return data
+
+    def _make_class_images(self) -> None:
+        """Generate the class images on the main process while the others wait."""
+        from toile.engine.engine import Engine
+        from toile.train.finetune.prior import ensure_class_images
+
+        acc, config = self.accelerator, self.config
+        if acc.is_main_process:
+            engine = Engine(device=config.device, cache_size=1)
+            defaults = engine.load(config.model).loaded.defaults
+            resolution = self._resolution(defaults)
+            self.echo(f"class images: {config.num_class_images} of {config.class_prompt!r} in "
+                      f"{config.class_images_dir}")
+            ensure_class_images(
+                config.class_images_dir, model=config.model, class_prompt=config.class_prompt,
+                count=config.num_class_images, width=resolution, height=resolution,
+                seed=config.seed, steps=config.class_steps, engine=engine,
+            )
+            del engine  # free its copy of the model before training loads one
+            gc.collect()
+        acc.wait_for_everyone()
+
+    def _load_class_images(self) -> ImageSet:
+        from toile.train.finetune.prior import class_image_paths
+
+        config = self.config
+        folder = config.class_images_dir
+        return load_image_set(
+            folder, prompt=config.class_prompt, resolution=self.resolution,
+            multiple=self.multiple, min_side=1, field_name="class_images",
+            files=class_image_paths(folder, config.num_class_images),
+        )
+
+    def _setup_trainable(
+        self,
+    ) -> tuple[dict[str, torch.nn.Module], dict[str, torch.nn.Parameter], set]:
+        """Freeze everything, then make the LoRA adapters (or whole modules) trainable.
+
+        Returns ``{component: module}``, ``{"component.param": parameter}`` in a fixed order
+        (the optimizer's and the checkpoint's), and the set of text-encoder parameters.
+        """
+        config, objective = self.config, self.objective
+        for module in objective.frozen_modules():
+            module.requires_grad_(False).eval()
+        modules = {objective.denoiser_name: objective.denoiser}
+        if config.train_text_encoder:
+            encoders = objective.text_encoders()
+            if not encoders:
+                raise RequestError("train_text_encoder", "this model has no trainable text encoder")
+            modules.update(encoders)
+            objective.train_text = True
+        # Same LoRA init (A is random) in every process and every run of the same seed.
+        torch.manual_seed(config.seed)
+        for name, module in modules.items():
+            if config.method == "lora":
+                targets = DENOISER_TARGETS if name == objective.denoiser_name else (
+                    TEXT_ENCODER_TARGETS)
+                add_lora(module, rank=config.rank, alpha=config.effective_alpha, targets=targets)
+            else:
+                module.requires_grad_(True)
+        if self.weight_dtype != torch.float32:
+            from diffusers.training_utils import cast_training_params
+
+            cast_training_params(list(modules.values()), dtype=torch.float32)
+        trainable = {
+            f"{name}.{pname}": param
+            for name, module in modules.items()
+            for pname, param in module.named_parameters()
+            if param.requires_grad
+        }
+        text = {p for n, p in trainable.items() if not n.startswith(objective.denoiser_name + ".")}
+        return modules, trainable, text
+
+    # ----------------------------------------------------------------------------- train
+    def run(self) -> FinetuneResult:
+        """Train up to ``config.steps`` (checkpointing as configured), then save the output."""
+        config, acc = self.config, self.accelerator
+        root = config.checkpoint_root
+        if acc.is_main_process:
+            root.mkdir(parents=True, exist_ok=True)
+            config.save(root / "finetune_config.json")
+        result = FinetuneResult(
+            out=Path(config.out), steps=self.step, skipped=self.data.skips.to_dict(),
+            trainable_parameters=sum(p.numel() for p in self.trainable.values()),
+        )
+        if acc.is_main_process:
+            self.echo(f"training {result.trainable_parameters:,} parameters "
+                      f"({config.method}) of {self.entry.id} from step {self.step} to "
+                      f"{config.steps}, {acc.num_processes} process(es) x batch "
+                      f"{config.batch_size}")
+        bar = None
+        if acc.is_main_process and config.progress_bar:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=config.steps, initial=self.step, desc="finetune", unit="step",
+                       dynamic_ncols=True, file=sys.stderr)
+        smooth = float("nan")
+        start_all = time.perf_counter()
+        saved_at = -1
+        while self.step < config.steps:
+            start = time.perf_counter()
+            loss = self.train_step()
+            seconds = time.perf_counter() - start
+            result.losses.append(loss)
+            smooth = loss if math.isnan(smooth) else 0.9 * smooth + 0.1 * loss
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}", avg=f"{smooth:.4f}")
+            if acc.is_main_process and (self.step % config.log_every == 0
+                                        or self.step == config.steps):
+                self._log({"step": self.step, "loss": round(loss, 6),
+                           "loss_smooth": round(smooth, 6), "s_per_step": round(seconds, 4)})
+            if config.checkpoint_every and self.step % config.checkpoint_every == 0:
+                self.save_checkpoint()
+                saved_at = self.step
+        if bar is not None:
+            bar.close()
+        if saved_at != self.step:
+            self.save_checkpoint()
+        self.save_output()
+        result.steps = self.step
+        result.seconds = time.perf_counter() - start_all
+        return result
+
+    def train_step(self) -> float:
+        """One optimizer step on the global batch of ``self.step``; returns the mean loss."""
+        config, acc = self.config, self.accelerator
+        b, rank, procs = config.batch_size, acc.process_index, acc.num_processes
+        mine = self.sampler.batch(self.step)[rank * b:(rank + 1) * b]
+        bucket = self.data.buckets[self.data.examples[mine[0]].bucket]
+        pix, captions, sizes, crops = self.data.batch(mine)
+        gens = [sample_generator(config.seed, self.step, rank * b + j) for j in range(b)]
+        if self.prior is not None and self.prior_sampler is not None:
+            # Class images join the instance batch (one forward pass: DDP wants one per
+            # backward) at the instance bucket's size; their draws use the positions after
+            # the whole instance batch, so they are the same for any number of processes.
+            ids = self.prior_sampler.batch(self.step)[rank * b:(rank + 1) * b]
+            ppix, pcaptions, psizes, pcrops = self.prior.batch(ids, bucket=bucket)
+            pix = torch.cat([pix, ppix])
+            captions, sizes, crops = captions + pcaptions, sizes + psizes, crops + pcrops
+            gens += [sample_generator(config.seed, self.step, procs * b + rank * b + j)
+                     for j in range(b)]
+        batch = TrainBatch(pix.to(acc.device), captions, gens, sizes, crops)
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
+            group["lr"] = config.learning_rate(self.step, base)
+        with acc.autocast():
+            losses = self.objective.loss(self.model, batch)
+        loss = losses[:b].mean()
+        if self.prior is not None:
+            loss = loss + config.prior_weight * losses[b:].mean()
+        acc.backward(loss)
+        if procs > 1:
+            for param in self.text_params:
+                if param.grad is not None:
+                    param.grad = acc.reduce(param.grad, reduction="mean")
+        if config.grad_clip:
+            acc.clip_grad_norm_(list(self.trainable.values()), config.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        value = loss.detach().float()
+        if procs > 1:
+            value = acc.reduce(value, reduction="mean")
+        return float(value)
+
+    def _log(self, record: dict[str, Any]) -> None:
+        record["time"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+        with open(self.config.checkpoint_root / "log.jsonl", "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    # ------------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self) -> Path:
+        """``OUT.checkpoints/step-N/``: trainable weights, optimizer, state (temp + rename)."""
+        from safetensors.torch import save_file
+
+        acc, config = self.accelerator, self.config
+        acc.wait_for_everyone()
+        target = config.checkpoint_root / f"step-{self.step:06d}"
+        if acc.is_main_process:
+            tmp = target.with_name(target.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            save_file({n: p.detach().contiguous().cpu() for n, p in self.trainable.items()},
+                      str(tmp / "trainable.safetensors"))
+            tensors, meta = flatten_optimizer(self.optimizer.state_dict())
+            save_file(tensors, str(tmp / "optimizer.safetensors"), metadata=meta)
+            (tmp / "state.json").write_text(json.dumps({
+                "step": self.step,
+                "num_processes": acc.num_processes,
+                "data_fingerprint": self.data.fingerprint(),
+                "config": config.to_dict(),
+                "command": self.command,
+            }, indent=2) + "\n")
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(tmp, target)
+            for old in list_checkpoints(config.checkpoint_root)[: -config.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+        acc.wait_for_everyone()
+        return target
+
+    def _resume(self) -> None:
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        config, acc = self.config, self.accelerator
+        found = list_checkpoints(config.checkpoint_root)
+        if not found:
+            if acc.is_main_process:
+                self.echo(f"resume: no checkpoint in {config.checkpoint_root}; starting at 0")
+            return
+        folder = found[-1]
+        state = json.loads((folder / "state.json").read_text())
+        changed = config.resume_mismatches(state.get("config", {}))
+        if state.get("num_processes") != acc.num_processes:
+            changed.append(f"number of processes ({state.get('num_processes')} -> "
+                           f"{acc.num_processes})")
+        if state.get("data_fingerprint") != self.data.fingerprint():
+            changed.append("the images or captions")
+        if changed:
+            raise RequestError(
+                "resume", f"{folder} was made with different settings: {', '.join(changed)}; "
+                "resume with the same ones, or train into a new --out"
+            )
+        tensors = load_file(str(folder / "trainable.safetensors"), device=str(acc.device))
+        missing = sorted(set(self.trainable) - set(tensors))
+        if missing:
+            raise RequestError("resume", f"{folder} lacks trained weights, e.g. {missing[0]}")
+        with torch.no_grad():
+            for name, param in self.trainable.items():
+                param.copy_(tensors[name])
+        with safe_open(str(folder / "optimizer.safetensors"), framework="pt") as handle:
+            meta = handle.metadata()
+            opt = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
+        self.optimizer.load_state_dict(unflatten_optimizer(opt, meta))
+        self.step = int(state["step"])
+        if acc.is_main_process:
+            self.echo(f"resume: continuing from {folder} (step {self.step})")
+
+    # ----------------------------------------------------------------------------- output
+    def lora_info(self) -> dict[str, Any]:
+        """The ``toile.*`` metadata written into the LoRA file."""
+        import toile
+        from toile.io.weights import model_hash
+
+        config = self.config
+        return {
+            "base_model": self.entry.id,
+            "base_model_hash": model_hash(self.entry.path),
+            "family": self.objective.loaded.family,
+            "method": config.method,
+            "rank": config.rank,
+            "alpha": config.effective_alpha,
+            "steps": self.step,
+            "lr": config.effective_lr,
+            "batch_size": config.batch_size * self.accelerator.num_processes,
+            "prompt": config.prompt,
+            "class_prompt": config.class_prompt if config.prior_preservation else None,
+            "resolution": self.resolution,
+            "train_text_encoder": config.train_text_encoder,
+            "images": len(self.data),
+            "toile_version": toile.__version__,
+        }
+
+    def save_output(self) -> Path:
+        """The LoRA file (or the full model folder) at ``config.out``, from the main process."""
+        acc, config = self.accelerator, self.config
+        acc.wait_for_everyone()
+        out = Path(config.out)
+        if acc.is_main_process:
+            if config.method == "lora":
+                save_lora(out, self.modules, self.lora_info())
+            else:
+                self.objective.save_full(out)
+                (out / "finetune.json").write_text(json.dumps(self.lora_info(), indent=2) + "\n")
+            self.echo(f"saved {out}")
+        acc.wait_for_everyone()
+        return out
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def run_finetune(config: FinetuneConfig, *, command: str | None = None) -> FinetuneResult:
+    """Fine-tune as ``config`` says (resuming if asked); returns what the run produced."""
+    return FinetuneRunner(config, command=command).run()

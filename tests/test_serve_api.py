@@ -1,0 +1,311 @@
+"""The server in-process (FastAPI TestClient) with a tiny SD model: jobs, images with records,
+idempotency, validation, uploads, auth, cross-origin, cancel, SSE, webhooks, failures."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import pytest
+from serve_helpers import (
+    MODEL,
+    ScriptedEngine,
+    bomb_png_b64,
+    parse_sse,
+    png_b64,
+    serve,
+    wait_job,
+    wait_until,
+)
+
+pytest.importorskip("fastapi")
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_models, tmp_path_factory):
+    from serve_helpers import tiny_engine
+
+    return tiny_engine(tiny_models("sd"), tmp_path_factory.mktemp("serve-registry"))
+
+
+@pytest.fixture
+def scripted(engine):
+    return ScriptedEngine(engine)
+
+
+def job_body(**fields):
+    return {"prompt": "a red circle", "model": MODEL, "steps": 2, "seed": 7, **fields}
+
+
+def test_submit_poll_image_with_record(scripted, tmp_path):
+    from PIL import Image
+
+    with serve(scripted, tmp_path / "data") as client:
+        response = client.post("/v1/jobs", json=job_body())
+        assert response.status_code == 202, response.text
+        accepted = response.json()
+        assert accepted["status"] == "queued" and response.headers["location"] == accepted["url"]
+        job = wait_job(client, accepted["id"])
+        assert job["status"] == "succeeded", job
+        assert job["attempts"] == 1 and job["error"] is None
+        (image,) = job["images"]
+        assert image["record"]["seed"] == 7 and image["record"]["model_id"] == MODEL
+        png = client.get(image["url"])
+        assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+        decoded = Image.open(io.BytesIO(png.content))
+        assert json.loads(decoded.info["toile"]) == image["record"]
+        assert "Seed: 7" in decoded.info["parameters"]
+        # img2img with an uploaded PNG: stored under uploads/, output follows the input size
+        response = client.post("/v1/jobs", json=job_body(image=png_b64(32, 32), strength=0.5))
+        assert response.status_code == 202, response.text
+        job = wait_job(client, response.json()["id"])
+        assert job["status"] == "succeeded", job
+        assert job["request"]["image"] is True and job["images"][0]["record"]["mode"] == "img2img"
+        assert len(list((tmp_path / "data" / "uploads").iterdir())) == 1
+        listed = client.get("/v1/jobs").json()
+        assert [j["status"] for j in listed["jobs"]] == ["succeeded", "succeeded"]
+        health = client.get("/health").json()
+        assert health == {"ok": True, "queue_length": 0, "running": 0, "worker_alive": True}
+        assert client.get("/v1/models").json()["models"][-1] == MODEL
+        assert "/v1/jobs/{job_id}/events" in client.get("/openapi.json").json()["paths"]
+        assert client.get("/docs").status_code == 200
+
+
+def test_idempotency_key_returns_the_same_job(scripted, tmp_path):
+    scripted.gate_at = 1  # keep the worker busy so nothing races the assertions
+    with serve(scripted, tmp_path / "data") as client:
+        headers = {"Idempotency-Key": "order-42"}
+        first = client.post("/v1/jobs", json=job_body(), headers=headers)
+        again = client.post("/v1/jobs", json=job_body(), headers=headers)
+        assert first.status_code == 202 and again.status_code == 200
+        assert first.json()["id"] == again.json()["id"]
+        other = client.post("/v1/jobs", json=job_body(seed=8), headers=headers)
+        assert other.status_code == 422
+        assert other.json()["error"]["field"] == "Idempotency-Key"
+        assert client.post("/v1/jobs", json=job_body()).json()["id"] != first.json()["id"]
+        assert len(client.get("/v1/jobs").json()["jobs"]) == 2
+        scripted.release()
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"steps": 0}, "steps"),
+        ({"steps": "5"}, "steps"),
+        ({"steps": 500}, "steps"),  # over the server's cap (max_steps=200)
+        ({"model": "/etc/passwd"}, "model"),
+        ({"model": "../../models/x"}, "model"),
+        ({"model": "https://example.com/model.safetensors"}, "model"),
+        ({"model": "no-such-model"}, "model"),
+        ({"sampler": "euler"}, "sampler"),
+        ({"prompt": None}, "prompt"),
+        ({"guidance": -1}, "guidance"),
+        ({"num_images": 99}, "num_images"),
+        ({"strength": 0.5}, "strength"),  # strength without an image
+        ({"mask": None, "outpaint": {"left": 8}}, "outpaint"),  # outpaint without an image
+        ({"loras": [{"id": "style"}]}, "loras[0].id"),
+        ({"loras": [{"path": "/tmp/x.safetensors"}]}, "loras[0].path"),
+        ({"webhook": "file:///etc/passwd"}, "webhook"),
+        ({"image": "not base64!"}, "image"),
+        ({"image": base64.b64encode(b"GIF89a" + b"\0" * 64).decode()}, "image"),
+        ({"image": bomb_png_b64()}, "image"),
+    ],
+)
+def test_validation_errors_name_the_field(changes, field, scripted, tmp_path):
+    body = job_body(**changes)
+    body = {k: v for k, v in body.items() if not (k == "prompt" and v is None)}
+    with serve(scripted, tmp_path / "data") as client:
+        response = client.post("/v1/jobs", json=body)
+        assert response.status_code == 422, response.text
+        error = response.json()["error"]
+        assert error["field"] == field, error
+        assert error["message"].startswith(field)
+        assert client.get("/v1/jobs").json()["jobs"] == []  # nothing was queued
+        assert list((tmp_path / "data" / "uploads").iterdir()) == []  # nor written
+
+
+def test_decompression_bomb_and_size_caps(scripted, tmp_path):
+    with serve(scripted, tmp_path / "data", max_body_bytes=64 * 1024) as client:
+        bomb = client.post("/v1/jobs", json=job_body(image=bomb_png_b64()))
+        assert bomb.status_code == 422
+        assert "decompression bomb" in bomb.json()["error"]["message"]
+        big = client.post("/v1/jobs", json=job_body(negative_prompt="x" * 70_000))
+        assert big.status_code == 413 and big.json()["error"]["field"] == "body"
+        bad_json = client.post(
+            "/v1/jobs", content=b"{not json", headers={"Content-Type": "application/json"}
+        )
+        assert bad_json.status_code == 422 and bad_json.json()["error"]["field"] == "body"
+    with serve(scripted, tmp_path / "data2", max_image_pixels=16 * 16) as client:
+        response = client.post("/v1/jobs", json=job_body(image=png_b64(32, 32)))
+        assert response.status_code == 422
+        assert "at most 256" in response.json()["error"]["message"]
+
+
+def test_auth_token_and_public_paths(scripted, tmp_path):
+    token = "s3cret-token-123"
+    with serve(scripted, tmp_path / "data", api_token=token) as client:
+        assert client.get("/v1/jobs").status_code == 401
+        wrong = client.get("/v1/jobs", headers={"Authorization": "Bearer nope-nope-nope"})
+        assert wrong.status_code == 401 and wrong.json()["error"]["field"] == "Authorization"
+        assert wrong.headers["www-authenticate"].startswith("Bearer")
+        right = client.get("/v1/jobs", headers={"Authorization": f"Bearer {token}"})
+        assert right.status_code == 200
+        assert client.post("/v1/jobs", json=job_body()).status_code == 401
+        assert client.get("/openapi.json").status_code == 401
+        assert client.get("/health").status_code == 200
+        # with a token, any Host may be used (a reverse proxy's name, a LAN address)
+        lan = client.get("/health", headers={"Host": "192.168.1.20:7860"})
+        assert lan.status_code == 200
+
+
+def test_host_check_without_token_stops_dns_rebinding(scripted, tmp_path):
+    with serve(scripted, tmp_path / "data") as client:
+        assert client.get("/health").status_code == 200
+        evil = client.get("/v1/jobs", headers={"Host": "attacker.example:7860"})
+        assert evil.status_code == 403 and evil.json()["error"]["field"] == "Host"
+        assert client.get("/v1/jobs", headers={"Host": "localhost:7860"}).status_code == 200
+
+
+def test_non_loopback_bind_without_token_is_refused(tmp_path, monkeypatch, capsys):
+    import uvicorn
+
+    from toile.cli.main import main
+    from toile.errors import RequestError
+    from toile.serve.config import ServeConfig
+
+    def never(*args, **kwargs):
+        raise AssertionError("the server must not start")
+
+    monkeypatch.setattr(uvicorn, "run", never)
+    monkeypatch.delenv("TOILE_API_TOKEN", raising=False)
+    assert main(["serve", "--host", "0.0.0.0", "--data-dir", str(tmp_path)]) == 2
+    assert "refusing to listen on 0.0.0.0 without an API token" in capsys.readouterr().err
+    with pytest.raises(RequestError) as info:
+        ServeConfig(host="192.168.1.5").check_bind()
+    assert info.value.field == "host"
+    ServeConfig(host="0.0.0.0", api_token="long-enough-token").check_bind()
+    ServeConfig(host="::1").check_bind()
+
+
+def test_cross_origin_state_changes_are_rejected(scripted, tmp_path):
+    scripted.gate_at = 1
+    with serve(scripted, tmp_path / "data") as client:
+        evil = client.post("/v1/jobs", json=job_body(), headers={"Origin": "https://evil.example"})
+        assert evil.status_code == 403 and evil.json()["error"]["field"] == "Origin"
+        null = client.post("/v1/jobs", json=job_body(), headers={"Origin": "null"})
+        assert null.status_code == 403
+        site = client.post("/v1/jobs", json=job_body(), headers={"Sec-Fetch-Site": "cross-site"})
+        assert site.status_code == 403 and site.json()["error"]["field"] == "Sec-Fetch-Site"
+        assert client.get("/v1/jobs").json()["jobs"] == []
+        same = client.post(
+            "/v1/jobs",
+            json=job_body(),
+            headers={"Origin": "http://127.0.0.1:7860", "Sec-Fetch-Site": "same-origin"},
+        )
+        assert same.status_code == 202
+        job_id = same.json()["id"]
+        cancel = client.post(
+            f"/v1/jobs/{job_id}/cancel", headers={"Origin": "https://evil.example"}
+        )
+        assert cancel.status_code == 403
+        scripted.release()
+
+
+def test_cancel_queued_and_running(scripted, tmp_path):
+    """A running job stops within one denoising step of the cancel; a queued one never starts."""
+    scripted.gate_at = 2
+    with serve(scripted, tmp_path / "data") as client:
+        running = client.post("/v1/jobs", json=job_body(prompt="long", steps=8)).json()["id"]
+        queued = client.post("/v1/jobs", json=job_body(prompt="next")).json()["id"]
+        assert scripted.reached.wait(60), "the first job never reached step 2"
+        assert client.get(f"/v1/jobs/{queued}").json()["queue_position"] == 1
+        progress = client.get(f"/v1/jobs/{running}").json()["progress"]
+        assert progress == {"step": 2, "total": 8, "stage": "denoise"}
+        assert client.post(f"/v1/jobs/{queued}/cancel").json()["status"] == "cancelled"
+        assert client.post(f"/v1/jobs/{running}/cancel").json()["status"] == "running"
+        scripted.release()  # the worker continues: the next step sees the cancel
+        job = wait_job(client, running)
+        assert job["status"] == "cancelled" and job["images"] == []
+        assert scripted.steps["long"][-1] == 2  # no step was reported after the cancel
+        never = client.get(f"/v1/jobs/{queued}").json()
+        assert never["status"] == "cancelled" and never["started_at"] is None
+        assert "next" not in scripted.steps
+        # the worker goes on with the next job
+        after = client.post("/v1/jobs", json=job_body(prompt="after")).json()["id"]
+        assert wait_job(client, after)["status"] == "succeeded"
+        assert client.post("/v1/jobs/0123/cancel").status_code == 404
+
+
+def test_events_stream_in_order_and_late_subscriber(scripted, tmp_path):
+    with serve(scripted, tmp_path / "data", preview_every=1) as client:
+        job_id = client.post("/v1/jobs", json=job_body(steps=3)).json()["id"]
+        with client.stream("GET", f"/v1/jobs/{job_id}/events") as response:
+            assert response.headers["content-type"].startswith("text/event-stream")
+            text = "".join(response.iter_text())
+        events = parse_sse(text)
+        kinds = [kind for kind, _ in events]
+        assert kinds[-1] == "finished" and kinds.count("finished") == 1
+        assert "started" in kinds and kinds.index("started") < kinds.index("progress")
+        steps = [data["step"] for kind, data in events if kind == "progress"]
+        assert steps == sorted(steps) and steps[-1] == 3
+        previews = [data["preview_png"] for kind, data in events if "preview_png" in data]
+        assert previews and base64.b64decode(previews[-1]).startswith(b"\x89PNG")
+        finished = events[-1][1]
+        assert finished["status"] == "succeeded" and finished["images"][0]["url"]
+        late = parse_sse(client.get(f"/v1/jobs/{job_id}/events").text)
+        assert [kind for kind, _ in late] == ["finished"]
+        assert client.get("/v1/jobs/ffffffffffffffffffffffffffffffff/events").status_code == 404
+
+
+def test_webhook_is_called_on_a_loopback_receiver(scripted, tmp_path):
+    received: list[dict] = []
+    got = threading.Event()
+
+    class Receiver(BaseHTTPRequestHandler):
+        def do_POST(self):
+            length = int(self.headers["Content-Length"])
+            received.append(json.loads(self.rfile.read(length)))
+            self.send_response(204)
+            self.end_headers()
+            got.set()
+
+        def log_message(self, *args):
+            pass
+
+    receiver = HTTPServer(("127.0.0.1", 0), Receiver)
+    thread = threading.Thread(target=receiver.serve_forever, kwargs={"poll_interval": 0.1})
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{receiver.server_port}/hook"
+        with serve(scripted, tmp_path / "data") as client:
+            job_id = client.post("/v1/jobs", json=job_body(webhook=url)).json()["id"]
+            assert got.wait(60), "the webhook was not called"
+            assert received[0]["id"] == job_id and received[0]["status"] == "succeeded"
+            assert received[0]["images"][0]["record"]["seed"] == 7
+            status = wait_until(
+                lambda: client.get(f"/v1/jobs/{job_id}").json()["webhook_status"], what="status"
+            )
+            assert status == "delivered: HTTP 204"
+    finally:
+        receiver.shutdown()
+        receiver.server_close()
+        thread.join(10)
+
+
+def test_a_failing_job_does_not_stop_the_next(scripted, tmp_path):
+    scripted.fail["explode"] = RuntimeError("boom in the pipeline")
+    scripted.fail["too big"] = MemoryError("could not allocate 40 GB")
+    with serve(scripted, tmp_path / "data") as client:
+        ids = [
+            client.post("/v1/jobs", json=job_body(prompt=prompt)).json()["id"]
+            for prompt in ("explode", "too big", "fine")
+        ]
+        failed, oom, fine = (wait_job(client, job_id) for job_id in ids)
+        assert failed["status"] == "failed"
+        assert "boom in the pipeline" in failed["error"]["message"]
+        assert oom["status"] == "failed" and "out of memory" in oom["error"]["message"]
+        assert fine["status"] == "succeeded"
+        assert client.get("/health").json()["ok"] is True
