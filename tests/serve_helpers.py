@@ -51,7 +51,9 @@ class ScriptedEngine:
     def release(self) -> None:
         self._gate.set()
 
-    def run(self, request: Any, *, progress: Any = None, cancel: Any = None, preview_every: int = 0):
+    def run(
+        self, request: Any, *, progress: Any = None, cancel: Any = None, preview_every: int = 0
+    ):
         if request.prompt in self.fail:
             raise self.fail[request.prompt]
         seen = self.steps.setdefault(request.prompt, [])

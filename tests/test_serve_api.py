@@ -10,6 +10,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
+
 from serve_helpers import (
     MODEL,
     ScriptedEngine,
@@ -309,3 +310,17 @@ def test_a_failing_job_does_not_stop_the_next(scripted, tmp_path):
         assert oom["status"] == "failed" and "out of memory" in oom["error"]["message"]
         assert fine["status"] == "succeeded"
         assert client.get("/health").json()["ok"] is True
+
+
+def test_graceful_shutdown_requeues_the_running_job(engine, scripted, tmp_path):
+    """Stopping the server is not the client's cancel: the interrupted job runs after restart."""
+    scripted.gate_at = 1
+    with serve(scripted, tmp_path / "data") as client:
+        job_id = client.post("/v1/jobs", json=job_body(steps=3)).json()["id"]
+        assert scripted.reached.wait(60)
+        timer = threading.Timer(0.5, scripted.release)  # shutdown waits on the gated step
+        timer.start()
+    timer.join()
+    with serve(ScriptedEngine(engine), tmp_path / "data") as client:
+        job = wait_job(client, job_id)
+        assert job["status"] == "succeeded" and job["attempts"] == 1

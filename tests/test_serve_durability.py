@@ -8,6 +8,7 @@ import json
 import time
 
 import pytest
+
 from serve_helpers import MODEL
 
 pytest.importorskip("fastapi")
@@ -27,8 +28,7 @@ def test_kill_9_mid_run_loses_no_accepted_job(tiny_models, toile_home, tmp_path)
     try:
         client = server.client()
         accepted = [
-            client.submit(prompt=f"job {i}", model=MODEL, steps=40, seed=i)["id"]
-            for i in range(3)
+            client.submit(prompt=f"job {i}", model=MODEL, steps=40, seed=i)["id"] for i in range(3)
         ]
         deadline = time.monotonic() + 120
         while client.job(accepted[0])["status"] != "running":
@@ -45,7 +45,7 @@ def test_kill_9_mid_run_loses_no_accepted_job(tiny_models, toile_home, tmp_path)
     try:
         client = server.client()
         jobs = {job_id: client.wait(job_id, timeout=240) for job_id in accepted}
-        for job_id, job in jobs.items():
+        for job in jobs.values():
             assert job["status"] == "succeeded", (job, server.log_tail())
             (image,) = job["images"]
             png = Image.open(io.BytesIO(client.image(image["url"])))

@@ -17,6 +17,8 @@ COMMANDS = {
     "bench": "toile.cli.bench",
     "demo": "toile.cli.demo",
     "serve": "toile.cli.serve_cmd",
+    "finetune": "toile.cli.finetune_cmd",
+    "loras": "toile.cli.loras_cmd",
 }
 
 

@@ -107,7 +107,8 @@ def consumer_index() -> tuple[int, int]:
 
 
 def iter_image_files(root: Path) -> Iterator[Path]:
-    """Image files under ``root``, depth first, each directory's entries sorted by name.
+    """Image files under ``root``: a folder's files by name, then its subfolders by name, each
+    the same way (so the order is the same on every machine).
 
     Lazy: one directory is listed at a time. Hidden entries (``.name``) are skipped, and
     symlinked directories are not followed (a link cycle would never end).

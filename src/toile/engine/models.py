@@ -2,6 +2,9 @@
 
 The built-in ``toile-mini`` is always present and is the default unless the file names another.
 ``--model`` accepts an id or a path; the server accepts ids only.
+
+LoRAs have their own registry, ``<toile home>/loras.json`` (:class:`LoraRegistry`), for the same
+reason: a server applies registered LoRA ids, never paths sent by its clients.
 """
 
 from __future__ import annotations
@@ -11,9 +14,13 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from toile.config import builtin_models_dir, toile_home
 from toile.errors import ModelFormatError, ModelNotFoundError, RequestError
+
+if TYPE_CHECKING:
+    from toile.request import LoraSpec
 
 BUILTIN_MODEL = "toile-mini"
 MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -100,3 +107,130 @@ class ModelRegistry:
                 raise ModelNotFoundError(f"no such file or folder: {target}")
             return ModelEntry(str(target), target.resolve())
         return self.get(model)
+
+
+# ---------------------------------------------------------------------------------- LoRAs
+LORAS_FILE = "loras.json"
+
+
+@dataclass(frozen=True)
+class LoraEntry:
+    """A registered LoRA: an id and the ``.safetensors`` file it names."""
+
+    id: str
+    path: Path
+
+    def spec(self, scale: float = 1.0) -> LoraSpec:
+        """The request-level :class:`~toile.request.LoraSpec` for this LoRA at ``scale``."""
+        from toile.request import LoraSpec
+
+        return LoraSpec(str(self.path), scale)
+
+    def info(self) -> dict:
+        """The training metadata ``toile finetune`` wrote into the file (``{}`` for others)."""
+        from toile.io.lora_info import read_lora_info
+
+        return read_lora_info(self.path)
+
+
+class LoraRegistry:
+    """LoRA ids -> ``.safetensors`` files, kept in ``<toile home>/loras.json``.
+
+    This is how a server applies LoRAs without trusting paths from its clients: a client names
+    a registered id (``spec(id, scale)`` turns it into the engine's ``LoraSpec``), and only the
+    operator registers files (``toile loras add ID PATH``, or ``add`` from an admin route). The
+    registry keeps an in-memory snapshot of the file; ``reload()`` re-reads it, so a LoRA
+    registered by another process (e.g. the CLI) is served without a restart. Thread-safe.
+    """
+
+    def __init__(self, path: Path | None = None) -> None:
+        import threading
+
+        self.path = path if path is not None else toile_home() / LORAS_FILE
+        self._lock = threading.RLock()
+        self._entries: dict[str, LoraEntry] | None = None
+
+    def _read(self) -> dict[str, dict]:
+        if not self.path.is_file():
+            return {}
+        try:
+            data = json.loads(self.path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ModelFormatError(f"LoRA registry {self.path} is not valid JSON: {exc}") from None
+        loras = data.get("loras") if isinstance(data, dict) else None
+        if not isinstance(loras, dict):
+            raise ModelFormatError(f"LoRA registry {self.path} must hold {{'loras': {{id: ...}}}}")
+        return loras
+
+    def reload(self) -> list[LoraEntry]:
+        """Re-read ``loras.json`` (call after ``toile loras add``); returns the entries."""
+        with self._lock:
+            loras = self._read()
+            self._entries = {
+                lora_id: LoraEntry(lora_id, Path(str(spec.get("path") if isinstance(spec, dict)
+                                                     else spec)).expanduser())
+                for lora_id, spec in sorted(loras.items())
+            }
+            return list(self._entries.values())
+
+    def entries(self) -> list[LoraEntry]:
+        """The registered LoRAs as of the last ``reload()`` (read on first use)."""
+        with self._lock:
+            if self._entries is None:
+                return self.reload()
+            return list(self._entries.values())
+
+    def get(self, lora_id: str) -> LoraEntry:
+        for entry in self.entries():
+            if entry.id == lora_id:
+                return entry
+        known = ", ".join(e.id for e in self.entries()) or "none registered"
+        raise RequestError("loras", f"unknown LoRA id {lora_id!r}; known ids: {known}")
+
+    def spec(self, lora_id: str, scale: float = 1.0) -> LoraSpec:
+        """``LoraSpec`` for a registered id; unknown ids and vanished files are RequestErrors."""
+        entry = self.get(lora_id)
+        if not entry.path.is_file():
+            raise RequestError("loras", f"LoRA {lora_id!r}: its file {entry.path} is gone")
+        return entry.spec(scale)
+
+    def add(self, lora_id: str, path: str | Path) -> LoraEntry:
+        """Register (or re-point) ``lora_id`` -> ``path`` after checking the file is a readable
+        ``.safetensors``; writes ``loras.json`` atomically and updates this snapshot."""
+        from toile.io.weights import refuse_pickle
+
+        if not MODEL_ID.match(lora_id):
+            raise RequestError("id", "must be 1-64 characters of letters, digits, '.', '_' or '-'")
+        target = Path(path).expanduser().resolve()
+        refuse_pickle(target)
+        if target.suffix.lower() != ".safetensors" or not target.is_file():
+            raise RequestError("path", f"{target} must be an existing .safetensors file")
+        _check_safetensors_header(target)
+        with self._lock:
+            loras = self._read()
+            loras[lora_id] = {"path": str(target)}
+            self._write(loras)
+            self.reload()
+        return LoraEntry(lora_id, target)
+
+    def remove(self, lora_id: str) -> None:
+        with self._lock:
+            loras = self._read()
+            if lora_id not in loras:
+                raise RequestError("id", f"unknown LoRA id {lora_id!r}")
+            del loras[lora_id]
+            self._write(loras)
+            self.reload()
+
+    def _write(self, loras: dict[str, dict]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(f".tmp-{os.getpid()}")
+        tmp.write_text(json.dumps({"loras": loras}, indent=2, sort_keys=True))
+        os.replace(tmp, self.path)
+
+
+def _check_safetensors_header(path: Path) -> None:
+    """A malformed file is refused at registration, not when a request first uses it."""
+    from toile.io.lora_info import read_header
+
+    read_header(path)

@@ -59,7 +59,9 @@ class ServeClient:
             raise ServeHTTPError(exc.code, payload) from None
 
     def call(self, method: str, path: str, body: Any = None, **headers: str) -> tuple[int, Any]:
-        with self._open(method, path, body, {k.replace("_", "-"): v for k, v in headers.items()}) as r:
+        with self._open(
+            method, path, body, {k.replace("_", "-"): v for k, v in headers.items()}
+        ) as r:
             raw = r.read()
             kind = r.headers.get("Content-Type", "")
             return r.status, json.loads(raw) if "json" in kind else raw
@@ -81,7 +83,9 @@ class ServeClient:
         return self.call("POST", f"/v1/jobs/{job_id}/cancel")[1]
 
     def image(self, image_id_or_url: str) -> bytes:
-        path = image_id_or_url if image_id_or_url.startswith("/") else f"/v1/images/{image_id_or_url}"
+        path = (
+            image_id_or_url if image_id_or_url.startswith("/") else f"/v1/images/{image_id_or_url}"
+        )
         return self.call("GET", path)[1]
 
     def wait(self, job_id: str, timeout: float = 120.0, poll_s: float = 0.05) -> dict[str, Any]:
@@ -99,7 +103,9 @@ class ServeClient:
         """The job's SSE stream as (type, data) pairs, until the terminal event."""
         deadline = time.monotonic() + timeout
         with self._open(
-            "GET", f"/v1/jobs/{job_id}/events", headers={"Accept": "text/event-stream"},
+            "GET",
+            f"/v1/jobs/{job_id}/events",
+            headers={"Accept": "text/event-stream"},
             timeout=timeout,
         ) as stream:
             kind, data = "message", []

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 from toile.errors import ModelNotFoundError, RequestError, ToileError
 from toile.serve import schemas
 from toile.serve.events import EventHub, JobEvent
-from toile.serve.store import QUEUED, RUNNING, STATUSES, JobRow, JobStore
+from toile.serve.store import QUEUED, RUNNING, STATUSES, IdempotencyConflict, JobRow, JobStore
 from toile.serve.uploads import Upload, read_upload, write_durably
 
 if TYPE_CHECKING:
@@ -169,8 +169,6 @@ class JobService:
                 write_durably(self.config.uploads_dir / file_name, upload.data)
                 saved.append(self.config.uploads_dir / file_name)
                 stored[name] = file_name
-            from toile.serve.store import IdempotencyConflict
-
             try:
                 row, created = self.store.insert(
                     job_id,

@@ -191,6 +191,8 @@ class Worker:
         self.hub.publish(job.id, "started", {"status": "running", "attempt": job.attempts})
         status, error, field, images = SUCCEEDED, None, None, []
         try:
+            if cancel.is_set():  # cancelled between the claim and now: do not start at all
+                raise CancelledError("cancelled before it started")
             request = stored_to_request(job.request, self.config)
             self._learn_defaults(request.model)
             result = self.engine.run(
@@ -216,8 +218,10 @@ class Worker:
             log.warning(
                 "job %s failed: %s", job.id, error, exc_info=not isinstance(exc, ToileError)
             )
-        final = self.store.finish(job.id, status, error=error, error_field=field, images=images)
-        self._forget(job.id)
+        try:
+            final = self.store.finish(job.id, status, error=error, error_field=field, images=images)
+        finally:
+            self._forget(job.id)  # if the store failed, the row stays running: a restart re-queues
         if final is not None:
             self.ended(final)
 

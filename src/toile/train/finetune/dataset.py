@@ -66,7 +66,7 @@ class ImageSet:
         return [e.bucket for e in self.examples]
 
     def fingerprint(self) -> str:
-        """SHA-256 over keys, captions, sizes and pixels: a checkpoint resumes only on the same data."""
+        """SHA-256 of keys, captions, sizes and pixels: resume only on the same data."""
         digest = hashlib.sha256()
         for e in self.examples:
             digest.update(f"{e.key}\0{e.caption}\0{e.image.size}\0".encode())

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from toile.errors import ModelFormatError
+from toile.io.lora_info import METADATA_PREFIX, read_lora_info
 
 if TYPE_CHECKING:
     import torch
@@ -38,7 +39,7 @@ DENOISER_TARGETS: tuple[str, ...] = (
 )
 TEXT_ENCODER_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj")
 ADAPTER = "default"  # peft's default adapter name (what add_adapter uses without a name)
-METADATA_PREFIX = "toile."
+__all__ = ["METADATA_PREFIX", "add_lora", "lora_state", "read_lora_info", "save_lora"]
 
 
 def add_lora(module: torch.nn.Module, *, rank: int, alpha: float, targets: tuple[str, ...]) -> int:
@@ -117,23 +118,3 @@ def save_lora(
     save_file(state, str(tmp), metadata=metadata)
     os.replace(tmp, target)
     return target
-
-
-def read_lora_info(path: str | Path) -> dict[str, Any]:
-    """The ``toile.*`` metadata of a LoRA file (values JSON-decoded where they are JSON)."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-    except Exception as exc:  # a malformed header: say so instead of a deep traceback
-        raise ModelFormatError(f"{path} is not a readable .safetensors file: {exc}") from None
-    info: dict[str, Any] = {}
-    for key, value in metadata.items():
-        if key.startswith(METADATA_PREFIX):
-            name = key[len(METADATA_PREFIX):]
-            try:
-                info[name] = json.loads(value)
-            except json.JSONDecodeError:
-                info[name] = value
-    return info

@@ -272,7 +272,7 @@ class FlowMatchingObjective(_VaeLatents, Objective):
 
     def sigmas_and_noise(self, x0: torch.Tensor, gens: list[torch.Generator]
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(timesteps [B], sigmas [B,1,1,1], noise) with logit-normal indices (Esser et al. 2024)."""
+        """(timesteps [B], sigmas [B,1,1,1], noise); logit-normal indices (Esser et al. 2024)."""
         from diffusers.training_utils import compute_density_for_timestep_sampling
 
         u = per_sample(gens, lambda g: compute_density_for_timestep_sampling(

@@ -126,7 +126,13 @@ class FinetuneRunner:
         mixed = config.mixed_precision
         if mixed == "auto":
             mixed = "bf16" if torch.cuda.is_available() else "no"
-        self.accelerator = acc = Accelerator(mixed_precision=mixed)
+        # Several processes on a machine without a GPU (``torchrun`` on CPU): accelerate only
+        # joins them into one gloo group when told to use the CPU (``accelerate launch --cpu``
+        # sets ACCELERATE_USE_CPU); without it every process would train alone.
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.accelerator = acc = Accelerator(
+            mixed_precision=mixed, cpu=world > 1 and not torch.cuda.is_available()
+        )
         self.entry = ModelRegistry().resolve(config.model)
         family = detect_family(self.entry.path)
         if family.name not in OBJECTIVES:

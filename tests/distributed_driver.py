@@ -1,0 +1,47 @@
+"""Run by ``tests/test_distributed.py`` once per process under ``torch.distributed.run`` (and
+once alone): fine-tune a tiny toile model a few steps with ``toile finetune``'s runner, train
+one from scratch a few steps with ``toile train``'s trainer, and save each process's weights.
+
+    python tests/distributed_driver.py MODEL IMAGES TEXT OUT BATCH_PER_PROCESS
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+
+def main(model: str, images: str, text: str, out: str, batch: int) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    from toile.families.toile.testing import tiny_model_config
+    from toile.train.config import preset
+    from toile.train.finetune.config import FinetuneConfig
+    from toile.train.finetune.runner import FinetuneRunner
+    from toile.train.trainer import Trainer
+
+    torch.set_num_threads(1)
+    root = Path(out)
+    runner = FinetuneRunner(
+        FinetuneConfig(images=images, out=str(root / "lora.safetensors"), model=model,
+                       prompt="a sks square", steps=3, lr=1e-3, batch_size=batch,
+                       progress_bar=False),
+        command="distributed test", echo=lambda _m: None,
+    )
+    runner.run()
+    rank, world = runner.accelerator.process_index, runner.accelerator.num_processes
+    save_file({n: p.detach().cpu().contiguous() for n, p in runner.trainable.items()},
+              str(root / f"finetune-rank{rank}-of-{world}.safetensors"))
+
+    config = preset("tiny", out_dir=str(root / "train"), model=tiny_model_config(text), steps=2,
+                    samples_with_checkpoints=False)
+    trainer = Trainer(config, command="distributed test")
+    trainer.train()
+    save_file({k: v.detach().cpu().contiguous() for k, v in trainer.unwrapped.state_dict().items()},
+              str(root / f"train-rank{rank}-of-{world}.safetensors"))
+
+
+if __name__ == "__main__":
+    model, images, text, out, batch = sys.argv[1:6]
+    main(model, images, text, out, int(batch))

@@ -1,0 +1,175 @@
+"""Fine-tuning's inputs and outputs: bad data (clear errors or counted skips, never a crash
+halfway), captions, prior preservation through the engine, bucketing, the CLI, the LoRA file's
+metadata and the LoRA registry."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from finetune_common import PROMPT, make_images, train
+from toile.errors import RequestError
+
+
+@pytest.fixture(scope="module")
+def sd(tiny_models):
+    return tiny_models("sd")
+
+
+def add_bad_files(folder: Path) -> None:
+    (folder / "garbage.png").write_bytes(b"this is not a png")
+    png = (folder / "img0.png").read_bytes()
+    (folder / "truncated.png").write_bytes(png[: len(png) // 2])
+    Image.new("RGB", (4, 4), "red").save(folder / "tiny.png")
+
+
+def test_bad_images_are_counted_skips(sd, tmp_path):
+    from toile.train.finetune.dataset import load_image_set
+
+    images = make_images(tmp_path / "images")
+    add_bad_files(images)
+    data = load_image_set(images, prompt=PROMPT, resolution=32, multiple=8)
+    assert len(data) == 4
+    assert data.skips.counts == {"unreadable image": 2, "smaller than 8 px": 1}
+    assert "garbage.png" in data.skips.summary() and "tiny.png" in data.skips.summary()
+    result = train(sd, images, tmp_path / "lora.safetensors", steps=2, batch_size=2)
+    assert result.steps == 2 and result.skipped["total"] == 3
+
+
+def test_missing_caption_without_prompt_names_prompt(tmp_path):
+    from toile.train.finetune.dataset import load_image_set
+
+    images = make_images(tmp_path / "images")
+    with pytest.raises(RequestError, match=r"prompt: 4 of 4 images .* no caption file.*--prompt"):
+        load_image_set(images, prompt=None, resolution=32, multiple=8)
+    for i in range(3):  # one image left without a caption is still an error
+        (images / f"img{i}.txt").write_text("a caption")
+    with pytest.raises(RequestError, match=r"prompt: 1 of 4 images .*img3.png"):
+        load_image_set(images, prompt=None, resolution=32, multiple=8)
+    (images / "img3.txt").write_text("  the last\ncaption  \n")
+    data = load_image_set(images, prompt=None, resolution=32, multiple=8)
+    assert [e.caption for e in data.examples] == ["a caption"] * 3 + ["the last caption"]
+
+
+def test_caption_files_win_over_the_prompt(tmp_path):
+    from toile.train.finetune.dataset import load_image_set
+
+    images = make_images(tmp_path / "images", captions=True)
+    (images / "img0.txt").unlink()
+    data = load_image_set(images, prompt="fallback", resolution=32, multiple=8)
+    assert [e.caption for e in data.examples] == ["fallback"] + [
+        f"{PROMPT} number {i}" for i in (1, 2, 3)
+    ]
+
+
+def test_nothing_usable_is_an_error_naming_the_folder(tmp_path):
+    from toile.train.finetune.dataset import load_image_set
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(RequestError, match="images: no usable images in .*empty"):
+        load_image_set(empty, prompt=PROMPT, resolution=32, multiple=8)
+    Image.new("RGB", (4, 4)).save(empty / "tiny.png")
+    with pytest.raises(RequestError, match="smaller than 8 px"):
+        load_image_set(empty, prompt=PROMPT, resolution=32, multiple=8)
+    with pytest.raises(RequestError, match="images: .* is not a folder"):
+        load_image_set(tmp_path / "nope", prompt=PROMPT, resolution=32, multiple=8)
+
+
+def test_config_errors_name_the_field(tmp_path):
+    from toile.train.finetune.config import FinetuneConfig
+
+    with pytest.raises(RequestError, match="out: a LoRA is saved as one .safetensors file"):
+        FinetuneConfig(images=str(tmp_path), out=str(tmp_path / "lora"))
+    with pytest.raises(RequestError, match="class_prompt: prior preservation needs"):
+        FinetuneConfig(images="x", out="x.safetensors", prior_preservation=True)
+    with pytest.raises(RequestError, match="rank: must be an integer"):
+        FinetuneConfig(images="x", out="x.safetensors", rank=0)
+
+
+def test_buckets_keep_non_square_images(sd, tmp_path):
+    from toile.train.finetune.dataset import load_image_set
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, size in enumerate([(64, 32), (64, 32), (32, 64), (40, 40)]):
+        Image.fromarray(np.full((size[1], size[0], 3), 60 * i, np.uint8)).save(images / f"{i}.png")
+    data = load_image_set(images, prompt=PROMPT, resolution=32, multiple=8, buckets=True)
+    sizes = [e.image.size for e in data.examples]
+    assert sizes[0][0] > sizes[0][1] and sizes[2][0] < sizes[2][1] and sizes[3] == (32, 32)
+    assert all(w % 8 == 0 and h % 8 == 0 for w, h in sizes)
+    result = train(sd, images, tmp_path / "lora.safetensors", steps=3, batch_size=2,
+                   buckets=True)
+    assert result.steps == 3
+
+
+def test_prior_preservation_generates_and_caches_class_images(sd, tmp_path):
+    images = make_images(tmp_path / "images")
+    out = tmp_path / "lora.safetensors"
+    prior = {"prior_preservation": True, "class_prompt": "a square", "num_class_images": 2,
+             "class_steps": 2, "steps": 2, "batch_size": 2}
+    train(sd, images, out, **prior)
+    folder = tmp_path / "lora.safetensors.class-images"
+    made = sorted(folder.glob("class-*.png"))
+    assert [p.name for p in made] == ["class-00000.png", "class-00001.png"]
+    stamps = [p.stat().st_mtime_ns for p in made]
+    train(sd, images, out, **prior)  # reused, not generated again
+    assert [p.stat().st_mtime_ns for p in made] == stamps
+    info = json.loads((folder / "class-images.json").read_text())
+    assert info["class_prompt"] == "a square"
+
+
+def test_lora_metadata_and_diffusers_layout(sd, tmp_path):
+    from safetensors import safe_open
+
+    from toile.io.lora_info import read_lora_info
+
+    images = make_images(tmp_path / "images")
+    out = tmp_path / "lora.safetensors"
+    train(sd, images, out, steps=2, batch_size=2, rank=2)
+    info = read_lora_info(out)
+    assert info["base_model"] == str(sd) and len(info["base_model_hash"]) == 64
+    assert (info["method"], info["rank"], info["steps"], info["prompt"]) == ("lora", 2, 2, PROMPT)
+    assert info["lr"] == 1e-2 and info["family"] == "sd" and "toile_version" in info
+    with safe_open(str(out), framework="pt") as handle:
+        keys = list(handle.keys())
+        adapters = json.loads(handle.metadata()["lora_adapter_metadata"])
+    assert all(k.startswith("unet.") and (".lora_A." in k or ".lora_B." in k) for k in keys)
+    assert adapters["unet.r"] == 2 and adapters["unet.lora_alpha"] == 2
+
+
+def test_cli_finetune_and_loras_registry(sd, tmp_path, capsys):
+    from toile.cli.main import main
+    from toile.engine.models import LoraRegistry
+
+    images = make_images(tmp_path / "images")
+    out = tmp_path / "cli.safetensors"
+    assert main(["finetune", "--model", str(sd), "--images", str(images), "--out", str(out),
+                 "--steps", "2", "--batch-size", "2", "--no-progress", "--json"]) == 2
+    assert "prompt: 4 of 4 images" in capsys.readouterr().err
+    code = main(["finetune", "--model", str(sd), "--images", str(images), "--out", str(out),
+                 "--prompt", PROMPT, "--steps", "2", "--batch-size", "2", "--no-progress",
+                 "--json"])
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert code == 0 and summary["steps"] == 2 and out.is_file()
+
+    server_side = LoraRegistry()  # what a running server holds
+    assert server_side.entries() == []
+    assert main(["loras", "add", "square", str(out)]) == 0
+    assert server_side.entries() == []  # a snapshot ...
+    assert [e.id for e in server_side.reload()] == ["square"]  # ... until the admin reloads
+    spec = server_side.spec("square", 0.5)
+    assert spec.path == str(out.resolve()) and spec.scale == 0.5
+    capsys.readouterr()
+    assert main(["loras", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)["loras"][0]
+    assert listed["id"] == "square" and listed["family"] == "sd" and listed["steps"] == 2
+    with pytest.raises(RequestError, match="loras: unknown LoRA id 'nope'"):
+        server_side.spec("nope")
+    assert main(["loras", "add", "bad", str(tmp_path / "x.ckpt")]) == 2
+    assert main(["loras", "remove", "square"]) == 0
+    assert server_side.reload() == []
