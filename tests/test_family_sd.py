@@ -181,3 +181,22 @@ def test_inpainting_checkpoint_refuses_txt2img(tmp_path):
         GenerationRequest("x", model=str(path), steps=2, seed=0, image=init, mask=mask)
     )
     assert result.images[0].size == (32, 32)
+
+
+def test_nan_state_fails_with_reason(sd_path, monkeypatch):
+    from toile.errors import NumericalError
+
+    engine = Engine(device="cpu")
+    unet = engine.load(str(sd_path)).loaded.pipelines["txt2img"].unet
+    original = unet.forward
+
+    def broken(*args, **kwargs):
+        out = original(*args, **kwargs)
+        out[0].fill_(float("nan"))
+        return out
+
+    monkeypatch.setattr(unet, "forward", broken)
+    with pytest.raises(NumericalError, match="became NaN/inf at step 1 of 3"):
+        engine.run(GenerationRequest("a cat", model=str(sd_path), steps=STEPS, seed=1))
+    monkeypatch.undo()
+    assert engine.run(GenerationRequest("a cat", model=str(sd_path), steps=1)).images

@@ -60,3 +60,26 @@ def test_text_encoder_training_is_refused_with_a_reason(setup):
     model, images, root = setup
     with pytest.raises(RequestError, match="train_text_encoder: .*frozen sentence encoder"):
         train(model, images, root / "te.safetensors", train_text_encoder=True, steps=1)
+
+
+def test_foreign_lora_files_are_refused_and_the_engine_goes_on(setup, tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from toile.engine.engine import Engine
+    from toile.errors import RequestError
+    from toile.request import GenerationRequest, LoraSpec
+
+    model, _images, _root = setup
+    for_sd = tmp_path / "sd.safetensors"
+    save_file({"unet.x.lora_A.weight": torch.zeros(2, 2)}, str(for_sd),
+              metadata={"toile.family": '"sd"'})
+    for_flux = tmp_path / "flux.safetensors"
+    save_file({"transformer.x.lora_A.weight": torch.zeros(2, 2)}, str(for_flux))
+    engine = Engine(device="cpu")
+    fields = {"model": str(model), "steps": 1, "seed": 0}
+    with pytest.raises(RequestError, match="loras: .* trained for the sd family"):
+        engine.run(GenerationRequest(PROMPT, loras=(LoraSpec(str(for_sd)),), **fields))
+    with pytest.raises(RequestError, match="loras: .* holds no toile U-Net weights"):
+        engine.run(GenerationRequest(PROMPT, loras=(LoraSpec(str(for_flux)),), **fields))
+    assert engine.run(GenerationRequest(PROMPT, **fields)).images

@@ -37,3 +37,10 @@ class ImageInputError(RequestError):
 
 class CancelledError(ToileError):
     """A running generation was cancelled; raised from inside the denoising loop."""
+
+
+class NumericalError(ToileError):
+    """The denoising state became NaN/inf (half-precision overflow, a broken checkpoint...).
+
+    Raised at the step where it happens, instead of saving a black image as if it succeeded.
+    """

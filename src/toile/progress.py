@@ -7,9 +7,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from toile.errors import CancelledError
+from toile.errors import CancelledError, NumericalError
 
 if TYPE_CHECKING:
+    import torch
     from PIL import Image
 
 
@@ -49,8 +50,19 @@ class RunContext:
         total: int,
         stage: str = "denoise",
         preview: Callable[[], Image.Image | None] | None = None,
+        state: torch.Tensor | None = None,
     ) -> None:
+        """Report step ``step`` of ``total``. ``state`` (the latents / pixels being denoised)
+        is checked to be finite, so a NaN run fails at once with a reason."""
         self.check_cancelled()
+        if state is not None:
+            import torch
+
+            if not bool(torch.isfinite(state).all()):
+                raise NumericalError(
+                    f"{stage}: the denoising state became NaN/inf at step {step} of {total} "
+                    "(try --dtype float32 or bfloat16)"
+                )
         if self.progress is None:
             return
         image = None

@@ -198,7 +198,7 @@ def stage_callback(
     """A ``callback(step, timestep, latents)`` for the IF / upscaler pipelines' older API."""
 
     def callback(step: int, timestep: Any, latents: torch.Tensor) -> None:
-        ctx.on_step(step + 1, total, stage, lambda: preview(latents))
+        ctx.on_step(step + 1, total, stage, lambda: preview(latents), state=latents)
 
     return callback
 

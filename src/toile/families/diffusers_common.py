@@ -96,7 +96,7 @@ def step_callback(
             def make_preview() -> Image.Image | None:
                 return preview(pipe, latents)
 
-        ctx.on_step(step + 1, total, stage, make_preview)
+        ctx.on_step(step + 1, total, stage, make_preview, state=latents)
         return {}
 
     return callback
