@@ -7,7 +7,7 @@ with a regular checkpoint); a 9-channel U-Net is an inpainting checkpoint and ru
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from toile.families.base import LoadedModel
 from toile.families.diffusers_common import (
@@ -61,7 +61,10 @@ def unet_defaults(
 class StableDiffusionFamily:
     name = "sd"
     title = "Stable Diffusion 1.x / 2.x"
-    capabilities: dict[str, frozenset[Mode]] = {"": ALL_MODES, "inpainting": INPAINT_MODES}
+    capabilities: ClassVar[dict[str, frozenset[Mode]]] = {
+        "": ALL_MODES,
+        "inpainting": INPAINT_MODES,
+    }
     lora = True
 
     def detect(self, path: Path) -> bool:
