@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
@@ -28,6 +30,12 @@ from toile.serve.jobs import JobNotFoundError, JobService
 from toile.serve.store import QueueFullError
 
 LOCATIONS = ("body", "query", "header", "path", "cookie")
+WEB_DIR = Path(__file__).parent / "web"
+
+
+def web_page() -> FileResponse:
+    """The web UI; ``no-cache`` so an upgraded server's page is picked up at once."""
+    return FileResponse(WEB_DIR / "index.html", headers={"Cache-Control": "no-cache"})
 
 
 def _error(status: int, kind: str, message: str, field: str | None = None, **extra: Any):
@@ -93,7 +101,7 @@ def create_app(config: ServeConfig | None = None, *, engine: Any = None) -> Fast
     """The server as an ASGI app. ``engine`` (tests, benchmarks) replaces the id-only Engine
     the lifespan would build; it must have been made with ``allow_paths=False``."""
     from toile import __version__
-    from toile.serve.routes import jobs, system
+    from toile.serve.routes import a1111, jobs, openai, system
 
     config = config if config is not None else ServeConfig()
 
@@ -123,5 +131,10 @@ def create_app(config: ServeConfig | None = None, *, engine: Any = None) -> Fast
     _install_error_handlers(app)
     app.include_router(system.router)
     app.include_router(jobs.router)
+    app.include_router(openai.router)
+    app.include_router(a1111.router)
+    # The web page (plain files, no build step): "/" and "/static/...", public by design (auth).
+    app.mount("/static", StaticFiles(directory=WEB_DIR), name="static")
+    app.add_api_route("/", web_page, methods=["GET"], include_in_schema=False)
     app.add_middleware(SecurityMiddleware, config=config)
     return app

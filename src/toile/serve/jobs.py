@@ -397,8 +397,18 @@ class JobService:
         )
 
     def models(self) -> schemas.ModelList:
+        entries = self.registry.entries()
         return schemas.ModelList(
+            data=[schemas.ModelCard(id=e.id, created=_mtime(e.path)) for e in entries],
             default=self.registry.default_id,
-            models=[entry.id for entry in self.registry.entries()],
+            models=[entry.id for entry in entries],
             loras=sorted(self.config.loras),
         )
+
+
+def _mtime(path: Path) -> int:
+    """OpenAI's ``created`` for a model: when its files last changed (0 if unreadable)."""
+    try:
+        return int(path.stat().st_mtime)
+    except OSError:
+        return 0

@@ -111,7 +111,21 @@ class JobList(BaseModel):
     queue_length: int
 
 
+class ModelCard(BaseModel):
+    """One model in OpenAI's Models API shape, so OpenAI clients can list toile's models."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(0, description="Unix time the model's files were last changed")
+    owned_by: str = "toile"
+
+
 class ModelList(BaseModel):
+    """Both shapes in one body: OpenAI's (``object``, ``data``) and toile's own (``default``,
+    ``models``, ``loras``), so one ``GET /v1/models`` serves both kinds of client."""
+
+    object: Literal["list"] = "list"
+    data: list[ModelCard] = Field(default_factory=list)
     default: str
     models: list[str]
     loras: list[str]

@@ -303,26 +303,35 @@ class FinetuneRunner:
                        dynamic_ncols=True, file=sys.stderr)
         smooth = float("nan")
         start_all = time.perf_counter()
-        saved_at = -1
-        while self.step < config.steps:
-            start = time.perf_counter()
-            loss = self.train_step()
-            seconds = time.perf_counter() - start
-            result.losses.append(loss)
-            smooth = loss if math.isnan(smooth) else 0.9 * smooth + 0.1 * loss
+        saved_at = self.step
+        try:
+            while self.step < config.steps:
+                start = time.perf_counter()
+                loss = self.train_step()
+                seconds = time.perf_counter() - start
+                result.losses.append(loss)
+                smooth = loss if math.isnan(smooth) else 0.9 * smooth + 0.1 * loss
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss:.4f}", avg=f"{smooth:.4f}")
+                if acc.is_main_process and (self.step % config.log_every == 0
+                                            or self.step == config.steps):
+                    self._log({"step": self.step, "loss": round(loss, 6),
+                               "loss_smooth": round(smooth, 6), "s_per_step": round(seconds, 4)})
+                if config.checkpoint_every and self.step % config.checkpoint_every == 0:
+                    self.save_checkpoint()
+                    saved_at = self.step
+        except KeyboardInterrupt:
+            # Keep what was trained (one process only: with several, a lone process could
+            # wait forever at the checkpoint's barrier for the others).
+            if acc.num_processes == 1 and self.step != saved_at:
+                folder = self.save_checkpoint()
+                self.echo(f"interrupted: saved {folder}; --resume continues from there")
+            raise
+        finally:
             if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}", avg=f"{smooth:.4f}")
-            if acc.is_main_process and (self.step % config.log_every == 0
-                                        or self.step == config.steps):
-                self._log({"step": self.step, "loss": round(loss, 6),
-                           "loss_smooth": round(smooth, 6), "s_per_step": round(seconds, 4)})
-            if config.checkpoint_every and self.step % config.checkpoint_every == 0:
-                self.save_checkpoint()
-                saved_at = self.step
-        if bar is not None:
-            bar.close()
-        if saved_at != self.step:
+                bar.close()
+        if saved_at != self.step or not list_checkpoints(config.checkpoint_root):
             self.save_checkpoint()
         self.save_output()
         result.steps = self.step

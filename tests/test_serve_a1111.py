@@ -1,0 +1,230 @@
+"""The AUTOMATIC1111 API, driven by the third-party ``webuiapi`` client (requests) against a
+real uvicorn server on a free loopback port: txt2img, img2img/inpaint, samplers, models,
+options, progress with previews, interrupt, and errors naming the field."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import io
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import webuiapi
+
+from serve_helpers import MODEL, ScriptedEngine, wait_until
+
+pytest.importorskip("fastapi")
+
+
+@contextlib.contextmanager
+def live_server(engine: Any, data_dir: Path, **config: Any) -> Iterator[int]:
+    """The app under uvicorn in a thread on a free loopback port; yields the port."""
+    import uvicorn
+
+    from toile.serve.app import create_app
+    from toile.serve.config import ServeConfig
+    from toile.serve.process import free_port
+
+    port = free_port()
+    app = create_app(ServeConfig(data_dir=data_dir, port=port, **config), engine=engine)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app, host="127.0.0.1", port=port, log_level="warning", timeout_graceful_shutdown=5
+        )
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    wait_until(lambda: server.started or not thread.is_alive(), 120, "the server to start")
+    assert server.started, "uvicorn did not start"
+    try:
+        yield port
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_models, tmp_path_factory):
+    """The tiny SD engine, ``tiny-sd`` the registry's default (requests that name no model
+    must never load the built-in one)."""
+    from serve_helpers import tiny_engine
+
+    engine = tiny_engine(tiny_models("sd"), tmp_path_factory.mktemp("a1111-registry"))
+    path = engine.registry.path
+    path.write_text(json.dumps({**json.loads(path.read_text()), "default": MODEL}))
+    return engine
+
+
+@pytest.fixture
+def scripted(engine):
+    return ScriptedEngine(engine)
+
+
+def b64_png(image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_txt2img_img2img_models_samplers_options(scripted, tmp_path):
+    from PIL import Image
+
+    from helpers import gradient_image
+
+    with live_server(scripted, tmp_path / "data") as port:
+        # "DDIM" is the tiny model's own scheduler (DDIMScheduler), so webuiapi's sampler works
+        api = webuiapi.WebUIApi(host="127.0.0.1", port=port, sampler="DDIM", steps=2)
+        assert MODEL in api.util_get_model_names()
+        samplers = api.get_samplers()
+        by_name = {sampler["name"]: sampler for sampler in samplers}
+        assert samplers[0]["name"] == "Default" and by_name["DDIM"]["aliases"] == ["DDIMScheduler"]
+        assert by_name["Euler"]["aliases"] == ["FlowMatchEulerDiscreteScheduler"]  # toile-mini
+        api.util_set_model(MODEL)  # POST /options {"sd_model_checkpoint": ...}
+        assert api.util_get_current_model() == MODEL
+
+        result = api.txt2img(
+            prompt="a red circle", seed=5, width=32, height=32, batch_size=2, cfg_scale=5
+        )
+        assert len(result.images) == 2 and result.images[0].size == (32, 32)
+        info = result.info
+        assert info["all_seeds"] == [5, 6] and info["seed"] == 5
+        assert info["sampler_name"] == "DDIM" and info["cfg_scale"] == 5.0
+        assert info["sd_model_name"] == MODEL and info["steps"] == 2
+        assert "Seed: 5" in info["infotexts"][0]
+        assert result.parameters["prompt"] == "a red circle"
+        assert "Seed: 5" in result.images[0].info["parameters"]  # the PNG's own record
+
+        # inpaint: init image + mask (white = repaint), sized by width/height like A1111
+        init = gradient_image(32, 32)
+        mask = Image.new("L", (32, 32), 0)
+        mask.paste(255, (0, 0, 16, 32))
+        edited = api.img2img(
+            images=[init],
+            mask_image=mask,
+            mask_blur=0,
+            prompt="a green square",
+            seed=9,
+            width=32,
+            height=32,
+            denoising_strength=0.9,
+            sampler_name="Default",
+        )
+        record = edited.info["toile_records"][0]
+        assert record["mode"] == "inpaint" and record["strength"] == 0.9 and record["seed"] == 9
+        assert edited.image.convert("RGB").getpixel((28, 16)) == init.getpixel((28, 16))
+        # inpainting_mask_invert: the right half is repainted, the left half kept
+        inverted = api.img2img(
+            images=[init],
+            mask_image=mask,
+            mask_blur=0,
+            inpainting_mask_invert=1,
+            seed=9,
+            width=32,
+            height=32,
+            prompt="x",
+        )
+        assert inverted.image.convert("RGB").getpixel((4, 16)) == init.getpixel((4, 16))
+        # plain img2img from a 16x16 image resized to 32x32 (resize_mode 0)
+        varied = api.img2img(images=[gradient_image(16, 16)], width=32, height=32, seed=2)
+        assert varied.image.size == (32, 32)
+        assert varied.info["toile_records"][0]["mode"] == "img2img"
+
+
+ERROR_CASES = [
+    ({"sampler_name": "Euler a"}, "sampler_name"),
+    ({"scheduler": "Karras"}, "scheduler"),
+    ({"steps": 0}, "steps"),
+    ({"steps": 500}, "steps"),  # the server's cap
+    ({"cfg_scale": -1}, "cfg_scale"),
+    ({"width": 4}, "width"),
+    ({"seed": -5}, "seed"),
+    ({"batch_size": 4, "n_iter": 4}, "batch_size"),
+    ({"enable_hr": True}, "enable_hr"),
+    ({"restore_faces": True}, "restore_faces"),
+    ({"alwayson_scripts": {"ControlNet": {"args": [1]}}}, "alwayson_scripts.ControlNet"),
+    (
+        {"override_settings": {"sd_model_checkpoint": "nope"}},
+        "override_settings.sd_model_checkpoint",
+    ),
+    (
+        {"override_settings": {"CLIP_stop_at_last_layers": 2}},
+        "override_settings.CLIP_stop_at_last_layers",
+    ),
+    ({"prompt": "<lora:nope:0.5> a cat"}, "prompt"),
+]
+
+
+def test_errors_name_the_a1111_field(scripted, tmp_path):
+    import requests
+
+    from helpers import gradient_image
+
+    with live_server(scripted, tmp_path / "data") as port:
+        url = f"http://127.0.0.1:{port}/sdapi/v1"
+        body = {"prompt": "x", "sampler_name": "DDIM", "steps": 2, "width": 32, "height": 32}
+        for changes, field in ERROR_CASES:
+            response = requests.post(f"{url}/txt2img", json={**body, **changes}, timeout=60)
+            assert response.status_code == 422, (changes, response.text)
+            assert response.json()["error"]["field"] == field, (changes, response.text)
+        init = b64_png(gradient_image(32, 32))
+        for changes, field in (
+            ({"init_images": ["not base64!"]}, "init_images[0]"),
+            ({"init_images": [init, init]}, "init_images"),
+            ({"denoising_strength": 0}, "denoising_strength"),
+            ({"resize_mode": 2}, "resize_mode"),
+            ({"mask": b64_png(gradient_image(8, 8))}, "mask"),
+        ):
+            response = requests.post(
+                f"{url}/img2img", json={**body, "init_images": [init], **changes}, timeout=60
+            )
+            assert response.status_code == 422, (changes, response.text)
+            assert response.json()["error"]["field"] == field, (changes, response.text)
+        options = requests.post(f"{url}/options", json={"sd_model_checkpoint": "nope"}, timeout=9)
+        assert options.status_code == 422
+        assert options.json()["error"]["field"] == "sd_model_checkpoint"
+        current = requests.get(f"{url}/options", timeout=9).json()
+        assert requests.post(f"{url}/options", json=current, timeout=9).status_code == 200
+        changed = requests.post(f"{url}/options", json={"samples_format": "jpg"}, timeout=9)
+        assert changed.status_code == 422 and changed.json()["error"]["field"] == "samples_format"
+        assert requests.get(f"http://127.0.0.1:{port}/v1/jobs", timeout=9).json()["jobs"] == []
+
+
+def test_progress_preview_and_interrupt(scripted, tmp_path):
+    scripted.gate_at = 2
+    with live_server(scripted, tmp_path / "data", preview_every=1) as port:
+        api = webuiapi.WebUIApi(host="127.0.0.1", port=port, sampler="Default")
+        idle = api.get_progress()
+        assert idle["progress"] == 0 and idle["state"]["job_count"] == 0
+        outcome: dict = {}
+
+        def generate():
+            try:
+                api.txt2img(prompt="slow", steps=4, width=32, height=32, seed=1)
+            except RuntimeError as exc:
+                outcome["error"] = exc.args
+
+        thread = threading.Thread(target=generate)
+        thread.start()
+        assert scripted.reached.wait(60), "the job never reached step 2"
+        progress = wait_until(
+            lambda: (p := api.get_progress())["state"]["sampling_step"] == 2 and p,
+            what="progress at step 2",
+        )
+        assert progress["progress"] == 0.5 and progress["state"]["sampling_steps"] == 4
+        assert progress["state"]["job_count"] == 1 and progress["eta_relative"] >= 0
+        assert base64.b64decode(progress["current_image"]).startswith(b"\x89PNG")
+        # webuiapi has no parameter for skip_current_image: the query by hand
+        skipped = api.session.get(f"{api.baseurl}/progress?skip_current_image=true").json()
+        assert skipped["current_image"] is None and skipped["progress"] == 0.5
+        api.interrupt()
+        scripted.release()
+        thread.join(60)
+        status, text = outcome["error"]
+        assert status == 409 and json.loads(text)["error"]["type"] == "interrupted"
+        assert api.get_progress()["state"]["job_count"] == 0
+        assert scripted.steps["slow"][-1] == 2  # stopped within one step
