@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import gradient_image
 
 import toile
+from helpers import gradient_image
 from toile.errors import RequestError
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -21,7 +21,9 @@ def test_load_generate_with_fields(tiny_models):
     assert len(result.images) == 2 and len(result.records) == 2
     assert [r.seed for r in result.records] == [4, 5]
     assert result.records[0].negative_prompt == "dog"
-    out = gen.generate("a cat", seed=4, steps=2, image=gradient_image(32, 32), outpaint=(0, 8, 0, 8))
+    out = gen.generate(
+        "a cat", seed=4, steps=2, image=gradient_image(32, 32), outpaint=(0, 8, 0, 8)
+    )
     assert out.images[0].size == (32, 48)
     assert np.array_equal(np.asarray(out.images[0])[8:40], np.asarray(gradient_image(32, 32)))
     with pytest.raises(RequestError, match="sampler: unknown field"):
@@ -32,7 +34,9 @@ def test_lazy_import_does_no_work():
     import subprocess
     import sys
 
-    code = "import sys, toile; print(any(m.startswith(('torch', 'diffusers')) for m in sys.modules))"
+    code = (
+        "import sys, toile; print(any(m.startswith(('torch', 'diffusers')) for m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
@@ -44,4 +48,6 @@ def test_readme_first_commands_and_family_table():
     commands = re.findall(r"^(make \w+)", text, flags=re.M)
     assert commands[:2] == ["make demo", "make test"]
     table = text.split("<!-- families:start -->")[1].split("<!-- families:end -->")[0].strip()
-    assert table == markdown_table(), "README's family table is stale: run toile families --markdown"
+    assert table == markdown_table(), (
+        "README's family table is stale: run toile families --markdown"
+    )

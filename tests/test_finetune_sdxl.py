@@ -28,3 +28,8 @@ def test_loss_goes_down_and_lora_loads_back(setup):
 def test_resume_is_exact(setup):
     model, images, root = setup
     check_resume_is_exact(model, images, root / "resume")
+
+
+def test_resume_is_exact_with_both_text_encoders_trained(setup):
+    model, images, root = setup
+    check_resume_is_exact(model, images, root / "resume-te", train_text_encoder=True)

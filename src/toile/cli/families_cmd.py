@@ -22,14 +22,18 @@ def capability_rows() -> list[tuple[str, str, str, str, str]]:
         family = get_family(name)
         for variant, modes in family.capabilities.items():
             ordered = ", ".join(mode.value for mode in Mode if mode in modes)
-            rows.append((name, family.title, variant or "—", ordered, "yes" if family.lora else "no"))
+            rows.append(
+                (name, family.title, variant or "—", ordered, "yes" if family.lora else "no")
+            )
     return rows
 
 
 def markdown_table() -> str:
     lines = ["| family | id | variant | modes | LoRA |", "|---|---|---|---|---|"]
-    lines += [f"| {title} | `{name}` | {variant} | {modes} | {lora} |"
-              for name, title, variant, modes, lora in capability_rows()]
+    lines += [
+        f"| {title} | `{name}` | {variant} | {modes} | {lora} |"
+        for name, title, variant, modes, lora in capability_rows()
+    ]
     return "\n".join(lines)
 
 

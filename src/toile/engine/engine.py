@@ -106,7 +106,8 @@ class Engine:
             family = detect_family(entry.path)
             if entry.path.is_dir():
                 check_folder_weights(entry.path)
-            dtype = pick_dtype(self.dtype_name, self.device, getattr(family, "gpu_dtype", "float16"))
+            gpu_dtype = getattr(family, "gpu_dtype", "float16")
+            dtype = pick_dtype(self.dtype_name, self.device, gpu_dtype)
             start = time.perf_counter()
             loaded = family.load(entry.path, self.device, dtype)
             load_s = time.perf_counter() - start

@@ -96,6 +96,40 @@ class ImageSet:
         return pixels(images), [self.examples[i].caption for i in indices], sizes, crops
 
 
+def index_images(
+    root: str | Path, *, prompt: str | None, field_name: str = "images",
+    files: list[Path] | None = None,
+) -> list[tuple[Path, str]]:
+    """(image path, caption) for every image under ``root`` (or ``files``), without decoding.
+
+    Cheap (a directory walk and the caption files), so a run checks its captions before it
+    loads a model: an uncaptioned image without ``--prompt`` is an error naming ``--prompt``.
+    """
+    folder = Path(root)
+    if not folder.is_dir():
+        raise RequestError(field_name, f"{folder} is not a folder of images")
+    found: list[tuple[Path, str]] = []
+    uncaptioned: list[str] = []
+    paths = files if files is not None else list(iter_image_files(folder))
+    for path in paths:
+        caption = read_caption(path) or prompt
+        if caption is None:
+            uncaptioned.append(str(path.relative_to(folder)))
+        else:
+            found.append((path, caption))
+    if uncaptioned:
+        listed = ", ".join(uncaptioned[:MAX_MISSING_LISTED])
+        more = (f" and {len(uncaptioned) - MAX_MISSING_LISTED} more"
+                if len(uncaptioned) > MAX_MISSING_LISTED else "")
+        raise RequestError(
+            "prompt",
+            f"{len(uncaptioned)} of {len(paths)} images in {folder} have no caption file "
+            f"(NAME.txt beside NAME.png): {listed}{more}. Give --prompt TEXT to caption them "
+            "(e.g. --prompt 'a photo of sks dog'), or add the .txt files",
+        )
+    return found
+
+
 def load_image_set(
     root: str | Path,
     *,
@@ -110,8 +144,7 @@ def load_image_set(
     """Read, check and fit every image under ``root`` (or just ``files`` in it), as the module
     docstring says."""
     folder = Path(root)
-    if not folder.is_dir():
-        raise RequestError(field_name, f"{folder} is not a folder of images")
+    indexed = index_images(folder, prompt=prompt, field_name=field_name, files=files)
     if resolution % multiple:
         raise RequestError(
             "resolution", f"{resolution} must be a multiple of {multiple} for this model"
@@ -120,15 +153,8 @@ def load_image_set(
     min_side = max(1, resolution // 4) if min_side is None else min_side
     skips = SkipCounter()
     examples: list[Example] = []
-    uncaptioned: list[str] = []
-    total = 0
-    for path in files if files is not None else iter_image_files(folder):
-        total += 1
+    for path, caption in indexed:
         key = str(path.relative_to(folder))
-        caption = read_caption(path) or prompt
-        if caption is None:
-            uncaptioned.append(key)
-            continue
         try:
             data = path.read_bytes()
         except OSError:
@@ -143,17 +169,8 @@ def load_image_set(
         examples.append(
             Example(key, fitted.image, caption, index, fitted.original_size, fitted.crop_top_left)
         )
-    if uncaptioned:
-        listed = ", ".join(uncaptioned[:MAX_MISSING_LISTED])
-        more = f" and {len(uncaptioned) - MAX_MISSING_LISTED} more" if len(uncaptioned) > 5 else ""
-        raise RequestError(
-            "prompt",
-            f"{len(uncaptioned)} of {total} images in {folder} have no caption file "
-            f"(NAME.txt beside NAME.png): {listed}{more}. Give --prompt TEXT to caption them "
-            "(e.g. --prompt 'a photo of sks dog'), or add the .txt files",
-        )
     if not examples:
-        found = "no images" if not total else skips.summary()
+        found = "no images" if not indexed else skips.summary()
         raise RequestError(
             field_name,
             f"no usable images in {folder} ({found}); expected .png/.jpg/.jpeg/.webp/.bmp files "

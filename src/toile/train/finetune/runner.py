@@ -48,7 +48,7 @@ import torch
 from toile.data.buckets import BucketBatchSampler
 from toile.errors import RequestError
 from toile.train.finetune.config import FinetuneConfig
-from toile.train.finetune.dataset import ImageSet, load_image_set
+from toile.train.finetune.dataset import ImageSet, index_images, load_image_set
 from toile.train.finetune.lora import DENOISER_TARGETS, TEXT_ENCODER_TARGETS, add_lora, save_lora
 from toile.train.finetune.objectives import OBJECTIVES, Objective, TrainBatch, objective_for
 
@@ -152,6 +152,8 @@ class FinetuneRunner:
         self.weight_dtype = half if (half is not None and config.method == "lora") else (
             torch.float32)
 
+        # Captions are checked before anything slow (class images, loading the model).
+        index_images(config.images, prompt=config.prompt)
         if config.prior_preservation:
             self._make_class_images()
         from toile.io.weights import check_folder_weights
@@ -171,11 +173,11 @@ class FinetuneRunner:
             if self.prior is not None else None
         )
         self.modules, self.trainable, self.text_params = self._setup_trainable()
-        groups = [{"params": [p for n, p in self.trainable.items() if p not in self.text_params],
+        text_ids = {id(p) for p in self.text_params}
+        groups = [{"params": [p for p in self.trainable.values() if id(p) not in text_ids],
                    "lr": config.effective_lr}]
         if self.text_params:
-            groups.append({"params": list(self.text_params),
-                           "lr": config.effective_text_encoder_lr})
+            groups.append({"params": self.text_params, "lr": config.effective_text_encoder_lr})
         optimizer = torch.optim.AdamW(groups, weight_decay=config.effective_weight_decay)
         self.model, self.optimizer = acc.prepare(self.objective.denoiser, optimizer)
         self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
@@ -240,11 +242,11 @@ class FinetuneRunner:
 
     def _setup_trainable(
         self,
-    ) -> tuple[dict[str, torch.nn.Module], dict[str, torch.nn.Parameter], set]:
+    ) -> tuple[dict[str, torch.nn.Module], dict[str, torch.nn.Parameter], list]:
         """Freeze everything, then make the LoRA adapters (or whole modules) trainable.
 
         Returns ``{component: module}``, ``{"component.param": parameter}`` in a fixed order
-        (the optimizer's and the checkpoint's), and the set of text-encoder parameters.
+        (the optimizer's and the checkpoint's), and the text-encoder parameters in that order.
         """
         config, objective = self.config, self.objective
         for module in objective.frozen_modules():
@@ -275,7 +277,7 @@ class FinetuneRunner:
             for pname, param in module.named_parameters()
             if param.requires_grad
         }
-        text = {p for n, p in trainable.items() if not n.startswith(objective.denoiser_name + ".")}
+        text = [p for n, p in trainable.items() if not n.startswith(objective.denoiser_name + ".")]
         return modules, trainable, text
 
     # ----------------------------------------------------------------------------- train
