@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +40,14 @@ def export_checkpoint(
     checkpoint: Path | None = None,
     weights_dtype: torch.dtype | None = torch.float16,
     eval_prompts: int = 0,
+    guidance: float | None = None,
+    steps: int | None = None,
 ) -> Path:
-    """Export ``checkpoint`` (default: the run's newest) of ``run_dir`` to ``out_dir``."""
+    """Export ``checkpoint`` (default: the run's newest) of ``run_dir`` to ``out_dir``.
+
+    ``guidance`` / ``steps`` override the sampling defaults the folder declares (e.g. with the
+    values a scene-checker sweep found best).
+    """
     from toile.train.trainer import latest_checkpoint
 
     run_dir = Path(run_dir)
@@ -50,6 +57,13 @@ def export_checkpoint(
     state = json.loads((checkpoint / "state.json").read_text())
     config = TrainConfig.from_dict(state["config"])
     pipe = load_ema_pipeline(checkpoint, config)
+    sampler = pipe.config.sampler
+    sampler = replace(
+        sampler,
+        guidance=sampler.guidance if guidance is None else float(guidance),
+        steps=sampler.steps if steps is None else int(steps),
+    )
+    pipe.config = replace(pipe.config, sampler=sampler)
     pipe.save_pretrained(out_dir, weights_dtype=weights_dtype)
     write_model_card(
         Path(out_dir), run_dir, pipe, step=int(state["step"]),
@@ -187,12 +201,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=("float16", "float32", "bfloat16"), default="float16")
     parser.add_argument("--eval", type=int, default=0, metavar="N",
                         help="grade N scene prompts with the scene checker for the model card")
+    parser.add_argument("--guidance", type=float, help="default guidance the model declares")
+    parser.add_argument("--steps", type=int, help="default sampling steps the model declares")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     out = export_checkpoint(args.run, args.out, checkpoint=args.checkpoint,
-                            weights_dtype=getattr(torch, args.dtype), eval_prompts=args.eval)
+                            weights_dtype=getattr(torch, args.dtype), eval_prompts=args.eval,
+                            guidance=args.guidance, steps=args.steps)
     print(f"exported to {out}")
     return 0
 
