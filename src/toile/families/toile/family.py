@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 from toile.families.base import LoadedModel, cpu_generators
 from toile.request import FamilyDefaults, Mode
@@ -22,10 +22,17 @@ if TYPE_CHECKING:
 MAX_PIXELS = 256 * 256
 
 
+ALL_MODES = frozenset({Mode.TXT2IMG, Mode.IMG2IMG, Mode.INPAINT, Mode.OUTPAINT})
+
+
 class ToileFamily:
     """Folders saved by ``ToilePipeline.save_pretrained`` (``_class_name`` ToilePipeline)."""
 
     name = "toile"
+    title = "toile (built-in, pixel-space rectified flow)"
+    capabilities: ClassVar[dict[str, frozenset[Mode]]] = {"": ALL_MODES}
+    lora = False
+    gpu_dtype = "bfloat16"  # trained in bf16 mixed precision on GPUs
 
     def detect(self, path: Path) -> bool:
         index = Path(path) / "model_index.json"
@@ -37,13 +44,16 @@ class ToileFamily:
             return False
         return isinstance(data, dict) and data.get("_class_name") == "ToilePipeline"
 
+    def variant(self, path: Path) -> str:
+        return ""
+
     def load(self, path: Path, device: str, dtype: torch.dtype) -> LoadedModel:
         from toile.families.toile.pipeline import ToilePipeline
 
         pipe = ToilePipeline.from_pretrained(path, device=device, dtype=dtype)
         config = pipe.config
         defaults = FamilyDefaults(
-            modes=frozenset({Mode.TXT2IMG, Mode.IMG2IMG, Mode.INPAINT, Mode.OUTPAINT}),
+            modes=ALL_MODES,
             width=config.packing.image_size,
             height=config.packing.image_size,
             steps=config.sampler.steps,
