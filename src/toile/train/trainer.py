@@ -420,8 +420,19 @@ def hardware_description(accelerator: Any = None) -> str:
         n = accelerator.num_processes if accelerator is not None else 1
         mixed = accelerator.mixed_precision if accelerator is not None else "no"
         return f"cuda: {n} × {name} (mixed precision {mixed})"
-    cpu = platform.processor() or platform.machine()
+    cpu = _cpu_name() or platform.processor() or platform.machine()
     return f"cpu: {cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
 
 
 def run_training(config: TrainConfig, *, command: str | None = None) -> Path:

@@ -31,7 +31,7 @@ class ToileFamily:
     name = "toile"
     title = "toile (built-in, pixel-space rectified flow)"
     capabilities: ClassVar[dict[str, frozenset[Mode]]] = {"": ALL_MODES}
-    lora = False
+    lora = True  # peft adapters on the U-Net for one run: see families/toile/lora.py
     gpu_dtype = "bfloat16"  # trained in bf16 mixed precision on GPUs
 
     def detect(self, path: Path) -> bool:
@@ -72,12 +72,14 @@ class ToileFamily:
             dtype=dtype,
             pipelines={"txt2img": pipe},
             scheduler=f"rectified-flow euler (shift {config.sampler.shift})",
-            supports_lora=False,
+            supports_lora=self.lora,
         )
 
     def run(
         self, loaded: LoadedModel, request: ResolvedRequest, ctx: RunContext
     ) -> list[Image.Image]:
+        from toile.families.toile.lora import loras_applied
+
         pipe = loaded.pipelines["txt2img"]
         req = request.request
         n = len(request.seeds)
@@ -88,16 +90,17 @@ class ToileFamily:
         ctx.check_cancelled()
         image = req.image if request.mode in (Mode.IMG2IMG, Mode.INPAINT) else None
         mask = req.mask if request.mode is Mode.INPAINT else None
-        return pipe(
-            [req.prompt] * n,
-            generators=cpu_generators(request.seeds),
-            steps=request.steps,
-            guidance=request.guidance,
-            width=None if image is not None else request.width,
-            height=None if image is not None else request.height,
-            image=image,
-            mask=mask,
-            strength=request.strength if image is not None else None,
-            negative_prompt=request.negative_prompt,
-            callback=on_step,
-        )
+        with loras_applied(pipe.unet, req.loras):  # LoRAs for this run only, removed after
+            return pipe(
+                [req.prompt] * n,
+                generators=cpu_generators(request.seeds),
+                steps=request.steps,
+                guidance=request.guidance,
+                width=None if image is not None else request.width,
+                height=None if image is not None else request.height,
+                image=image,
+                mask=mask,
+                strength=request.strength if image is not None else None,
+                negative_prompt=request.negative_prompt,
+                callback=on_step,
+            )
