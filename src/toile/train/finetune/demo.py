@@ -13,11 +13,17 @@
    ``toile eval scenes --concepts held-out`` (prompts with pink or star: did it learn them?)
    and ``toile eval scenes`` (the original concepts: did it forget anything? within 0.05 is
    the bar);
-4. prints (and writes to ``OUT/summary.json``) a JSON summary with every number, the exact
-   commands and the wall time.
+4. probes below pass/fail (the scene checker is strict: a weak base model fails nearly every
+   prompt either way): on the first ``--probe`` held-out prompts — the same prompts and seeds
+   as the evaluation, so the same images — how often the asked-for held-out colour (pink) and
+   shape (star) are *present* at all, and on as many original prompts how often pink shows up
+   unasked (leakage) and the background is right;
+5. prints (and writes to ``OUT/summary.json``) a JSON summary with every number, the exact
+   commands and the time each stage took.
 
-Every step runs the real ``toile`` command in a subprocess, so the commands in the summary are
-exactly what was measured and can be re-run one by one.
+Steps 1-3 run the real ``toile`` commands in subprocesses, so the commands in the summary are
+exactly what was measured and can be re-run one by one. Each stage's result is kept in
+``OUT/results/``; running the script again reuses a stage whose command is unchanged.
 """
 
 from __future__ import annotations
@@ -62,8 +68,72 @@ def render_images(folder: Path, *, size: int = 64, seed: int = 0) -> list[dict[s
     return made
 
 
+def concept_probe(model: str | None, lora: Path, n: int, seed: int) -> dict[str, Any]:
+    """Presence of the held-out concepts, base vs LoRA (see the module docstring, step 4)."""
+    from toile.data.scenes import HELD_OUT_COLORS, HELD_OUT_SHAPES
+    from toile.engine.engine import Engine
+    from toile.evaluate.scene_checker import detect
+    from toile.evaluate.scene_eval import held_out_prompt_set, prompt_set
+    from toile.request import GenerationRequest, LoraSpec
+
+    engine = Engine()
+    held_out = held_out_prompt_set(n, seed)
+    original = prompt_set(n, seed)
+    result: dict[str, Any] = {"prompts": n}
+    for name, loras in (("base", ()), ("finetuned", (LoraSpec(str(lora)),))):
+        counts = dict.fromkeys(("pink_asked", "pink_seen", "star_asked", "star_seen",
+                                "pink_unasked", "background_ok"), 0)
+        for items, asked in ((held_out, True), (original, False)):
+            for i, item in enumerate(items):
+                request = GenerationRequest(item.prompt, model=model, seed=seed + i, loras=loras)
+                found = detect(engine.run(request).images[0])
+                colors = {b.color for b in found.objects} | {found.background}
+                shapes = {b.shape for b in found.objects}
+                scene = item.scene
+                wants_pink = scene.background in HELD_OUT_COLORS or any(
+                    o.color in HELD_OUT_COLORS for o in scene.objects)
+                wants_star = any(o.shape in HELD_OUT_SHAPES for o in scene.objects)
+                pink = bool(colors & HELD_OUT_COLORS)
+                if asked:
+                    counts["pink_asked"] += wants_pink
+                    counts["pink_seen"] += wants_pink and pink
+                    counts["star_asked"] += wants_star
+                    counts["star_seen"] += wants_star and bool(shapes & HELD_OUT_SHAPES)
+                else:
+                    counts["pink_unasked"] += pink
+                    counts["background_ok"] += found.background == scene.background
+        result[name] = {
+            "pink_present_when_asked": _rate(counts["pink_seen"], counts["pink_asked"]),
+            "star_present_when_asked": _rate(counts["star_seen"], counts["star_asked"]),
+            "pink_leak_on_original": _rate(counts["pink_unasked"], n),
+            "background_ok_on_original": _rate(counts["background_ok"], n),
+            "counts": counts,
+        }
+    return result
+
+
+def _rate(part: int, whole: int) -> float | None:
+    return round(part / whole, 4) if whole else None
+
+
 def toile_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "toile.cli.main", *args]
+
+
+def cached(out: Path, name: str, key: Any) -> dict[str, Any] | None:
+    """The stored result of stage ``name`` if it was made with the same ``key``."""
+    path = out / "results" / f"{name}.json"
+    if not path.is_file():
+        return None
+    stored = json.loads(path.read_text())
+    return stored if stored.get("key") == key else None
+
+
+def store(out: Path, name: str, key: Any, output: Any, seconds: float) -> dict[str, Any]:
+    stored = {"key": key, "output": output, "seconds": round(seconds, 1)}
+    (out / "results").mkdir(parents=True, exist_ok=True)
+    (out / "results" / f"{name}.json").write_text(json.dumps(stored, indent=2) + "\n")
+    return stored
 
 
 def run(command: list[str], log: Path) -> tuple[dict[str, Any], float]:
@@ -86,6 +156,7 @@ def scores(report: dict[str, Any]) -> dict[str, Any]:
         "by_category": {k: round(v["accuracy"], 4) for k, v in report["categories"].items()},
         "passed": report["passed"],
         "total": report["total"],
+        "failures_by_aspect": report["failures"],
     }
 
 
@@ -100,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--n", type=int, default=60, help="prompts per evaluation (default 60)")
     parser.add_argument("--eval-seed", type=int, default=0)
+    parser.add_argument("--probe", type=int, default=24,
+                        help="prompts for the concept-presence probe (0: skip it)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     args = parser.parse_args(argv)
 
@@ -125,17 +198,31 @@ def main(argv: list[str] | None = None) -> int:
         "--batch-size", str(len(images)), "--threads", str(args.threads), "--no-progress",
         "--json",
     )
-    trained, finetune_s = run(finetune, log)
+    reused: list[str] = []
+    stage = cached(out, "finetune", finetune) if lora.is_file() else None
+    if stage is None:
+        stage = store(out, "finetune", finetune, *run(finetune, log))
+    else:
+        reused.append("finetune")
+    trained, finetune_s = stage["output"], stage["seconds"]
+    losses = [json.loads(line)["loss"] for line in
+              (Path(str(lora) + ".checkpoints") / "log.jsonl").read_text().splitlines()]
 
-    def evaluate(held_out: bool, with_lora: bool) -> tuple[dict[str, Any], float, list[str]]:
+    def evaluate(name: str, held_out: bool, with_lora: bool) -> dict[str, Any]:
         command = toile_command("eval", "scenes", *model, "--n", str(args.n), "--seed",
                                 str(args.eval_seed), "--json")
         if held_out:
             command += ["--concepts", "held-out"]
         if with_lora:
             command += ["--lora", str(lora)]
+        # A result with the LoRA is only reused for the very same LoRA file.
+        key = {"command": command, "lora": lora.stat().st_mtime_ns if with_lora else None}
+        found = cached(out, name, key)
+        if found is not None:
+            reused.append(name)
+            return found | {"command": command}
         report, seconds = run(command, log)
-        return scores(report), seconds, command
+        return store(out, name, key, scores(report), seconds) | {"command": command}
 
     results: dict[str, Any] = {}
     commands = {"finetune": finetune}
@@ -143,16 +230,28 @@ def main(argv: list[str] | None = None) -> int:
         ("held_out_base", True, False), ("held_out_finetuned", True, True),
         ("original_base", False, False), ("original_finetuned", False, True),
     ):
-        score, seconds, command = evaluate(held_out, with_lora)
-        results[name] = score | {"seconds": round(seconds, 1)}
-        commands[name] = command
+        stage = evaluate(name, held_out, with_lora)
+        results[name] = stage["output"] | {"seconds": stage["seconds"]}
+        commands[name] = stage["command"]
+    if args.probe:
+        key = {"lora": str(lora), "n": args.probe, "seed": args.eval_seed, "model": args.model,
+               "lora_mtime": lora.stat().st_mtime_ns}
+        stage = cached(out, "probe", key)
+        if stage is None:
+            probe_start = time.perf_counter()
+            probe = concept_probe(args.model, lora, args.probe, args.eval_seed)
+            stage = store(out, "probe", key, probe, time.perf_counter() - probe_start)
+        else:
+            reused.append("probe")
+        results["concept_probe"] = stage["output"] | {"seconds": stage["seconds"]}
 
     forgetting = results["original_base"]["accuracy"] - results["original_finetuned"]["accuracy"]
     summary = {
         "model": args.model or BUILTIN_MODEL,
         "images": images,
         "finetune": {"steps": trained["steps"], "rank": args.rank, "lr": args.lr,
-                     "first_loss": trained["first_loss"], "last_loss": trained["last_loss"],
+                     "loss_first_10_mean": round(sum(losses[:10]) / len(losses[:10]), 4),
+                     "loss_last_10_mean": round(sum(losses[-10:]) / len(losses[-10:]), 4),
                      "seconds": round(finetune_s, 1), "lora": str(lora)},
         "eval_prompts": args.n,
         **results,
@@ -161,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
         "original_change": round(-forgetting, 4),
         "no_forgetting": bool(forgetting <= FORGETTING_BAR),
         "wall_time_s": round(time.perf_counter() - start, 1),
+        "compute_time_s": round(finetune_s + sum(r["seconds"] for r in results.values()), 1),
+        "reused_stages": reused,
         "commands": {k: " ".join(v[2:]).replace("toile.cli.main", "toile")
                      for k, v in commands.items()},
     }

@@ -287,6 +287,12 @@ class FinetuneRunner:
         root = config.checkpoint_root
         if acc.is_main_process:
             root.mkdir(parents=True, exist_ok=True)
+            if self.step == 0:
+                # A fresh run replaces OUT: its old checkpoints and log would otherwise mix
+                # with the new ones (and --resume could pick an old run's step).
+                for old in list_checkpoints(root):
+                    shutil.rmtree(old, ignore_errors=True)
+                (root / "log.jsonl").unlink(missing_ok=True)
             config.save(root / "finetune_config.json")
         result = FinetuneResult(
             out=Path(config.out), steps=self.step, skipped=self.data.skips.to_dict(),
