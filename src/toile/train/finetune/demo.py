@@ -15,9 +15,12 @@
    the bar);
 4. probes below pass/fail (the scene checker is strict: a weak base model fails nearly every
    prompt either way): on the first ``--probe`` held-out prompts — the same prompts and seeds
-   as the evaluation, so the same images — how often the asked-for held-out colour (pink) and
-   shape (star) are *present* at all, and on as many original prompts how often pink shows up
-   unasked (leakage) and the background is right;
+   as the evaluation, so the same images — how often the asked-for held-out colour (pink) is
+   *present* at all (colour is read robustly: nearest palette colour), and on as many original
+   prompts how often pink shows up unasked (leakage) and the background is right. Shape is
+   not probed this way: the checker's star test (low solidity) also fires on the irregular
+   blobs an under-trained model draws (the CPU-trained toile-mini, which never saw a star,
+   "drew" one for 10 of 17 star prompts when we tried), so star presence would measure noise;
 5. prints (and writes to ``OUT/summary.json``) a JSON summary with every number, the exact
    commands and the time each stage took.
 
@@ -70,7 +73,7 @@ def render_images(folder: Path, *, size: int = 64, seed: int = 0) -> list[dict[s
 
 def concept_probe(model: str | None, lora: Path, n: int, seed: int) -> dict[str, Any]:
     """Presence of the held-out concepts, base vs LoRA (see the module docstring, step 4)."""
-    from toile.data.scenes import HELD_OUT_COLORS, HELD_OUT_SHAPES
+    from toile.data.scenes import HELD_OUT_COLORS
     from toile.engine.engine import Engine
     from toile.evaluate.scene_checker import detect
     from toile.evaluate.scene_eval import held_out_prompt_set, prompt_set
@@ -81,30 +84,24 @@ def concept_probe(model: str | None, lora: Path, n: int, seed: int) -> dict[str,
     original = prompt_set(n, seed)
     result: dict[str, Any] = {"prompts": n}
     for name, loras in (("base", ()), ("finetuned", (LoraSpec(str(lora)),))):
-        counts = dict.fromkeys(("pink_asked", "pink_seen", "star_asked", "star_seen",
-                                "pink_unasked", "background_ok"), 0)
+        counts = dict.fromkeys(("pink_asked", "pink_seen", "pink_unasked", "background_ok"), 0)
         for items, asked in ((held_out, True), (original, False)):
             for i, item in enumerate(items):
                 request = GenerationRequest(item.prompt, model=model, seed=seed + i, loras=loras)
                 found = detect(engine.run(request).images[0])
                 colors = {b.color for b in found.objects} | {found.background}
-                shapes = {b.shape for b in found.objects}
                 scene = item.scene
                 wants_pink = scene.background in HELD_OUT_COLORS or any(
                     o.color in HELD_OUT_COLORS for o in scene.objects)
-                wants_star = any(o.shape in HELD_OUT_SHAPES for o in scene.objects)
                 pink = bool(colors & HELD_OUT_COLORS)
                 if asked:
                     counts["pink_asked"] += wants_pink
                     counts["pink_seen"] += wants_pink and pink
-                    counts["star_asked"] += wants_star
-                    counts["star_seen"] += wants_star and bool(shapes & HELD_OUT_SHAPES)
                 else:
                     counts["pink_unasked"] += pink
                     counts["background_ok"] += found.background == scene.background
         result[name] = {
             "pink_present_when_asked": _rate(counts["pink_seen"], counts["pink_asked"]),
-            "star_present_when_asked": _rate(counts["star_seen"], counts["star_asked"]),
             "pink_leak_on_original": _rate(counts["pink_unasked"], n),
             "background_ok_on_original": _rate(counts["background_ok"], n),
             "counts": counts,
