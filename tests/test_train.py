@@ -143,3 +143,41 @@ def test_config_round_trip_and_validation(tmp_path: Path) -> None:
         TrainConfig(batch_size=0)
     with pytest.raises(ValueError):
         preset("nope")
+
+
+def test_snapshots_and_learning_curve(tmp_path: Path, text_folder: Path) -> None:
+    from toile.train.curve import CurveSettings, learning_curve, read_curve
+    from toile.train.curve import main as curve_main
+    from toile.train.export import main as export_main
+
+    run = tmp_path / "run"
+    trainer = Trainer(tiny(run, text_folder, steps=4, snapshot_every=2), command="test")
+    trainer.train()
+    snapshots = sorted(p.name for p in (run / "snapshots").iterdir())
+    assert snapshots == ["step-000002", "step-000004"]
+    # A snapshot holds exactly the EMA weights of its step (the last one equals the trainer's).
+    names = [n for n, _ in trainer.unwrapped.named_parameters()]
+    saved = load_file(str(run / "snapshots" / "step-000004" / "ema.safetensors"))
+    for name, shadow in zip(names, trainer.ema.shadow_params, strict=True):
+        assert torch.equal(saved[name], shadow)
+    assert json.loads((run / "snapshots" / "step-000002" / "state.json").read_text())["step"] == 2
+
+    settings = CurveSettings(n=3, steps=2)
+    points = learning_curve(run, settings, progress=False)
+    assert [p.step for p in points] == [2, 4]
+    assert [p.images_seen for p in points] == [2 * 4, 4 * 4]  # tiny preset: batch 4
+    assert all(0.0 <= p.accuracy <= 1.0 for p in points)
+    assert all(set(p.by_kind) <= {"single", "relation", "count"} for p in points)
+    cache = run / "snapshots" / "step-000002" / settings.cache_name()
+    assert cache.is_file()
+    # A rerun reads the cached grades and writes the same curve.
+    cache_time = cache.stat().st_mtime_ns
+    assert learning_curve(run, settings, progress=False) == points
+    assert cache.stat().st_mtime_ns == cache_time
+    assert read_curve(run) == (settings, points)
+    # The model card of an export from this run shows the curve.
+    assert export_main(["--run", str(run), "--out", str(tmp_path / "model")]) == 0
+    card = (tmp_path / "model" / "MODEL_CARD.md").read_text()
+    assert "## Learning curve" in card and "| 4 | 16 |" in card
+    # No snapshots: a clear error, exit status 2.
+    assert curve_main(["--run", str(tmp_path / "empty")]) == 2

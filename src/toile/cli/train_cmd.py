@@ -42,6 +42,12 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
         help="wall-clock minutes between checkpoints (default 5)",
     )
     parser.add_argument("--checkpoint-every", type=int, help="steps between checkpoints")
+    parser.add_argument(
+        "--snapshot-every",
+        type=int,
+        metavar="N",
+        help="keep the EMA weights of every Nth step under OUT/snapshots (learning curves)",
+    )
     parser.add_argument("--mixed-precision", choices=("auto", "no", "bf16", "fp16"))
     parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     parser.add_argument(
@@ -63,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
         "num_threads": args.threads,
         "checkpoint_minutes": args.checkpoint_minutes,
         "checkpoint_every": args.checkpoint_every,
+        "snapshot_every": args.snapshot_every,
         "mixed_precision": args.mixed_precision,
         "resume": bool(args.resume),
     }

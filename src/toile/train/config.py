@@ -56,6 +56,9 @@ class TrainConfig:
     checkpoint_every: int = 0  # steps; 0 = use checkpoint_minutes only
     checkpoint_minutes: float = 5.0  # wall-clock interval; 0 = off
     keep_checkpoints: int = 2
+    # Keep the EMA weights of every Nth step under snapshots/ (never pruned, ~4 bytes per
+    # parameter each): the points of a learning curve (``python -m toile.train.curve``). 0 = off.
+    snapshot_every: int = 0
     sample_prompts: tuple[str, ...] = DEFAULT_SAMPLE_PROMPTS
     sample_steps: int = 20
     sample_guidance: float = 4.0
@@ -74,6 +77,7 @@ class TrainConfig:
             "caption_dropout": 0.0 <= self.caption_dropout < 1.0,
             "ema_decay": 0.0 <= self.ema_decay < 1.0,
             "keep_checkpoints": self.keep_checkpoints >= 1,
+            "snapshot_every": self.snapshot_every >= 0,
             "mixed_precision": self.mixed_precision in ("auto", "no", "bf16", "fp16"),
         }
         for name, ok in checks.items():

@@ -90,7 +90,8 @@ def _log_summary(run_dir: Path, step: int) -> dict[str, Any]:
 
 
 def scene_eval(pipe: ToilePipeline, n: int, *, steps: int | None = None,
-               guidance: float | None = None, seed: int = 0) -> dict[str, Any]:
+               guidance: float | None = None, seed: int = 0,
+               phrasing: str = "train") -> dict[str, Any]:
     """Scene-checker accuracy on ``toile.evaluate.scene_eval.prompt_set(n)`` (GenEval style)."""
     from toile.evaluate.scene_eval import evaluate, prompt_set
 
@@ -100,9 +101,9 @@ def scene_eval(pipe: ToilePipeline, n: int, *, steps: int | None = None,
     def generate(prompts: list[str], seeds: list[int]) -> list:
         return pipe(prompts, seeds=seeds, steps=steps, guidance=guidance)
 
-    report = evaluate(generate, prompt_set(n, seed=seed), seed=seed)
+    report = evaluate(generate, prompt_set(n, seed=seed, phrasing=phrasing), seed=seed)
     return {
-        "prompts": n, "steps": steps, "guidance": guidance,
+        "prompts": n, "steps": steps, "guidance": guidance, "phrasing": phrasing,
         "pass_rate": round(report.accuracy, 3),
         "by_kind": {k: round(v.accuracy, 3) for k, v in report.categories.items()},
         "failures": dict(report.failures),
@@ -175,6 +176,7 @@ def write_model_card(
         )
     if not log and not metrics:
         lines.append("- (nothing measured)")
+    lines += _curve_section(Path(run_dir))
     lines += [
         "",
         "## Limits",
@@ -190,6 +192,27 @@ def write_model_card(
     if metrics:
         (Path(out_dir) / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return path
+
+
+def _curve_section(run_dir: Path) -> list[str]:
+    """The run's learning curve (``python -m toile.train.curve``), when one was measured."""
+    from toile.train.curve import markdown_table, read_curve
+
+    found = read_curve(run_dir)
+    if found is None:
+        return []
+    settings, points = found
+    return [
+        "",
+        "## Learning curve",
+        "",
+        f"Scene-checker accuracy of the EMA weights at each snapshot: {settings.n} prompts "
+        f"(seed {settings.seed}, {settings.phrasing} phrasing), {settings.steps} Euler steps, "
+        f"guidance {settings.guidance:g} (`python -m toile.train.curve --run RUN "
+        f"--n {settings.n} --steps {settings.steps}`).",
+        "",
+        markdown_table(points),
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:

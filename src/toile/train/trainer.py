@@ -20,6 +20,7 @@ Run layout::
     OUT/train_config.json   OUT/run_info.json   OUT/log.jsonl   OUT/train.log (nohup)
     OUT/checkpoints/step-000500/{model,ema,optimizer,rng}.safetensors + state.json
     OUT/samples/step-000500.png
+    OUT/snapshots/step-000400/{ema.safetensors,state.json}   (with ``snapshot_every``)
 """
 
 from __future__ import annotations
@@ -233,6 +234,8 @@ class Trainer:
             if self._checkpoint_due(last_ckpt) or self.step == config.steps:
                 self.save_checkpoint()
                 last_ckpt = time.monotonic()
+            if config.snapshot_every and self.step % config.snapshot_every == 0:
+                self.save_snapshot()
         if bar is not None:
             bar.close()
         acc.wait_for_everyone()
@@ -318,22 +321,12 @@ class Trainer:
             tmp.mkdir(parents=True)
             save_file({k: v.contiguous().cpu() for k, v in state.items()},
                       str(tmp / "model.safetensors"))
-            names = [n for n, _ in self.unwrapped.named_parameters()]
-            save_file(
-                {n: p.detach().contiguous().cpu() for n, p in zip(names, self.ema.shadow_params,
-                                                                  strict=True)},
-                str(tmp / "ema.safetensors"),
-            )
+            save_file(self._ema_tensors(), str(tmp / "ema.safetensors"))
             tensors, meta = _flatten_optimizer(self.optimizer.state_dict())
             save_file(tensors, str(tmp / "optimizer.safetensors"), metadata=meta)
             save_file({"torch_cpu": torch.get_rng_state()}, str(tmp / "rng.safetensors"),
                       metadata={"python": json.dumps(random.getstate())})
-            (tmp / "state.json").write_text(json.dumps({
-                "step": self.step,
-                "ema_optimization_step": self.ema.optimization_step,
-                "train_seconds": self.train_seconds,
-                "config": self.config.to_dict(),
-            }, indent=2) + "\n")
+            (tmp / "state.json").write_text(json.dumps(self._state(), indent=2) + "\n")
             shutil.rmtree(target, ignore_errors=True)
             os.replace(tmp, target)
             for old in list_checkpoints(self.out)[: -self.config.keep_checkpoints]:
@@ -342,6 +335,38 @@ class Trainer:
                 self.sample_grid(self.out / "samples" / f"step-{self.step:06d}.png")
         acc.wait_for_everyone()
         return target
+
+    def save_snapshot(self) -> Path:
+        """Write snapshots/step-N: the EMA weights and state.json (step, time, config) only.
+
+        The same layout as a checkpoint's EMA part, so ``toile.train.export`` and
+        ``toile.train.curve`` read either. Snapshots are never pruned.
+        """
+        from safetensors.torch import save_file
+
+        target = self.out / "snapshots" / f"step-{self.step:06d}"
+        if self.accelerator.is_main_process:
+            tmp = target.with_name(target.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            save_file(self._ema_tensors(), str(tmp / "ema.safetensors"))
+            (tmp / "state.json").write_text(json.dumps(self._state(), indent=2) + "\n")
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(tmp, target)
+        return target
+
+    def _ema_tensors(self) -> dict[str, torch.Tensor]:
+        names = [n for n, _ in self.unwrapped.named_parameters()]
+        return {n: p.detach().contiguous().cpu()
+                for n, p in zip(names, self.ema.shadow_params, strict=True)}
+
+    def _state(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "ema_optimization_step": self.ema.optimization_step,
+            "train_seconds": self.train_seconds,
+            "config": self.config.to_dict(),
+        }
 
     def load_checkpoint(self, folder: Path) -> None:
         """Restore model, EMA, optimizer, RNG and step from ``folder``."""
