@@ -173,3 +173,18 @@ def test_errors_are_clear(tiny_models, toile_home, tmp_path, args, message):
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_bench_reports_loads_and_the_direct_call_baseline(toile_home):
+    # The built-in model (the default), at 2 steps: what `toile bench` is for, kept short.
+    proc = toile("bench", "--runs", "2", "--steps", "2", "--json", home=toile_home)
+    result = json.loads(proc.stdout)
+    assert result["family"] == "toile" and result["runs"] == 2
+    assert result["settings"]["steps"] == 2
+    assert result["cold_load_s"] > 0 and result["load_s"] > 0
+    for side in ("engine", "direct_family_call"):
+        stats = result[side]
+        assert 0 < stats["min_s"] <= stats["median_s"] <= stats["max_s"]
+    assert result["engine_overhead_ratio"] > 0
+    bad = toile("bench", "--runs", "0", home=toile_home, check=False)
+    assert bad.returncode != 0 and "runs" in bad.stderr
