@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from toile.data.scene_parser import parse_prompt
 from toile.data.scenes import (
     ALL_COLORS,
     ALL_SHAPES,
     Scene,
     SceneObject,
-    parse_prompt,
     render,
     sample_scene,
 )

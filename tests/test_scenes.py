@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 
+from toile.data.scene_parser import parse_prompt
 from toile.data.scenes import (
     ALL_COLORS,
     ALL_SHAPES,
@@ -26,7 +27,6 @@ from toile.data.scenes import (
     SceneObject,
     caption,
     generate_pair,
-    parse_prompt,
     render,
     sample_scene,
     templates,
