@@ -83,11 +83,14 @@ def grade_snapshot(snapshot: Path, settings: CurveSettings) -> CurvePoint:
 
 
 def learning_curve(
-    run_dir: Path, settings: CurveSettings, *, source: Path | None = None, progress: bool = True
+    run_dir: Path, settings: CurveSettings, *, source: Path | None = None, every: int = 1,
+    progress: bool = True,
 ) -> list[CurvePoint]:
-    """Grade every snapshot of ``run_dir`` (or of ``source``) and write ``learning_curve.json``."""
+    """Grade the snapshots of ``run_dir`` (or of ``source``) whose step is a multiple of
+    ``every``, and write ``learning_curve.json``."""
     run_dir = Path(run_dir)
-    snapshots = find_snapshots(source or run_dir / "snapshots")
+    snapshots = [p for p in find_snapshots(source or run_dir / "snapshots")
+                 if int(p.name.split("-")[1]) % every == 0]
     if not snapshots:
         where = source or run_dir / "snapshots"
         raise FileNotFoundError(
@@ -139,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--from", dest="source", type=Path,
                         help="folder of step-N snapshots (default: RUN/snapshots)")
     defaults = CurveSettings()
+    parser.add_argument("--every", type=int, default=1, metavar="STEPS",
+                        help="grade only snapshots at multiples of this step (default: all)")
     parser.add_argument("--n", type=int, default=defaults.n, help="prompts per snapshot")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--steps", type=int, default=defaults.steps, help="sampling steps")
@@ -146,15 +151,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--phrasing", choices=("train", "heldout"), default=defaults.phrasing)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
     args = parser.parse_args(argv)
-    if args.n < 1 or args.steps < 1:
-        print("toile curve: error: --n and --steps must be >= 1", file=sys.stderr)
+    if min(args.n, args.steps, args.every) < 1:
+        print("toile curve: error: --n, --steps and --every must be >= 1", file=sys.stderr)
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     settings = CurveSettings(n=args.n, seed=args.seed, steps=args.steps,
                              guidance=args.guidance, phrasing=args.phrasing)
     try:
-        points = learning_curve(args.run, settings, source=args.source)
+        points = learning_curve(args.run, settings, source=args.source, every=args.every)
     except FileNotFoundError as exc:
         print(f"toile curve: error: {exc}", file=sys.stderr)
         return 2
