@@ -116,7 +116,10 @@ def learning_curve(
 
 def markdown_table(points: list[CurvePoint]) -> str:
     """The curve as a Markdown table (one row per snapshot)."""
-    kinds = sorted({k for p in points for k in p.by_kind})
+    from toile.evaluate.scene_eval import CATEGORIES
+
+    seen = {k for p in points for k in p.by_kind}
+    kinds = [k for k in CATEGORIES if k in seen] + sorted(seen - set(CATEGORIES))
     head = ["step", "images seen", "train min", "overall", *kinds]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for p in points:
