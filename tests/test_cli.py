@@ -80,6 +80,19 @@ def test_generate_json_info_and_batch(tiny_models, toile_home, tmp_path):
     assert np.abs(a - b).max() <= 2
 
 
+
+def test_generate_with_an_sdxl_refiner(tiny_models, toile_home, tmp_path):
+    base, refiner = str(tiny_models("sdxl")), str(tiny_models("sdxl_refiner"))
+    out = tmp_path / "refined.png"
+    args = ("generate", "a red cat", "--model", base, "--refiner", refiner, "--steps", "4",
+            "--seed", "2", "-o", str(out), "--json")
+    data = json.loads(toile(*args, "--refiner-switch", "0.5", home=toile_home).stdout)
+    record = data["images"][0]["record"]
+    assert (record["refiner_id"], record["refiner_switch"]) == (refiner, 0.5)
+    assert "Refiner switch at: 0.5" in toile("info", str(out), "--a1111", home=toile_home).stdout
+    bad = toile(*args, "--refiner-switch", "1", home=toile_home, check=False)
+    assert bad.returncode != 0 and "refiner_switch" in bad.stderr
+
 def test_models_add_list_and_generate_by_id(tiny_models, toile_home, tmp_path):
     toile("models", "add", "tiny-sd", str(tiny_models("sd")), home=toile_home)
     listing = json.loads(toile("models", "--json", home=toile_home).stdout)

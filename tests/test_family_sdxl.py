@@ -190,6 +190,68 @@ def test_refiner_inpaint_parity_and_outpaint(engine, refiner_path):
     assert np.array_equal(np.asarray(outpainted.images[0])[:, :32], np.asarray(init))
 
 
+def test_base_to_refiner_handoff_parity(engine, sdxl_path, refiner_path):
+    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+
+    from toile.safety.metadata import a1111_parameters
+
+    steps, switch = 5, 0.6
+    events = []
+    ours = engine.run(
+        GenerationRequest("a red cat", model=str(sdxl_path), refiner=str(refiner_path),
+                          refiner_switch=switch, steps=steps, seed=3, num_images=2),
+        progress=events.append,
+    )
+    # diffusers' documented ensemble of experts, one seed at a time.
+    base = diffusers_pipe(StableDiffusionXLPipeline, sdxl_path)
+    refiner = diffusers_pipe(StableDiffusionXLImg2ImgPipeline, refiner_path)
+    for image, seed in zip(ours.images, (3, 4), strict=True):
+        generator = seeded(seed)
+        latents = base("a red cat", num_inference_steps=steps, guidance_scale=GUIDANCE,
+                       denoising_end=switch, output_type="latent", generator=generator).images
+        ref = refiner("a red cat", image=latents, num_inference_steps=steps,
+                      guidance_scale=GUIDANCE, denoising_start=switch,
+                      generator=generator).images[0]
+        assert_same_image(image, ref)
+    # Progress runs through both stages; together they take the schedule's steps.
+    stages = {}
+    for event in events:
+        stages[event.stage] = event.step
+    assert list(stages) == ["base", "refiner"] and sum(stages.values()) == steps
+    record = ours.records[0]
+    assert record.refiner_id == str(refiner_path) and record.refiner_switch == switch
+    assert record.refiner_hash and record.refiner_hash != record.model_hash
+    assert f"Refiner switch at: {switch:g}" in a1111_parameters(record)
+    # The hand-off changes the picture: the base alone (same seed) is a different image.
+    alone = engine.run(GenerationRequest("a red cat", model=str(sdxl_path), steps=steps, seed=3))
+    assert max_abs_diff(alone.images[0], ours.images[0]) > 0
+    assert alone.records[0].refiner_id is None
+    # The default switch is A1111's and diffusers' 0.8.
+    default = engine.run(GenerationRequest("a red cat", model=str(sdxl_path), steps=steps,
+                                           seed=3, refiner=str(refiner_path)))
+    assert default.records[0].refiner_switch == 0.8
+
+
+def test_refiner_errors(engine, sdxl_path, refiner_path, tiny_models):
+    init = gradient_image(32, 32, seed=1)
+    with pytest.raises(UnsupportedModeError, match="txt2img only, not img2img") as info:
+        engine.run(GenerationRequest("x", model=str(sdxl_path), refiner=str(refiner_path),
+                                     image=init, steps=2))
+    assert info.value.field == "refiner"
+    sd = str(tiny_models("sd"))
+    with pytest.raises(RequestError, match="is a sd model; the refiner must be a sdxl model"):
+        engine.run(GenerationRequest("x", model=str(sdxl_path), refiner=sd, steps=2))
+    with pytest.raises(RequestError, match="the sd family has no refiner hand-off"):
+        engine.run(GenerationRequest("x", model=sd, refiner=str(refiner_path), steps=2))
+    with pytest.raises(RequestError, match="only applies with a refiner") as info:
+        GenerationRequest("x", refiner_switch=0.5)
+    assert info.value.field == "refiner_switch"
+    for bad in (0.0, 1.0, 1.5, -0.2):
+        with pytest.raises(RequestError) as info:
+            GenerationRequest("x", refiner="r", refiner_switch=bad)
+        assert info.value.field == "refiner_switch"
+
+
 # --- single file ------------------------------------------------------------------------------
 
 

@@ -156,6 +156,10 @@ ERROR_CASES = [
         "override_settings.CLIP_stop_at_last_layers",
     ),
     ({"prompt": "<lora:nope:0.5> a cat"}, "prompt"),
+    ({"refiner_checkpoint": "nope [0123456789]"}, "refiner_checkpoint"),
+    ({"refiner_checkpoint": MODEL, "refiner_switch_at": 1.5}, "refiner_switch_at"),
+    # Known id, but the tiny SD model has no refiner hand-off (only SDXL has): found at run time.
+    ({"refiner_checkpoint": MODEL}, "refiner_checkpoint"),
 ]
 
 

@@ -101,6 +101,11 @@ def test_idempotency_key_returns_the_same_job(scripted, tmp_path):
         ({"model": "../../models/x"}, "model"),
         ({"model": "https://example.com/model.safetensors"}, "model"),
         ({"model": "no-such-model"}, "model"),
+        ({"refiner": "/tmp/refiner"}, "refiner"),
+        ({"refiner": "no-such-model"}, "refiner"),
+        ({"refiner": "tiny-sd"}, "refiner"),  # the tiny SD model has no refiner hand-off
+        ({"refiner": "tiny-sd", "refiner_switch": 1.0}, "refiner_switch"),
+        ({"refiner_switch": 0.5}, "refiner_switch"),  # a switch without a refiner
         ({"sampler": "euler"}, "sampler"),
         ({"prompt": None}, "prompt"),
         ({"guidance": -1}, "guidance"),

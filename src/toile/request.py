@@ -137,6 +137,10 @@ class GenerationRequest:
     outpaint: Outpaint | None = None
     loras: tuple[LoraSpec, ...] = ()
     model: str | None = None
+    # A second model that finishes the low-noise end of the schedule (SDXL's base -> refiner
+    # hand-off; A1111's "Refiner" / "Switch at"): the fraction of the schedule the base runs.
+    refiner: str | None = None
+    refiner_switch: float | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.prompt, str):
@@ -152,6 +156,14 @@ class GenerationRequest:
         _check_int("seed", self.seed, 0, MAX_SEED)
         _check_int("num_images", self.num_images, 1, MAX_IMAGES)
         _check_float("strength", self.strength, 0.0, 1.0, open_low=True)
+        if self.refiner is not None and (not isinstance(self.refiner, str) or not self.refiner):
+            raise RequestError("refiner", "must be a model id or path (a non-empty string)")
+        if self.refiner_switch is not None:
+            if self.refiner is None:
+                raise RequestError("refiner_switch", "only applies with a refiner: set refiner")
+            _check_float("refiner_switch", self.refiner_switch, 0.0, 1.0, open_low=True)
+            if self.refiner_switch == 1.0:
+                raise RequestError("refiner_switch", "must be below 1 (the refiner needs steps)")
         if not isinstance(self.loras, tuple) or not all(
             isinstance(lora, LoraSpec) for lora in self.loras
         ):
@@ -213,6 +225,7 @@ class FamilyDefaults:
     size_multiple: int = 8
     max_pixels: int = 2048 * 2048
     min_side: int = 8
+    refiner_switch: float = 0.8  # diffusers' ensemble-of-experts example, A1111's default
 
 
 @dataclass(frozen=True)
@@ -227,6 +240,7 @@ class ResolvedRequest:
     guidance: float
     strength: float | None
     seeds: tuple[int, ...] = field(default_factory=tuple)
+    refiner_switch: float | None = None  # set exactly when request.refiner is
 
     @property
     def prompt(self) -> str:
@@ -244,6 +258,12 @@ def resolve(request: GenerationRequest, defaults: FamilyDefaults, family: str) -
         allowed = ", ".join(sorted(m.value for m in defaults.modes))
         raise UnsupportedModeError(
             "mode", f"{mode.value} is not supported by the {family} family (it supports: {allowed})"
+        )
+    if request.refiner is not None and mode is not Mode.TXT2IMG:
+        raise UnsupportedModeError(
+            "refiner",
+            f"a refiner hand-off applies to txt2img only, not {mode.value}; to polish an "
+            "image, run the refiner itself as the model",
         )
     if request.image is not None and (request.width is not None or request.height is not None):
         # The output size follows the input image (plus outpaint margins); a different size
@@ -287,4 +307,8 @@ def resolve(request: GenerationRequest, defaults: FamilyDefaults, family: str) -
         guidance=request.guidance if request.guidance is not None else defaults.guidance,
         strength=strength,
         seeds=seeds,
+        refiner_switch=(
+            None if request.refiner is None
+            else request.refiner_switch or defaults.refiner_switch
+        ),
     )

@@ -34,6 +34,9 @@ class ImageRecord:
     strength: float | None = None
     outpaint: tuple[int, int, int, int] | None = None
     loras: tuple[dict[str, Any], ...] = ()
+    refiner_id: str | None = None  # the second model of a base -> refiner hand-off
+    refiner_hash: str | None = None
+    refiner_switch: float | None = None
     scheduler: str = ""
     device: str = "cpu"
     dtype: str = "float32"

@@ -40,6 +40,17 @@ def add_parser(subparsers: Any) -> None:
         metavar="PATH[:SCALE]",
         help="LoRA .safetensors file with optional scale; repeatable",
     )
+    p.add_argument(
+        "--refiner",
+        metavar="MODEL",
+        help="SDXL refiner (id or path) that finishes the last part of the schedule (txt2img)",
+    )
+    p.add_argument(
+        "--refiner-switch",
+        type=float,
+        metavar="F",
+        help="fraction of the schedule the base runs before the refiner takes over (default 0.8)",
+    )
     p.add_argument("--device", choices=("cpu", "cuda", "mps"))
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--json", action="store_true", help="print one JSON object with the results")
@@ -56,7 +67,9 @@ def request_fields(args: argparse.Namespace) -> dict[str, Any]:
         "num_images": args.num_images,
         "loras": tuple(LoraSpec.parse(text) for text in args.lora),
     }
-    for name in ("seed", "steps", "guidance", "width", "height", "strength"):
+    for name in (
+        "seed", "steps", "guidance", "width", "height", "strength", "refiner", "refiner_switch"
+    ):
         value = getattr(args, name)
         if value is not None:
             fields[name] = value

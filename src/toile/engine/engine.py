@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from toile.engine.models import ModelEntry, ModelRegistry
 from toile.errors import RequestError
+from toile.families.base import RefinerHandoff
 from toile.families.registry import detect_family
 from toile.progress import ProgressCallback, RunContext
 from toile.request import GenerationRequest, Mode, ResolvedRequest, resolve
@@ -132,12 +133,21 @@ class Engine:
         with self._lock:
             cached, resolved = self.resolve(request)
             self._check_loras(cached, request)
+            refiner = self._load_refiner(cached, request.refiner) if request.refiner else None
             ctx = RunContext(progress=progress, cancel=cancel, preview_every=preview_every)
             start = time.perf_counter()
-            images = self._run_mode(cached, resolved, ctx)
+            if refiner is not None:  # txt2img only (resolve checked): no outpaint, no overlay
+                family = cached.family
+                assert isinstance(family, RefinerHandoff)
+                images = family.run_with_refiner(cached.loaded, refiner.loaded, resolved, ctx)
+                self._check_count(cached, images, resolved)
+            else:
+                images = self._run_mode(cached, resolved, ctx)
             generate_s = time.perf_counter() - start
         timings = {"load_s": round(cached.load_s, 4), "generate_s": round(generate_s, 4)}
-        records = [self._record(cached, resolved, seed, timings) for seed in resolved.seeds]
+        records = [
+            self._record(cached, resolved, seed, timings, refiner) for seed in resolved.seeds
+        ]
         return GenerationResult(images=images, records=records, timings=timings)
 
     def _run_mode(self, cached: _Cached, resolved: ResolvedRequest, ctx: RunContext) -> list:
@@ -153,12 +163,24 @@ class Engine:
         if resolved.mode is Mode.INPAINT:
             assert request.image is not None and request.mask is not None
             images = [composite(image, request.image, request.mask) for image in images]
+        self._check_count(cached, images, resolved)
+        return images
+
+    @staticmethod
+    def _check_count(cached: _Cached, images: list, resolved: ResolvedRequest) -> None:
         if len(images) != len(resolved.seeds):
             raise RuntimeError(
                 f"{cached.family.name} returned {len(images)} images "
                 f"for {len(resolved.seeds)} seeds"
             )
-        return images
+
+    def _load_refiner(self, base: _Cached, refiner: str) -> _Cached:
+        """The refiner model of a base -> refiner hand-off, checked against the base first."""
+        entry = self.registry.resolve(refiner, allow_paths=self.allow_paths)
+        check_refiner(base.family, detect_family(entry.path), refiner)
+        # Base and refiner run together: keep both cached, or every such run reloads one.
+        self.cache_size = max(self.cache_size, 2)
+        return self.load(refiner)
 
     @staticmethod
     def _check_loras(cached: _Cached, request: GenerationRequest) -> None:
@@ -177,7 +199,12 @@ class Engine:
                 )
 
     def _record(
-        self, cached: _Cached, resolved: ResolvedRequest, seed: int, timings: dict[str, float]
+        self,
+        cached: _Cached,
+        resolved: ResolvedRequest,
+        seed: int,
+        timings: dict[str, float],
+        refiner: _Cached | None = None,
     ) -> ImageRecord:
         from toile.io.weights import model_hash
 
@@ -204,11 +231,27 @@ class Engine:
                 {"name": Path(lo.path).stem, "hash": model_hash(lo.path), "scale": lo.scale}
                 for lo in request.loras
             ),
+            refiner_id=refiner.entry.id if refiner is not None else None,
+            refiner_hash=refiner.model_hash if refiner is not None else None,
+            refiner_switch=resolved.refiner_switch,
             scheduler=cached.loaded.scheduler,
             device=cached.loaded.device,
             dtype=str(cached.loaded.dtype).removeprefix("torch."),
             software=software_versions(),
             timings=timings,
+        )
+
+
+def check_refiner(base: Family, refiner: Family, refiner_name: str) -> None:
+    """A refiner hand-off needs a base family that has one and a refiner of the same family
+    (cheap: families are detected from configs, nothing is loaded)."""
+    if not isinstance(base, RefinerHandoff):
+        raise RequestError("refiner", f"the {base.name} family has no refiner hand-off (sdxl has)")
+    if refiner.name != base.name:
+        raise RequestError(
+            "refiner",
+            f"{refiner_name} is a {refiner.name} model; the refiner must be a {base.name} "
+            "model, like the base",
         )
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     import torch
@@ -68,6 +68,19 @@ class Family(Protocol):
         Returns ``len(request.seeds)`` RGB images; image ``i`` uses noise from
         ``torch.Generator("cpu").manual_seed(request.seeds[i])``, so a batch equals singles.
         """
+        ...
+
+
+@runtime_checkable
+class RefinerHandoff(Protocol):
+    """Optional: a family whose txt2img can hand its latents to a second model of the same
+    family part-way through the schedule (SDXL base -> refiner). The engine checks for it."""
+
+    def run_with_refiner(
+        self, base: LoadedModel, refiner: LoadedModel, request: ResolvedRequest, ctx: RunContext
+    ) -> list[Image.Image]:
+        """Run ``request`` (txt2img, ``request.refiner_switch`` set) on ``base`` up to the
+        switch and finish it on ``refiner``; same image contract as ``Family.run``."""
         ...
 
 

@@ -9,6 +9,10 @@ Three layouts share one family because they share one set of diffusers pipelines
   outpaint and txt2img is refused by its declared modes instead of producing mush;
 - **inpainting** (9-channel U-Net): inpaint and outpaint only, like SD's inpainting checkpoints.
 
+A txt2img request with a ``refiner`` runs SDXL's ensemble of expert denoisers: the base takes
+the high-noise part of the schedule and hands its latents to the refiner for the rest
+(:meth:`SDXLFamily.run_with_refiner`).
+
 Besides diffusers folders, a single ``.safetensors`` file in the original Stability layout (the
 one A1111 and ComfyUI share: ``conditioner.embedders.*``, ``model.diffusion_model.*``,
 ``first_stage_model.*``) is loaded through diffusers' ``from_single_file``. That needs the
@@ -23,14 +27,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from toile.errors import ModelFormatError
+from toile.errors import ModelFormatError, RequestError
 from toile.families.base import LoadedModel
 from toile.families.diffusers_common import (
+    base_kwargs,
     derive,
     load_pipeline,
+    loras_applied,
     read_component_config,
     read_model_index,
     scheduler_name,
+    step_callback,
+    vae_preview,
 )
 from toile.families.sd import ALL_MODES, INPAINT_MODES, run_unet_pipeline, unet_defaults
 from toile.request import Mode
@@ -198,3 +206,42 @@ class SDXLFamily:
         self, loaded: LoadedModel, request: ResolvedRequest, ctx: RunContext
     ) -> list[Image.Image]:
         return run_unet_pipeline(loaded, request, ctx)
+
+    def run_with_refiner(
+        self, base: LoadedModel, refiner: LoadedModel, request: ResolvedRequest, ctx: RunContext
+    ) -> list[Image.Image]:
+        """SDXL's ensemble of expert denoisers (Podell et al. 2023, "SDXL", section 2.5).
+
+        The base denoises the first ``request.refiner_switch`` of the schedule and returns
+        latents (``denoising_end``); the refiner, trained on low noise levels only, continues
+        from exactly that timestep (``denoising_start``) with the same generators, so a seed
+        still fixes the image. Both use ``request.steps`` as the full schedule's length, as in
+        diffusers' example, so the two together run about ``steps`` steps. LoRAs apply to the
+        base only (a base LoRA does not fit the refiner's U-Net).
+        """
+        switch = request.refiner_switch
+        assert switch is not None, "resolve() sets refiner_switch when a refiner is named"
+        refiner_pipe = refiner.pipelines.get("img2img")
+        if refiner_pipe is None:
+            raise RequestError(
+                "refiner",
+                f"{refiner.path} is an SDXL {refiner.variant or 'base'} checkpoint without "
+                "img2img; the refiner must be an SDXL refiner (or base) checkpoint",
+            )
+        base_pipe = base.pipelines["txt2img"]
+        kwargs = base_kwargs(request)
+        with loras_applied(base_pipe, request.request.loras):
+            latents = base_pipe(
+                **kwargs | {"output_type": "latent"},
+                width=request.width,
+                height=request.height,
+                denoising_end=switch,
+                callback_on_step_end=step_callback(ctx, "base", preview=vae_preview),
+            ).images
+        output = refiner_pipe(
+            **kwargs,  # the same generator objects continue where the base left them
+            image=latents,
+            denoising_start=switch,
+            callback_on_step_end=step_callback(ctx, "refiner", preview=vae_preview),
+        )
+        return [image.convert("RGB") for image in output.images]

@@ -39,6 +39,9 @@ def a1111_parameters(record: ImageRecord) -> str:
         # A1111 writes LoRAs as <lora:name:scale> in the prompt and hashes in "Lora hashes".
         hashes = ", ".join(f"{lora['name']}: {lora.get('hash', '')[:12]}" for lora in record.loras)
         items.append(("Lora hashes", f'"{hashes}"'))
+    if record.refiner_id is not None:
+        items.append(("Refiner", f"{record.refiner_id} [{(record.refiner_hash or '')[:10]}]"))
+        items.append(("Refiner switch at", f"{record.refiner_switch:g}"))
     items.append(("Version", f"toile {record.software.get('toile', '')}".strip()))
     lines.append(", ".join(f"{key}: {value}" for key, value in items))
     return "\n".join(lines)

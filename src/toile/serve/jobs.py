@@ -211,14 +211,24 @@ class JobService:
         if body.num_images > config.max_images:
             raise RequestError("num_images", f"must be at most {config.max_images} on this server")
         model = body.model if body.model is not None else self.registry.default_id
-        if not MODEL_ID.match(model):
-            raise RequestError(
-                "model", "must be a model id from GET /v1/models; paths and URLs are not accepted"
-            )
-        try:
-            self.registry.resolve(model, allow_paths=False)
-        except ModelNotFoundError as exc:
-            raise RequestError("model", str(exc)) from None
+        entries = {}
+        for name, value in (("model", model), ("refiner", body.refiner)):
+            if value is None:
+                continue
+            if not MODEL_ID.match(value):
+                raise RequestError(
+                    name, "must be a model id from GET /v1/models; paths and URLs are not accepted"
+                )
+            try:
+                entries[name] = self.registry.resolve(value, allow_paths=False)
+            except ModelNotFoundError as exc:
+                raise RequestError(name, str(exc)) from None
+        if body.refiner is not None:  # refuse a pair that cannot hand off before queueing
+            from toile.engine.engine import check_refiner
+            from toile.families.registry import detect_family
+
+            families = {name: detect_family(entry.path) for name, entry in entries.items()}
+            check_refiner(families["model"], families["refiner"], body.refiner)
         loras = []
         for index, lora in enumerate(body.loras):
             path = config.loras.get(lora.id)
@@ -253,6 +263,8 @@ class JobService:
             "num_images": body.num_images,
             "strength": body.strength,
             "model": model,
+            "refiner": body.refiner,
+            "refiner_switch": body.refiner_switch,
         }
         outpaint = body.outpaint.model_dump() if body.outpaint is not None else None
         request = GenerationRequest(

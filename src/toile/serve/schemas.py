@@ -61,6 +61,12 @@ class JobCreate(BaseModel):
     mask: str | None = Field(None, description="inpainting mask; white = repaint")
     outpaint: OutpaintIn | None = None
     loras: list[LoraIn] = Field(default_factory=list, max_length=8)
+    refiner: str | None = Field(
+        None, max_length=64, description="model id of an SDXL refiner that finishes txt2img"
+    )
+    refiner_switch: float | None = Field(
+        None, gt=0.0, lt=1.0, description="fraction of the schedule the base runs (0.8)"
+    )
     webhook: str | None = Field(
         None, max_length=2048, description="http(s) URL called with the job as JSON when it ends"
     )

@@ -16,6 +16,8 @@ Mapping (see README "Serve"):
   radius, as A1111 does) applied here.
 - The model: ``override_settings.sd_model_checkpoint``, else the one chosen with
   ``POST /sdapi/v1/options`` (kept in memory until restart), else the server's default.
+  ``refiner_checkpoint`` (a title or id) with ``refiner_switch_at`` -> refiner and
+  refiner_switch: SDXL's base -> refiner hand-off (txt2img; img2img with a refiner is a 422).
 - ``sampler_name`` (or the deprecated ``sampler_index``): toile runs each model with the
   scheduler its checkpoint declares, so ``"Default"``, the empty string, and that scheduler's
   A1111 name (``DDIMScheduler`` -> ``"DDIM"``, ``EulerDiscreteScheduler`` -> ``"Euler"``...) or
@@ -23,7 +25,7 @@ Mapping (see README "Serve"):
   ``scheduler`` must be ``"automatic"``.
 - Refused with a 422 naming the field unless left at A1111's "off" value: ``enable_hr``,
   ``restore_faces``, ``tiling``, ``subseed_strength``, ``styles``, ``script_name``,
-  ``alwayson_scripts``, ``refiner_checkpoint``, other ``override_settings``, more than one
+  ``alwayson_scripts``, other ``override_settings``, more than one
   init image, ``resize_mode`` 2/3.
 - Accepted and ignored (sampler tuning and saving options with no toile equivalent):
   ``eta``, ``s_churn``, ``s_tmin``, ``s_tmax``, ``s_noise``, ``subseed``, ``seed_resize_*``,
@@ -76,6 +78,8 @@ A1111_NAMES = {
     "image": "init_images",
     "model": "sd_model_checkpoint",
     "loras": "prompt",
+    "refiner": "refiner_checkpoint",
+    "refiner_switch": "refiner_switch_at",
 }
 # diffusers scheduler class -> the name A1111 gives the same sampler.
 A1111_SAMPLERS = {
@@ -154,7 +158,8 @@ class Processing(BaseModel):
     s_noise: float | None = Field(None, description="ignored")
     override_settings: dict[str, Any] = Field(default_factory=dict)
     override_settings_restore_afterwards: bool = True
-    refiner_checkpoint: str | None = Field(None, description="must be unset")
+    refiner_checkpoint: str | None = Field(None, max_length=200, description="an SDXL refiner")
+    refiner_switch_at: float | None = Field(None, gt=0.0, lt=1.0, description="default 0.8")
     script_name: str | None = Field(None, description="must be unset")
     script_args: list[Any] = Field(default_factory=list, description="ignored")
     alwayson_scripts: dict[str, Any] = Field(default_factory=dict, description="must be empty")
@@ -255,7 +260,6 @@ def _check_off(body: Processing) -> None:
         "subseed_strength": body.subseed_strength,
         "styles": body.styles,
         "script_name": body.script_name,
-        "refiner_checkpoint": body.refiner_checkpoint,
     }
     for name, value in flags.items():
         if value:
@@ -301,7 +305,12 @@ def _fields(service: JobService, state: A1111State, body: Processing) -> dict[st
             f"{service.config.max_images} images per request",
         )
     prompt, loras = _loras(body.prompt)
+    refiner = None
+    if body.refiner_checkpoint:  # A1111 sends "" or None for "no refiner"
+        refiner = _entry(service, body.refiner_checkpoint, "refiner_checkpoint").id
     return {
+        "refiner": refiner,
+        "refiner_switch": body.refiner_switch_at if refiner is not None else None,
         "prompt": prompt,
         "negative_prompt": body.negative_prompt,
         "model": entry.id,
