@@ -84,6 +84,34 @@ def serve(engine: Any, data_dir: Path, **config: Any) -> Iterator[Any]:
         yield client
 
 
+@contextlib.contextmanager
+def live_server(engine: Any, data_dir: Path, **config: Any) -> Iterator[int]:
+    """The app under uvicorn in a thread on a free loopback port (real sockets, for clients
+    such as webuiapi and Chromium that cannot use TestClient); yields the port."""
+    import uvicorn
+
+    from toile.serve.app import create_app
+    from toile.serve.config import ServeConfig
+    from toile.serve.process import free_port
+
+    port = free_port()
+    app = create_app(ServeConfig(data_dir=data_dir, port=port, **config), engine=engine)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app, host="127.0.0.1", port=port, log_level="warning", timeout_graceful_shutdown=5
+        )
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    wait_until(lambda: server.started or not thread.is_alive(), 120, "the server to start")
+    assert server.started, "uvicorn did not start"
+    try:
+        yield port
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
 def wait_job(client: Any, job_id: str, timeout: float = 60.0, headers: Any = None) -> dict:
     """Poll until the job ends (bounded)."""
     deadline = time.monotonic() + timeout

@@ -5,47 +5,16 @@ options, progress with previews, interrupt, and errors naming the field."""
 from __future__ import annotations
 
 import base64
-import contextlib
 import io
 import json
 import threading
-from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
 
 import pytest
 import webuiapi
 
-from serve_helpers import MODEL, ScriptedEngine, wait_until
+from serve_helpers import MODEL, ScriptedEngine, live_server, wait_until
 
 pytest.importorskip("fastapi")
-
-
-@contextlib.contextmanager
-def live_server(engine: Any, data_dir: Path, **config: Any) -> Iterator[int]:
-    """The app under uvicorn in a thread on a free loopback port; yields the port."""
-    import uvicorn
-
-    from toile.serve.app import create_app
-    from toile.serve.config import ServeConfig
-    from toile.serve.process import free_port
-
-    port = free_port()
-    app = create_app(ServeConfig(data_dir=data_dir, port=port, **config), engine=engine)
-    server = uvicorn.Server(
-        uvicorn.Config(
-            app, host="127.0.0.1", port=port, log_level="warning", timeout_graceful_shutdown=5
-        )
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    wait_until(lambda: server.started or not thread.is_alive(), 120, "the server to start")
-    assert server.started, "uvicorn did not start"
-    try:
-        yield port
-    finally:
-        server.should_exit = True
-        thread.join(30)
 
 
 @pytest.fixture(scope="module")

@@ -5,16 +5,13 @@ mask and inpaint, "use these settings", and the token prompt."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from serve_helpers import MODEL, ScriptedEngine, wait_until
+from serve_helpers import MODEL, ScriptedEngine, live_server
 
 pytest.importorskip("fastapi")
 CHROMIUM = Path("/usr/bin/chromium")
@@ -34,33 +31,6 @@ pytestmark = pytest.mark.skipif(
     not CHROMIUM.exists(),
     reason=f"{CHROMIUM} is missing: install Debian's chromium package (apt-get install chromium)",
 )
-
-
-@contextlib.contextmanager
-def live_server(engine: Any, data_dir: Path, **config: Any) -> Iterator[str]:
-    """The app under uvicorn in a thread on a free loopback port; yields its URL."""
-    import uvicorn
-
-    from toile.serve.app import create_app
-    from toile.serve.config import ServeConfig
-    from toile.serve.process import free_port
-
-    port = free_port()
-    app = create_app(ServeConfig(data_dir=data_dir, port=port, **config), engine=engine)
-    server = uvicorn.Server(
-        uvicorn.Config(
-            app, host="127.0.0.1", port=port, log_level="warning", timeout_graceful_shutdown=5
-        )
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    wait_until(lambda: server.started or not thread.is_alive(), 120, "the server to start")
-    assert server.started, "uvicorn did not start"
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +77,8 @@ def test_generate_progress_cancel_and_inpaint(engine, browser, tmp_path):
 
     scripted = ScriptedEngine(engine)
     data_dir = tmp_path / "data"
-    with live_server(scripted, data_dir, preview_every=1) as url:
+    with live_server(scripted, data_dir, preview_every=1) as port:
+        url = f"http://127.0.0.1:{port}"
         page, errors = open_page(browser, url)
         expect(page.locator("body")).to_have_attribute("data-ready", "true")
         expect(page.locator("#model")).to_have_value(MODEL)
@@ -192,7 +163,8 @@ def test_token_is_asked_for_and_sent(engine, browser, tmp_path):
     from playwright.sync_api import expect
 
     token = "web-page-token-123"
-    with live_server(ScriptedEngine(engine), tmp_path / "data", api_token=token) as url:
+    with live_server(ScriptedEngine(engine), tmp_path / "data", api_token=token) as port:
+        url = f"http://127.0.0.1:{port}"
         page, errors = open_page(browser, url)
         dialog = page.get_by_role("dialog", name="API token")
         expect(dialog).to_be_visible()

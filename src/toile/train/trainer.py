@@ -48,6 +48,7 @@ from toile.families.toile.sampling import (
     velocity_target,
 )
 from toile.train.config import TrainConfig
+from toile.train.optimizer_state import flatten_optimizer, unflatten_optimizer
 from toile.train.scene_data import make_batch
 
 CHECKPOINT_FILES = ("model.safetensors", "ema.safetensors", "optimizer.safetensors", "state.json")
@@ -97,32 +98,6 @@ def drop_captions(
 
 
 # ----------------------------------------------------------------------------- checkpoints
-def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Optimizer state_dict -> safetensors tensors + JSON metadata (param_groups, scalars)."""
-    tensors: dict[str, torch.Tensor] = {}
-    scalars: dict[str, Any] = {}
-    for index, per_param in state["state"].items():
-        for key, value in per_param.items():
-            name = f"state.{index}.{key}"
-            if isinstance(value, torch.Tensor):
-                tensors[name] = value.detach().contiguous().cpu()
-            else:
-                scalars[name] = value
-    meta = {"param_groups": json.dumps(state["param_groups"]), "scalars": json.dumps(scalars)}
-    return tensors, meta
-
-
-def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> dict:
-    state: dict[int, dict[str, Any]] = {}
-    for name, value in tensors.items():
-        _, index, key = name.split(".", 2)
-        state.setdefault(int(index), {})[key] = value
-    for name, value in json.loads(meta["scalars"]).items():
-        _, index, key = name.split(".", 2)
-        state.setdefault(int(index), {})[key] = value
-    return {"state": state, "param_groups": json.loads(meta["param_groups"])}
-
-
 def list_checkpoints(run_dir: Path) -> list[Path]:
     """Complete checkpoints of a run, oldest first."""
     root = Path(run_dir) / "checkpoints"
@@ -322,7 +297,7 @@ class Trainer:
             save_file({k: v.contiguous().cpu() for k, v in state.items()},
                       str(tmp / "model.safetensors"))
             save_file(self._ema_tensors(), str(tmp / "ema.safetensors"))
-            tensors, meta = _flatten_optimizer(self.optimizer.state_dict())
+            tensors, meta = flatten_optimizer(self.optimizer.state_dict())
             save_file(tensors, str(tmp / "optimizer.safetensors"), metadata=meta)
             save_file({"torch_cpu": torch.get_rng_state()}, str(tmp / "rng.safetensors"),
                       metadata={"python": json.dumps(random.getstate())})
@@ -384,7 +359,7 @@ class Trainer:
         with safe_open(str(folder / "optimizer.safetensors"), framework="pt") as handle:
             meta = handle.metadata()
             tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
-        self.optimizer.load_state_dict(_unflatten_optimizer(tensors, meta))
+        self.optimizer.load_state_dict(unflatten_optimizer(tensors, meta))
         rng_path = folder / "rng.safetensors"
         if rng_path.is_file():
             with safe_open(str(rng_path), framework="pt") as handle:

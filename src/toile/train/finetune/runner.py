@@ -51,6 +51,7 @@ from toile.train.finetune.config import FinetuneConfig
 from toile.train.finetune.dataset import ImageSet, index_images, load_image_set
 from toile.train.finetune.lora import DENOISER_TARGETS, TEXT_ENCODER_TARGETS, add_lora, save_lora
 from toile.train.finetune.objectives import OBJECTIVES, Objective, TrainBatch, objective_for
+from toile.train.optimizer_state import flatten_optimizer, unflatten_optimizer
 
 CHECKPOINT_FILES = ("trainable.safetensors", "optimizer.safetensors", "state.json")
 
@@ -62,29 +63,6 @@ def sample_generator(seed: int, step: int, position: int) -> torch.Generator:
 
 
 # --------------------------------------------------------------------------- checkpoints
-def flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Optimizer state_dict -> safetensors tensors + JSON metadata (no pickle)."""
-    tensors: dict[str, torch.Tensor] = {}
-    scalars: dict[str, Any] = {}
-    for index, per_param in state["state"].items():
-        for key, value in per_param.items():
-            name = f"state.{index}.{key}"
-            if isinstance(value, torch.Tensor):
-                tensors[name] = value.detach().contiguous().cpu()
-            else:
-                scalars[name] = value
-    meta = {"param_groups": json.dumps(state["param_groups"]), "scalars": json.dumps(scalars)}
-    return tensors, meta
-
-
-def unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> dict:
-    state: dict[int, dict[str, Any]] = {}
-    for name, value in [*tensors.items(), *json.loads(meta["scalars"]).items()]:
-        _, index, key = name.split(".", 2)
-        state.setdefault(int(index), {})[key] = value
-    return {"state": state, "param_groups": json.loads(meta["param_groups"])}
-
-
 def list_checkpoints(root: Path) -> list[Path]:
     """Complete checkpoints under ``root``, oldest first."""
     if not root.is_dir():
