@@ -1,34 +1,17 @@
-"""Fine-tuning Stable Diffusion 1.x / 2.x (tiny random model): loss goes down, the LoRA loads
-back, exact resume."""
+"""Fine-tuning Stable Diffusion 1.x / 2.x (tiny random model): v-prediction checkpoints and full
+fine-tuning. The cases every family shares are in ``test_finetune_families.py``."""
 
 from __future__ import annotations
 
 import pytest
 
-from finetune_common import (
-    check_lora_changes_output,
-    check_loss_goes_down,
-    check_resume_is_exact,
-    make_images,
-)
+from finetune_common import make_images
 
 
 @pytest.fixture(scope="module")
 def setup(tiny_models, tmp_path_factory):
     root = tmp_path_factory.mktemp("ft-sd")
     return tiny_models("sd"), make_images(root / "images"), root
-
-
-def test_loss_goes_down_and_lora_loads_back(setup):
-    model, images, root = setup
-    lora = root / "lora.safetensors"
-    check_loss_goes_down(model, images, lora)
-    check_lora_changes_output(model, lora)
-
-
-def test_resume_is_exact(setup):
-    model, images, root = setup
-    check_resume_is_exact(model, images, root / "resume")
 
 
 def test_v_prediction_checkpoints_train_on_v(setup, tmp_path):
