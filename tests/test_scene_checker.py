@@ -192,6 +192,10 @@ def test_prompt_sets_are_balanced_and_deterministic() -> None:
     assert [p.category for p in prompts].count("relation") == 10
     assert all(p.category == p.scene.kind and not p.scene.uses_held_out for p in prompts)
     assert all(parse_prompt(p.prompt) == p.scene for p in prompt_set(30, phrasing="heldout"))
+    # Both phrasings describe the same scenes, in different words.
+    reworded = prompt_set(30, seed=1, phrasing="heldout")
+    assert [p.scene for p in reworded] == [p.scene for p in prompts]
+    assert all(a.prompt != b.prompt for a, b in zip(reworded, prompts, strict=True))
     held_out = held_out_prompt_set(30)
     assert all(p.scene.uses_held_out for p in held_out)
     assert {p.category for p in held_out} == set(CATEGORIES)

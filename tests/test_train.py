@@ -110,7 +110,8 @@ def test_export_and_reexport(tmp_path: Path, text_folder: Path) -> None:
     assert export_main(["--run", str(tmp_path / "run"), "--out", str(tmp_path / "again"),
                         "--eval", "3", "--guidance", "3.5"]) == 0
     assert "Scene checker pass rate" in (tmp_path / "again" / "MODEL_CARD.md").read_text()
-    assert json.loads((tmp_path / "again" / "metrics.json").read_text())["prompts"] == 3
+    metrics = json.loads((tmp_path / "again" / "metrics.json").read_text())
+    assert set(metrics) == {"train", "heldout"} and metrics["heldout"]["prompts"] == 3
     loaded = ToileFamily().load(tmp_path / "again", "cpu", torch.float32)
     assert loaded.defaults.guidance == 3.5
     pipe = loaded.pipelines["txt2img"]

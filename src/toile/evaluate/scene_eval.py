@@ -38,8 +38,8 @@ class ScenePrompt:
 
 def prompt_set(n: int = 200, seed: int = 0, phrasing: str = "train") -> list[ScenePrompt]:
     """``n`` prompts cycling single / relation / count (balanced to within one), fixed for
-    ``seed``. ``phrasing="heldout"`` words them with templates training never sees, to measure
-    generalisation to new wording. No held-out concept (pink, star) appears."""
+    ``seed``. ``phrasing="heldout"`` words the same scenes with templates training never sees,
+    to measure generalisation to new wording. No held-out concept (pink, star) appears."""
     return _build_set(n, seed, phrasing, held_out=False)
 
 
@@ -52,12 +52,15 @@ def held_out_prompt_set(n: int = 60, seed: int = 0, phrasing: str = "train") -> 
 def _build_set(n: int, seed: int, phrasing: str, *, held_out: bool) -> list[ScenePrompt]:
     if not isinstance(n, int) or n < 1:
         raise RequestError("n", f"must be a positive int; got {n!r}")
-    rng = random.Random(f"toile-scenes-{seed}-{held_out}")
+    # Scenes and words come from separate streams, so both phrasings of a seed describe the
+    # same scenes and a difference in score is the wording's alone.
+    scenes = random.Random(f"toile-scenes-{seed}-{held_out}")
+    words = random.Random(f"toile-scene-words-{seed}-{held_out}-{phrasing}")
     items = []
     for i in range(n):
         category = CATEGORIES[i % len(CATEGORIES)]
-        scene = sample_scene(rng, kinds=(category,), require_held_out=held_out)
-        items.append(ScenePrompt(caption(scene, rng, phrasing), scene, category))
+        scene = sample_scene(scenes, kinds=(category,), require_held_out=held_out)
+        items.append(ScenePrompt(caption(scene, words, phrasing), scene, category))
     return items
 
 

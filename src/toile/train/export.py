@@ -121,9 +121,12 @@ def write_model_card(
     config_path = Path(run_dir) / "train_config.json"
     train = json.loads(config_path.read_text()) if config_path.is_file() else {}
     log = _log_summary(Path(run_dir), step)
-    metrics: dict[str, Any] = {}
+    # Both phrasings of the same scenes: the held-out templates measure whether the model
+    # follows the text encoder or memorised the training templates.
+    metrics: dict[str, dict[str, Any]] = {}
     if eval_prompts:
-        metrics = scene_eval(pipe, eval_prompts)
+        metrics = {phrasing: scene_eval(pipe, eval_prompts, phrasing=phrasing)
+                   for phrasing in ("train", "heldout")}
     commands = [c["command"] for c in info.get("commands", [])] or ["(unknown)"]
     model = pipe.config
     encoder = (
@@ -168,11 +171,12 @@ def write_model_card(
     if log:
         lines.append(f"- Final smoothed training loss: {log['loss_smooth']}; "
                      f"{log['s_per_step']} s/step, {log['images_per_s']} images/s (last 20 logs).")
-    if metrics:
+    for phrasing, result in metrics.items():
         lines.append(
-            f"- Scene checker pass rate: {metrics['pass_rate']:.1%} on {metrics['prompts']} "
-            f"prompts ({metrics['steps']} steps, guidance {metrics['guidance']}); by kind: "
-            + ", ".join(f"{k} {v:.0%}" for k, v in metrics["by_kind"].items()) + "."
+            f"- Scene checker pass rate ({phrasing} phrasing): {result['pass_rate']:.1%} on "
+            f"{result['prompts']} prompts ({result['steps']} steps, guidance "
+            f"{result['guidance']}); by kind: "
+            + ", ".join(f"{k} {v:.1%}" for k, v in result["by_kind"].items()) + "."
         )
     if not log and not metrics:
         lines.append("- (nothing measured)")
