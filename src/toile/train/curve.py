@@ -47,6 +47,9 @@ class CurvePoint:
     train_minutes: float
     accuracy: float
     by_kind: dict[str, float]
+    # Per aspect (background, objects, size, count, relation): the fraction of images that got
+    # it right. Finer-grained than pass/fail, so early progress shows before whole scenes pass.
+    aspects: dict[str, float]
 
 
 def find_snapshots(folder: Path) -> list[Path]:
@@ -79,6 +82,7 @@ def grade_snapshot(snapshot: Path, settings: CurveSettings) -> CurvePoint:
         train_minutes=round(float(state.get("train_seconds", 0.0)) / 60, 1),
         accuracy=float(metrics["pass_rate"]),
         by_kind={k: float(v) for k, v in metrics["by_kind"].items()},
+        aspects={k: round(1 - v / metrics["prompts"], 3) for k, v in metrics["failures"].items()},
     )
 
 
@@ -120,11 +124,13 @@ def markdown_table(points: list[CurvePoint]) -> str:
 
     seen = {k for p in points for k in p.by_kind}
     kinds = [k for k in CATEGORIES if k in seen] + sorted(seen - set(CATEGORIES))
-    head = ["step", "images seen", "train min", "overall", *kinds]
+    aspects = [a for a in ("background", "objects") if any(a in p.aspects for p in points)]
+    head = ["step", "images seen", "train min", "overall", *kinds, *(f"{a} right" for a in aspects)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for p in points:
         cells = [str(p.step), f"{p.images_seen:,}", f"{p.train_minutes:g}",
-                 f"{p.accuracy:.3f}", *(f"{p.by_kind.get(k, float('nan')):.3f}" for k in kinds)]
+                 f"{p.accuracy:.3f}", *(f"{p.by_kind.get(k, float('nan')):.3f}" for k in kinds),
+                 *(f"{p.aspects.get(a, float('nan')):.3f}" for a in aspects)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
