@@ -142,6 +142,10 @@ async function loadModels() {
       return option;
     }),
   );
+  const refiner = $("#refiner");
+  const chosen = refiner.value;
+  refiner.replaceChildren(new Option("None", ""), ...listing.models.map((id) => new Option(id, id)));
+  refiner.value = listing.models.includes(chosen) ? chosen : "";
 }
 
 async function refreshStatus() {
@@ -363,6 +367,12 @@ function buildBody() {
     for (const id of ["width", "height"]) {
       const value = numberValue(id);
       if (value !== undefined) body[id] = value;
+    }
+    const refiner = $("#refiner").value;
+    if (refiner) {
+      body.refiner = refiner;
+      const at = numberValue("refiner_switch");
+      if (at !== undefined) body.refiner_switch = at;
     }
     return body;
   }
@@ -603,7 +613,12 @@ function useSettings(record) {
   $("#negative_prompt").value = record.negative_prompt || "";
   const select = $("#model");
   if ([...select.options].some((option) => option.value === record.model_id)) select.value = record.model_id;
-  const values = { width: record.width, height: record.height, steps: record.steps, guidance: record.guidance, seed: record.seed };
+  const refiner = $("#refiner");
+  refiner.value = [...refiner.options].some((option) => option.value === record.refiner_id) ? record.refiner_id : "";
+  const values = {
+    width: record.width, height: record.height, steps: record.steps, guidance: record.guidance, seed: record.seed,
+    refiner_switch: record.refiner_switch,
+  };
   for (const [id, value] of Object.entries(values)) $(`#${id}`).value = value ?? "";
   $("#prompt").focus();
   announce(`Settings loaded from the image with seed ${record.seed}.`);
