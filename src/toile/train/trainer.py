@@ -25,6 +25,7 @@ Run layout::
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -34,6 +35,7 @@ import random
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -98,6 +100,18 @@ def drop_captions(
 
 
 # ----------------------------------------------------------------------------- checkpoints
+@contextlib.contextmanager
+def _written_atomically(target: Path) -> Iterator[Path]:
+    """Yield a temporary sibling folder to fill; on success it replaces ``target`` in one
+    rename, so a reader (export, resume, an interrupted run) never sees a half-written one."""
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    yield tmp
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+
+
 def list_checkpoints(run_dir: Path) -> list[Path]:
     """Complete checkpoints of a run, oldest first."""
     root = Path(run_dir) / "checkpoints"
@@ -291,19 +305,14 @@ class Trainer:
         state = acc.get_state_dict(self.model)  # gathers under FSDP; plain dict otherwise
         target = self.out / "checkpoints" / f"step-{self.step:06d}"
         if acc.is_main_process:
-            tmp = target.with_name(target.name + ".tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            save_file({k: v.contiguous().cpu() for k, v in state.items()},
-                      str(tmp / "model.safetensors"))
-            save_file(self._ema_tensors(), str(tmp / "ema.safetensors"))
-            tensors, meta = flatten_optimizer(self.optimizer.state_dict())
-            save_file(tensors, str(tmp / "optimizer.safetensors"), metadata=meta)
-            save_file({"torch_cpu": torch.get_rng_state()}, str(tmp / "rng.safetensors"),
-                      metadata={"python": json.dumps(random.getstate())})
-            (tmp / "state.json").write_text(json.dumps(self._state(), indent=2) + "\n")
-            shutil.rmtree(target, ignore_errors=True)
-            os.replace(tmp, target)
+            with _written_atomically(target) as tmp:
+                save_file({k: v.contiguous().cpu() for k, v in state.items()},
+                          str(tmp / "model.safetensors"))
+                self._write_ema_and_state(tmp)
+                tensors, meta = flatten_optimizer(self.optimizer.state_dict())
+                save_file(tensors, str(tmp / "optimizer.safetensors"), metadata=meta)
+                save_file({"torch_cpu": torch.get_rng_state()}, str(tmp / "rng.safetensors"),
+                          metadata={"python": json.dumps(random.getstate())})
             for old in list_checkpoints(self.out)[: -self.config.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
             if self.config.samples_with_checkpoints and self.config.sample_prompts:
@@ -317,31 +326,27 @@ class Trainer:
         The same layout as a checkpoint's EMA part, so ``toile.train.export`` and
         ``toile.train.curve`` read either. Snapshots are never pruned.
         """
-        from safetensors.torch import save_file
-
         target = self.out / "snapshots" / f"step-{self.step:06d}"
         if self.accelerator.is_main_process:
-            tmp = target.with_name(target.name + ".tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            save_file(self._ema_tensors(), str(tmp / "ema.safetensors"))
-            (tmp / "state.json").write_text(json.dumps(self._state(), indent=2) + "\n")
-            shutil.rmtree(target, ignore_errors=True)
-            os.replace(tmp, target)
+            with _written_atomically(target) as tmp:
+                self._write_ema_and_state(tmp)
         return target
 
-    def _ema_tensors(self) -> dict[str, torch.Tensor]:
-        names = [n for n, _ in self.unwrapped.named_parameters()]
-        return {n: p.detach().contiguous().cpu()
-                for n, p in zip(names, self.ema.shadow_params, strict=True)}
+    def _write_ema_and_state(self, folder: Path) -> None:
+        """ema.safetensors (EMA weights by parameter name) and state.json (step, time, config)."""
+        from safetensors.torch import save_file
 
-    def _state(self) -> dict[str, Any]:
-        return {
+        names = [n for n, _ in self.unwrapped.named_parameters()]
+        ema = {n: p.detach().contiguous().cpu()
+               for n, p in zip(names, self.ema.shadow_params, strict=True)}
+        save_file(ema, str(folder / "ema.safetensors"))
+        state = {
             "step": self.step,
             "ema_optimization_step": self.ema.optimization_step,
             "train_seconds": self.train_seconds,
             "config": self.config.to_dict(),
         }
+        (folder / "state.json").write_text(json.dumps(state, indent=2) + "\n")
 
     def load_checkpoint(self, folder: Path) -> None:
         """Restore model, EMA, optimizer, RNG and step from ``folder``."""
