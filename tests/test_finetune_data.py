@@ -4,6 +4,7 @@ metadata and the LoRA registry."""
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -121,6 +122,40 @@ def test_prior_preservation_generates_and_caches_class_images(sd, tmp_path):
     assert [p.stat().st_mtime_ns for p in made] == stamps
     info = json.loads((folder / "class-images.json").read_text())
     assert info["class_prompt"] == "a square"
+
+
+def test_class_data_folder_is_the_prior_set(sd, tmp_path):
+    """--class-data: the user's captioned class images (kohya's regularization folder) are
+    trained on alongside, are checked like training images, and pin --resume."""
+    from toile.cli.finetune_cmd import add_arguments, config_from_args
+    from toile.io.lora_info import read_lora_info
+
+    images = make_images(tmp_path / "images")
+    classes = make_images(tmp_path / "classes", n=3, captions=True)
+    (classes / "img2.txt").unlink()
+    out = tmp_path / "lora.safetensors"
+    with pytest.raises(RequestError, match=r"class_prompt: 1 of 3 images .* --class-prompt"):
+        train(sd, images, out, prior_preservation=True, class_data=str(classes), steps=1)
+    with pytest.raises(RequestError, match="class_data: class images are only used with prior"):
+        train(sd, images, out, class_data=str(classes), steps=1)
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--images", str(images), "--out", str(out), "--class-data",
+                              str(classes), "--class-prompt", "a square"])
+    assert config_from_args(args).prior_preservation  # the flag turns the prior on
+
+    plain = train(sd, images, tmp_path / "plain.safetensors", steps=2, batch_size=2)
+    prior = {"prior_preservation": True, "class_data": str(classes), "class_prompt": "a square",
+             "batch_size": 2, "checkpoint_every": 1}
+    result = train(sd, images, out, steps=2, **prior)
+    assert result.losses != plain.losses  # the class images' loss is part of the objective
+    assert read_lora_info(out)["class_images"] == 3
+    assert not Path(str(out) + ".class-images").exists()  # nothing generated
+
+    Image.new("RGB", (40, 40), "blue").save(classes / "img3.png")
+    with pytest.raises(RequestError, match="resume: .* the class images or their captions"):
+        train(sd, images, out, steps=3, resume=True, **prior)
 
 
 def test_lora_metadata_and_diffusers_layout(sd, tmp_path):

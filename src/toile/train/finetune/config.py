@@ -22,7 +22,7 @@ MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 # checkpoint cadence may change.
 RESUME_FIXED = (
     "model", "method", "rank", "lora_alpha", "lr", "text_encoder_lr", "batch_size",
-    "train_text_encoder", "prior_preservation", "class_prompt", "num_class_images",
+    "train_text_encoder", "prior_preservation", "class_prompt", "class_data", "num_class_images",
     "prior_weight", "seed", "resolution", "buckets", "warmup_steps", "weight_decay",
     "grad_clip", "prompt",
 )
@@ -50,6 +50,9 @@ class FinetuneConfig:
     train_text_encoder: bool = False
     prior_preservation: bool = False
     class_prompt: str | None = None
+    # A folder of class images (+ NAME.txt captions) to use instead of generating them: kohya's
+    # regularization folder. Many prompts keep more of what the model knows than one class prompt.
+    class_data: str | None = None
     num_class_images: int = 100
     prior_weight: float = 1.0
     class_steps: int | None = None  # sampling steps for class images (None = model default)
@@ -99,11 +102,17 @@ class FinetuneConfig:
         for name, (ok, message) in checks.items():
             if not ok:
                 raise RequestError(name, f"{message}, got {getattr(self, name)!r}")
-        if self.prior_preservation and not self.class_prompt:
+        if self.prior_preservation and not (self.class_prompt or self.class_data):
             raise RequestError(
                 "class_prompt",
                 "prior preservation needs --class-prompt (what the class looks like in general, "
-                "e.g. 'a star on a white background')",
+                "e.g. 'a star on a white background') or --class-data DIR (your own class "
+                "images with captions)",
+            )
+        if self.class_data and not self.prior_preservation:
+            raise RequestError(
+                "class_data", "class images are only used with prior preservation; set "
+                "prior_preservation (the CLI's --class-data does)",
             )
         if self.method == "lora" and Path(self.out).suffix.lower() != ".safetensors":
             raise RequestError(

@@ -98,12 +98,13 @@ class ImageSet:
 
 def index_images(
     root: str | Path, *, prompt: str | None, field_name: str = "images",
-    files: list[Path] | None = None,
+    files: list[Path] | None = None, prompt_field: str = "prompt",
 ) -> list[tuple[Path, str]]:
     """(image path, caption) for every image under ``root`` (or ``files``), without decoding.
 
     Cheap (a directory walk and the caption files), so a run checks its captions before it
-    loads a model: an uncaptioned image without ``--prompt`` is an error naming ``--prompt``.
+    loads a model: an uncaptioned image without a fallback caption is an error naming the
+    option that gives one (``prompt_field``: ``--prompt``, or ``--class-prompt`` for class data).
     """
     folder = Path(root)
     if not folder.is_dir():
@@ -121,11 +122,12 @@ def index_images(
         listed = ", ".join(uncaptioned[:MAX_MISSING_LISTED])
         more = (f" and {len(uncaptioned) - MAX_MISSING_LISTED} more"
                 if len(uncaptioned) > MAX_MISSING_LISTED else "")
+        option = "--" + prompt_field.replace("_", "-")
         raise RequestError(
-            "prompt",
+            prompt_field,
             f"{len(uncaptioned)} of {len(paths)} images in {folder} have no caption file "
-            f"(NAME.txt beside NAME.png): {listed}{more}. Give --prompt TEXT to caption them "
-            "(e.g. --prompt 'a photo of sks dog'), or add the .txt files",
+            f"(NAME.txt beside NAME.png): {listed}{more}. Give {option} TEXT to caption them "
+            f"(e.g. {option} 'a photo of sks dog'), or add the .txt files",
         )
     return found
 
@@ -140,11 +142,13 @@ def load_image_set(
     min_side: int | None = None,
     field_name: str = "images",
     files: list[Path] | None = None,
+    prompt_field: str = "prompt",
 ) -> ImageSet:
     """Read, check and fit every image under ``root`` (or just ``files`` in it), as the module
     docstring says."""
     folder = Path(root)
-    indexed = index_images(folder, prompt=prompt, field_name=field_name, files=files)
+    indexed = index_images(folder, prompt=prompt, field_name=field_name, files=files,
+                           prompt_field=prompt_field)
     if resolution % multiple:
         raise RequestError(
             "resolution", f"{resolution} must be a multiple of {multiple} for this model"

@@ -8,7 +8,12 @@
 1. renders five images of the held-out concepts with the scene world's renderer and captions
    them with its caption grammar (``a large pink star on a white background``, ...);
 2. fine-tunes the built-in model on them with a LoRA, on whatever device there is (CPU here):
-   ``toile finetune --images DIR --out pink-star.safetensors ...``;
+   ``toile finetune --images DIR --out pink-star.safetensors ...``. With ``--class-images N``
+   (default 100) it first lets the base model draw N prompts of the *original* world (their
+   own seed stream, not the evaluation's) and trains on them alongside, with
+   ``--class-data`` (DreamBooth's prior preservation, with many class prompts instead of one):
+   the LoRA is pulled towards what the base model already drew, which is what "no forgetting"
+   measures;
 3. measures with the scene benchmark, base vs fine-tuned (``--lora``):
    ``toile eval scenes --concepts held-out`` (prompts with pink or star: did it learn them?)
    and ``toile eval scenes`` (the original concepts: did it forget anything? within 0.05 is
@@ -69,6 +74,45 @@ def render_images(folder: Path, *, size: int = 64, seed: int = 0) -> list[dict[s
         (folder / f"{name}.txt").write_text(text + "\n")
         made.append({"image": f"{name}.png", "caption": text})
     return made
+
+
+CLASS_SEED_OFFSET = 1_000  # class prompts come from their own stream: seed eval_seed + 1000
+
+
+def render_class_data(
+    folder: Path, model: str | None, n: int, seed: int, threads: int = 0,
+) -> dict[str, Any]:
+    """The base model's images of ``n`` original-world prompts, captioned, in ``folder``.
+
+    Reused when the manifest matches (same model and its hash, prompts and seeds).
+    """
+    import torch
+
+    from toile.engine.engine import Engine
+    from toile.engine.models import ModelRegistry
+    from toile.evaluate.scene_eval import prompt_set
+    from toile.io.weights import model_hash
+    from toile.request import GenerationRequest
+
+    entry = ModelRegistry().resolve(model)
+    items = prompt_set(n, seed)
+    wanted = {"model": entry.id, "model_hash": model_hash(entry.path), "seed": seed,
+              "prompts": [item.prompt for item in items]}
+    manifest = folder / "class-data.json"
+    if manifest.is_file() and json.loads(manifest.read_text()) == wanted:
+        return {"images": n, "reused": True}
+    if threads:
+        torch.set_num_threads(threads)
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob("class-*"):
+        stale.unlink()
+    engine = Engine(cache_size=1)
+    for i, item in enumerate(items):
+        image = engine.run(GenerationRequest(item.prompt, model=model, seed=seed + i)).images[0]
+        image.save(folder / f"class-{i:04d}.png")
+        (folder / f"class-{i:04d}.txt").write_text(item.prompt + "\n")
+    manifest.write_text(json.dumps(wanted, indent=2) + "\n")
+    return {"images": n, "reused": False}
 
 
 def concept_probe(model: str | None, lora: Path, n: int, seed: int) -> dict[str, Any]:
@@ -166,6 +210,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--class-images", type=int, default=100, metavar="N",
+                        help="base-model images of original prompts trained on alongside "
+                        "(prior preservation; 0: none; default 100)")
+    parser.add_argument("--prior-weight", type=float, default=1.0)
     parser.add_argument("--n", type=int, default=60, help="prompts per evaluation (default 60)")
     parser.add_argument("--eval-seed", type=int, default=0)
     parser.add_argument("--probe", type=int, default=24,
@@ -181,7 +229,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"the built-in model is missing ({builtin_models_dir() / BUILTIN_MODEL}); train "
               "and export it first, or pass --model", file=sys.stderr)
         return 2
+    from toile.engine.models import ModelRegistry
+    from toile.io.weights import model_hash
+
     start = time.perf_counter()
+    base_hash = model_hash(ModelRegistry().resolve(args.model).path)
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     log = out / "commands.log"
@@ -189,16 +241,29 @@ def main(argv: list[str] | None = None) -> int:
     lora = out / "pink-star.safetensors"
     model = ["--model", args.model] if args.model else []
 
+    reused: list[str] = []
+    prior: list[str] = []
+    class_data: dict[str, Any] = {"images": 0}
+    if args.class_images:
+        class_start = time.perf_counter()
+        class_data = render_class_data(out / "class-data", args.model, args.class_images,
+                                       args.eval_seed + CLASS_SEED_OFFSET, args.threads)
+        class_data["seconds"] = round(time.perf_counter() - class_start, 1)
+        if class_data.pop("reused"):
+            reused.append("class_data")
+        prior = ["--class-data", str(out / "class-data"), "--prior-weight",
+                 str(args.prior_weight)]
     finetune = toile_command(
         "finetune", *model, "--images", str(out / "images"), "--out", str(lora),
         "--steps", str(args.steps), "--rank", str(args.rank), "--lr", str(args.lr),
-        "--batch-size", str(len(images)), "--threads", str(args.threads), "--no-progress",
-        "--json",
+        "--batch-size", str(len(images)), *prior, "--threads", str(args.threads),
+        "--no-progress", "--json",
     )
-    reused: list[str] = []
-    stage = cached(out, "finetune", finetune) if lora.is_file() else None
+    # Every stage's key names the base model's hash: a retrained model is measured afresh.
+    finetune_key = {"command": finetune, "model_hash": base_hash}
+    stage = cached(out, "finetune", finetune_key) if lora.is_file() else None
     if stage is None:
-        stage = store(out, "finetune", finetune, *run(finetune, log))
+        stage = store(out, "finetune", finetune_key, *run(finetune, log))
     else:
         reused.append("finetune")
     trained, finetune_s = stage["output"], stage["seconds"]
@@ -213,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
         if with_lora:
             command += ["--lora", str(lora)]
         # A result with the LoRA is only reused for the very same LoRA file.
-        key = {"command": command, "lora": lora.stat().st_mtime_ns if with_lora else None}
+        key = {"command": command, "lora": lora.stat().st_mtime_ns if with_lora else None,
+               "model_hash": base_hash}
         found = cached(out, name, key)
         if found is not None:
             reused.append(name)
@@ -232,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         commands[name] = stage["command"]
     if args.probe:
         key = {"lora": str(lora), "n": args.probe, "seed": args.eval_seed, "model": args.model,
+               "model_hash": base_hash,
                "lora_mtime": lora.stat().st_mtime_ns}
         stage = cached(out, "probe", key)
         if stage is None:
@@ -246,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = {
         "model": args.model or BUILTIN_MODEL,
         "images": images,
+        "class_data": class_data,
         "finetune": {"steps": trained["steps"], "rank": args.rank, "lr": args.lr,
                      "loss_first_10_mean": round(sum(losses[:10]) / len(losses[:10]), 4),
                      "loss_last_10_mean": round(sum(losses[-10:]) / len(losses[-10:]), 4),

@@ -132,7 +132,10 @@ class FinetuneRunner:
 
         # Captions are checked before anything slow (class images, loading the model).
         index_images(config.images, prompt=config.prompt)
-        if config.prior_preservation:
+        if config.class_data:
+            index_images(config.class_data, prompt=config.class_prompt, field_name="class_data",
+                         prompt_field="class_prompt")
+        elif config.prior_preservation:
             self._make_class_images()
         from toile.io.weights import check_folder_weights
 
@@ -211,6 +214,16 @@ class FinetuneRunner:
         from toile.train.finetune.prior import class_image_paths
 
         config = self.config
+        if config.class_data:
+            # The user's own class images: checked like training images (counted skips).
+            prior = load_image_set(
+                config.class_data, prompt=config.class_prompt, resolution=self.resolution,
+                multiple=self.multiple, field_name="class_data", prompt_field="class_prompt",
+            )
+            if self.accelerator.is_main_process:
+                self.echo(f"class images: {len(prior)} from {prior.root}"
+                          + (f" ({prior.skips.summary()})" if prior.skips.total else ""))
+            return prior
         folder = config.class_images_dir
         return load_image_set(
             folder, prompt=config.class_prompt, resolution=self.resolution,
@@ -390,6 +403,7 @@ class FinetuneRunner:
                 "step": self.step,
                 "num_processes": acc.num_processes,
                 "data_fingerprint": self.data.fingerprint(),
+                "class_fingerprint": self.prior.fingerprint() if self.prior is not None else None,
                 "config": config.to_dict(),
                 "command": self.command,
             }, indent=2) + "\n")
@@ -418,6 +432,9 @@ class FinetuneRunner:
                            f"{acc.num_processes})")
         if state.get("data_fingerprint") != self.data.fingerprint():
             changed.append("the images or captions")
+        prior = self.prior.fingerprint() if self.prior is not None else None
+        if state.get("class_fingerprint", prior) != prior:
+            changed.append("the class images or their captions")
         if changed:
             raise RequestError(
                 "resume", f"{folder} was made with different settings: {', '.join(changed)}; "
@@ -457,6 +474,7 @@ class FinetuneRunner:
             "batch_size": config.batch_size * self.accelerator.num_processes,
             "prompt": config.prompt,
             "class_prompt": config.class_prompt if config.prior_preservation else None,
+            "class_images": len(self.prior) if self.prior is not None else 0,
             "resolution": self.resolution,
             "train_text_encoder": config.train_text_encoder,
             "images": len(self.data),
