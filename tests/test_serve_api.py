@@ -329,3 +329,36 @@ def test_graceful_shutdown_requeues_the_running_job(engine, scripted, tmp_path):
     with serve(ScriptedEngine(engine), tmp_path / "data") as client:
         job = wait_job(client, job_id)
         assert job["status"] == "succeeded" and job["attempts"] == 1
+
+
+def test_a_lora_registered_while_serving_is_used_without_restart(scripted, tiny_models, tmp_path):
+    """`toile loras add` on the server's machine (here: the same registry, as that command
+    writes it) is picked up by a running server: listed, applied, and a vanished file is a
+    clear error on the field. Clients only ever name ids."""
+    from finetune_common import make_images, train
+    from toile.engine.models import LoraRegistry
+
+    lora = tmp_path / "sks.safetensors"
+    train(tiny_models("sd"), make_images(tmp_path / "images"), lora, steps=4, batch_size=2)
+    with serve(scripted, tmp_path / "data") as client:
+        refused = client.post("/v1/jobs", json=job_body(loras=[{"id": "sks"}]))
+        assert refused.status_code == 422 and refused.json()["error"]["field"] == "loras[0].id"
+        assert "unknown LoRA id 'sks'" in refused.json()["error"]["message"]
+        assert client.get("/v1/models").json()["loras"] == []
+
+        LoraRegistry().add("sks", lora)
+        assert client.get("/v1/models").json()["loras"] == ["sks"]
+        assert [x["name"] for x in client.get("/sdapi/v1/loras").json()] == ["sks"]
+        ids = [client.post("/v1/jobs", json=job_body(**extra)).json()["id"]
+               for extra in ({}, {"loras": [{"id": "sks", "scale": 1.0}]})]
+        plain, styled = (wait_job(client, job_id) for job_id in ids)
+        assert plain["status"] == styled["status"] == "succeeded", (plain, styled)
+        images = [client.get(job["images"][0]["url"]).content for job in (plain, styled)]
+        assert images[0] != images[1]  # the LoRA changed the output
+
+        lora.unlink()
+        gone = client.post("/v1/jobs", json=job_body(loras=[{"id": "sks"}]))
+        assert gone.status_code == 422 and gone.json()["error"]["field"] == "loras[0].id"
+        assert "file is gone" in gone.json()["error"]["message"]
+        assert str(tmp_path) not in gone.text  # the server's paths are not shown to clients
+        assert client.post("/v1/jobs", json=job_body()).status_code == 202

@@ -149,6 +149,14 @@ class LoraRegistry:
         self.path = path if path is not None else toile_home() / LORAS_FILE
         self._lock = threading.RLock()
         self._entries: dict[str, LoraEntry] | None = None
+        self._stamp: tuple[int, int] | None = None  # (mtime_ns, size) of the file last read
+
+    def _file_stamp(self) -> tuple[int, int] | None:
+        try:
+            stat = self.path.stat()
+        except OSError:
+            return None
+        return stat.st_mtime_ns, stat.st_size
 
     def _read(self) -> dict[str, dict]:
         if not self.path.is_file():
@@ -165,6 +173,7 @@ class LoraRegistry:
     def reload(self) -> list[LoraEntry]:
         """Re-read ``loras.json`` (call after ``toile loras add``); returns the entries."""
         with self._lock:
+            self._stamp = self._file_stamp()
             loras = self._read()
             self._entries = {
                 lora_id: LoraEntry(lora_id, Path(str(spec.get("path") if isinstance(spec, dict)
@@ -172,6 +181,15 @@ class LoraRegistry:
                 for lora_id, spec in sorted(loras.items())
             }
             return list(self._entries.values())
+
+    def reload_if_changed(self) -> bool:
+        """Re-read ``loras.json`` if it changed since the last read (one ``stat``): how a
+        server picks up ``toile loras add`` without a restart. True if it re-read."""
+        with self._lock:
+            if self._entries is not None and self._file_stamp() == self._stamp:
+                return False
+            self.reload()
+            return True
 
     def entries(self) -> list[LoraEntry]:
         """The registered LoRAs as of the last ``reload()`` (read on first use)."""

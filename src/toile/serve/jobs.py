@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 from toile.errors import ModelNotFoundError, RequestError, ToileError
 from toile.serve import schemas
 from toile.serve.events import EventHub, JobEvent
+from toile.serve.loras import ServerLoras
 from toile.serve.store import QUEUED, RUNNING, STATUSES, IdempotencyConflict, JobRow, JobStore
 from toile.serve.uploads import Upload, read_upload, write_durably
 
@@ -87,6 +88,7 @@ class JobService:
         self.hub = hub
         self.registry = registry
         self.webhooks = webhooks
+        self.loras = ServerLoras(config.loras)
         self.worker: Worker | None = None
         self._lock_handle: Any = None
 
@@ -120,7 +122,8 @@ class JobService:
             webhooks = WebhookSender(config.webhook_timeout_s, store.set_webhook_status)
             service = cls(config, store, EventHub(), engine.registry, webhooks)
             service._lock_handle = lock
-            service.worker = Worker(config, store, service.hub, engine, ended=service._job_ended)
+            service.worker = Worker(config, store, service.hub, engine, ended=service._job_ended,
+                                    loras=service.loras)
             for job in store.pending_webhooks():
                 if job.webhook is not None:
                     webhooks.send(job.webhook, job.id, service.view(job).model_dump(mode="json"))
@@ -231,10 +234,7 @@ class JobService:
             check_refiner(families["model"], families["refiner"], body.refiner)
         loras = []
         for index, lora in enumerate(body.loras):
-            path = config.loras.get(lora.id)
-            if path is None:
-                known = ", ".join(sorted(config.loras)) or "none are configured"
-                raise RequestError(f"loras[{index}].id", f"unknown LoRA id {lora.id!r} ({known})")
+            path = self.loras.path(lora.id, f"loras[{index}].id")
             loras.append(LoraSpec(str(path), lora.scale))
         if body.webhook is not None:
             if not config.webhooks:
@@ -414,7 +414,7 @@ class JobService:
             data=[schemas.ModelCard(id=e.id, created=_mtime(e.path)) for e in entries],
             default=self.registry.default_id,
             models=[entry.id for entry in entries],
-            loras=sorted(self.config.loras),
+            loras=self.loras.ids(),
         )
 
 

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from toile.errors import CancelledError, RequestError, ToileError
 from toile.serve.events import EventHub
+from toile.serve.loras import ServerLoras
 from toile.serve.store import CANCELLED, FAILED, SUCCEEDED, ImageRow, JobRow, JobStore
 from toile.serve.uploads import fsync_dir, fsync_file, load_saved
 
@@ -37,9 +38,11 @@ log = logging.getLogger("toile.serve")
 IDLE_WAIT_S = 0.5  # how long the loop sleeps when the queue is empty and nobody wakes it
 
 
-def stored_to_request(stored: dict[str, Any], config: ServeConfig) -> GenerationRequest:
+def stored_to_request(
+    stored: dict[str, Any], config: ServeConfig, loras: ServerLoras
+) -> GenerationRequest:
     """Rebuild the GenerationRequest from the JSON the store holds (uploads from files, LoRA ids
-    from the config). Raises RequestError naming the field if that is no longer possible."""
+    looked up again). Raises RequestError naming the field if that is no longer possible."""
     from toile.request import GenerationRequest, LoraSpec, Outpaint
 
     fields = dict(stored)
@@ -51,13 +54,11 @@ def stored_to_request(stored: dict[str, Any], config: ServeConfig) -> Generation
             fields[name] = load_saved(config.uploads_dir / file_name, field=name)
     if fields.get("outpaint") is not None:
         fields["outpaint"] = Outpaint(**fields["outpaint"])
-    loras = []
+    specs = []
     for index, lora in enumerate(fields.get("loras") or ()):
-        path = config.loras.get(lora["id"])
-        if path is None:
-            raise RequestError(f"loras[{index}].id", f"{lora['id']!r} is no longer configured")
-        loras.append(LoraSpec(str(path), float(lora["scale"])))
-    fields["loras"] = tuple(loras)
+        path = loras.path(lora["id"], f"loras[{index}].id")
+        specs.append(LoraSpec(str(path), float(lora["scale"])))
+    fields["loras"] = tuple(specs)
     return GenerationRequest(**fields)
 
 
@@ -107,8 +108,10 @@ class Worker:
         hub: EventHub,
         engine: Any,
         ended: Callable[[JobRow], None],
+        loras: ServerLoras | None = None,
     ) -> None:
         self.config = config
+        self.loras = loras if loras is not None else ServerLoras(config.loras)
         self.store = store
         self.hub = hub
         self.engine = engine
@@ -193,7 +196,7 @@ class Worker:
         try:
             if cancel.is_set():  # cancelled between the claim and now: do not start at all
                 raise CancelledError("cancelled before it started")
-            request = stored_to_request(job.request, self.config)
+            request = stored_to_request(job.request, self.config, self.loras)
             self._learn_defaults(request.model)
             result = self.engine.run(
                 request,

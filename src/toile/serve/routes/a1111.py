@@ -612,7 +612,7 @@ def loras(service: Service) -> list[dict[str, Any]]:
     """The server's LoRA ids, for ``<lora:ID:SCALE>`` in prompts."""
     return [
         {"name": lora_id, "alias": lora_id, "path": lora_id, "metadata": {}}
-        for lora_id in sorted(service.config.loras)
+        for lora_id in service.loras.ids()
     ]
 
 
