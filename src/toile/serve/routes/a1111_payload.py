@@ -1,0 +1,332 @@
+"""AUTOMATIC1111's request bodies (``/sdapi/v1/txt2img`` and ``/img2img``) and their
+translation into a toile job; the routes that use them are in :mod:`toile.serve.routes.a1111`.
+
+Mapping (see README "Serve"):
+
+- ``prompt``, ``negative_prompt``, ``steps``, ``cfg_scale`` -> guidance, ``width``/``height``,
+  ``seed`` (-1 = random), ``batch_size`` x ``n_iter`` -> num_images (seeds seed, seed+1, ... as
+  in A1111). ``<lora:ID:SCALE>`` in the prompt names a LoRA id the server serves (its
+  ``[loras]`` or the ``toile loras`` registry).
+- img2img: ``init_images[0]`` -> image, resized to ``width`` x ``height`` (``resize_mode`` 0
+  "just resize" or 1 "crop and resize"), ``denoising_strength`` -> strength, ``mask`` (white =
+  repaint, as toile) with ``inpainting_mask_invert`` and ``mask_blur`` (a Gaussian blur of that
+  radius, as A1111 does) applied here.
+- The model: ``override_settings.sd_model_checkpoint``, else the one chosen with
+  ``POST /sdapi/v1/options`` (kept in memory until restart), else the server's default.
+  ``refiner_checkpoint`` (a title or id) with ``refiner_switch_at`` -> refiner and
+  refiner_switch: SDXL's base -> refiner hand-off (txt2img; img2img with a refiner is a 422).
+- ``sampler_name`` (or the deprecated ``sampler_index``): toile runs each model with the
+  scheduler its checkpoint declares, so ``"Default"``, the empty string, and that scheduler's
+  A1111 name (``DDIMScheduler`` -> ``"DDIM"``, ``EulerDiscreteScheduler`` -> ``"Euler"``...) or
+  diffusers class name are accepted; anything else is a 422 naming ``sampler_name``.
+  ``scheduler`` must be ``"automatic"``.
+- Refused with a 422 naming the field unless left at A1111's "off" value: ``enable_hr``,
+  ``restore_faces``, ``tiling``, ``subseed_strength``, ``styles``, ``script_name``,
+  ``alwayson_scripts``, other ``override_settings``, more than one
+  init image, ``resize_mode`` 2/3.
+- Accepted and ignored (sampler tuning and saving options with no toile equivalent):
+  ``eta``, ``s_churn``, ``s_tmin``, ``s_tmax``, ``s_noise``, ``subseed``, ``seed_resize_*``,
+  ``hr_*``/``firstphase_*`` while ``enable_hr`` is off, ``inpainting_fill``,
+  ``inpaint_full_res*``, ``image_cfg_scale``, ``initial_noise_multiplier``,
+  ``do_not_save_*``, ``save_images``, and unknown fields (A1111 ignores them too); ``info``
+  lists the unknown ones under ``toile_ignored``.
+
+Every refusal is a :class:`~toile.errors.RequestError` naming the A1111 field (a 422 once the
+routes answer it).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from toile.errors import ModelNotFoundError, RequestError
+from toile.request import MAX_GUIDANCE, MAX_IMAGES, MAX_PROMPT_CHARS, MAX_SEED, MAX_SIDE, MAX_STEPS
+from toile.serve.jobs import JobService
+from toile.serve.routes.openai import encode_png_b64
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+# JobCreate's field names -> A1111's.
+A1111_NAMES = {
+    "num_images": "batch_size",
+    "guidance": "cfg_scale",
+    "strength": "denoising_strength",
+    "image": "init_images",
+    "model": "sd_model_checkpoint",
+    "loras": "prompt",
+    "refiner": "refiner_checkpoint",
+    "refiner_switch": "refiner_switch_at",
+}
+# diffusers scheduler class -> the name A1111 gives the same sampler.
+A1111_SAMPLERS = {
+    "EulerDiscreteScheduler": "Euler",
+    "FlowMatchEulerDiscreteScheduler": "Euler",
+    "EulerAncestralDiscreteScheduler": "Euler a",
+    "DPMSolverMultistepScheduler": "DPM++ 2M",
+    "DPMSolverSinglestepScheduler": "DPM++ SDE",
+    "KDPM2DiscreteScheduler": "DPM2",
+    "KDPM2AncestralDiscreteScheduler": "DPM2 a",
+    "HeunDiscreteScheduler": "Heun",
+    "LMSDiscreteScheduler": "LMS",
+    "DDIMScheduler": "DDIM",
+    "PNDMScheduler": "PLMS",
+    "UniPCMultistepScheduler": "UniPC",
+    "LCMScheduler": "LCM",
+    "DDPMScheduler": "DDPM",
+}
+DEFAULT_SAMPLER = "Default"
+LORA_TAG = re.compile(r"<lora:([^:>]+)(?::([^>]*))?>")
+TITLE_HASH = re.compile(r"\s*\[[0-9a-fA-F]{6,64}\]$")
+
+
+# --------------------------------------------------------------------------- bodies
+class Processing(BaseModel):
+    """Fields common to txt2img and img2img. Lax types and unknown fields ignored, as A1111's
+    own API does; every value toile uses is range-checked."""
+
+    model_config = ConfigDict(extra="allow")
+    prompt: str = Field("", max_length=MAX_PROMPT_CHARS)
+    negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS)
+    styles: list[str] = Field(default_factory=list, description="must be empty")
+    seed: int = Field(-1, ge=-1, le=MAX_SEED, description="-1 = random")
+    subseed: int = Field(-1, description="ignored")
+    subseed_strength: float = Field(0.0, ge=0.0, le=1.0, description="must be 0")
+    seed_resize_from_h: int = Field(-1, description="ignored")
+    seed_resize_from_w: int = Field(-1, description="ignored")
+    sampler_name: str | None = Field(None, max_length=64)
+    sampler_index: str | None = Field(None, max_length=64, description="deprecated alias")
+    scheduler: str | None = Field(None, max_length=64, description='"automatic" only')
+    batch_size: int = Field(1, ge=1, le=MAX_IMAGES)
+    n_iter: int = Field(1, ge=1, le=MAX_IMAGES)
+    steps: int = Field(50, ge=1, le=MAX_STEPS)
+    cfg_scale: float = Field(7.0, ge=0.0, le=MAX_GUIDANCE)
+    width: int = Field(512, ge=8, le=MAX_SIDE)
+    height: int = Field(512, ge=8, le=MAX_SIDE)
+    restore_faces: bool | None = Field(None, description="must be off")
+    tiling: bool | None = Field(None, description="must be off")
+    eta: float | None = Field(None, description="ignored")
+    s_churn: float | None = Field(None, description="ignored")
+    s_tmax: float | None = Field(None, description="ignored")
+    s_tmin: float | None = Field(None, description="ignored")
+    s_noise: float | None = Field(None, description="ignored")
+    override_settings: dict[str, Any] = Field(default_factory=dict)
+    override_settings_restore_afterwards: bool = True
+    refiner_checkpoint: str | None = Field(None, max_length=200, description="an SDXL refiner")
+    refiner_switch_at: float | None = Field(None, gt=0.0, lt=1.0, description="default 0.8")
+    script_name: str | None = Field(None, description="must be unset")
+    script_args: list[Any] = Field(default_factory=list, description="ignored")
+    alwayson_scripts: dict[str, Any] = Field(default_factory=dict, description="must be empty")
+    send_images: bool = True
+    save_images: bool = Field(False, description="ignored: toile always keeps its images")
+    do_not_save_samples: bool = False
+    do_not_save_grid: bool = False
+
+
+class Txt2ImgBody(Processing):
+    """``POST /sdapi/v1/txt2img``."""
+
+    enable_hr: bool = Field(False, description="hires fix: must be off")
+    denoising_strength: float | None = Field(None, description="hires fix only: ignored")
+
+
+class Img2ImgBody(Processing):
+    """``POST /sdapi/v1/img2img``."""
+
+    init_images: list[str] = Field(min_length=1, description="base64 PNG, JPEG or WebP")
+    resize_mode: int = Field(0, ge=0, le=3, description="0 just resize, 1 crop and resize")
+    denoising_strength: float = Field(0.75, ge=0.0, le=1.0)
+    mask: str | None = Field(None, description="white = repaint")
+    mask_blur: int = Field(4, ge=0, le=64)
+    inpainting_mask_invert: int = Field(0, ge=0, le=1)
+    inpainting_fill: int = Field(0, ge=0, le=3, description="ignored")
+    inpaint_full_res: bool | int = Field(True, description="ignored")
+    inpaint_full_res_padding: int = Field(0, ge=0, description="ignored")
+    image_cfg_scale: float | None = Field(None, description="ignored")
+    initial_noise_multiplier: float | None = Field(None, description="ignored")
+    include_init_images: bool = Field(False, description="ignored")
+
+
+# --------------------------------------------------------------------------- models
+def scheduler_class(path: Path) -> str | None:
+    """The diffusers scheduler class a model folder declares (read from its config, so no
+    model is loaded to list samplers). None for single files or unknown layouts."""
+    if not path.is_dir():
+        return None
+    candidates = [path / "scheduler", *sorted(path.glob("*/scheduler"))]
+    for folder in candidates:
+        config = folder / "scheduler_config.json"
+        try:
+            name = json.loads(config.read_text()).get("_class_name")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(name, str):
+            return name
+    return None
+
+
+def sampler_title(scheduler: str | None) -> str:
+    return A1111_SAMPLERS.get(scheduler or "", scheduler or DEFAULT_SAMPLER)
+
+
+def _model_id(title: str) -> str:
+    """An A1111 checkpoint title (``"name [hash]"``) or a toile id -> the id."""
+    return TITLE_HASH.sub("", title.strip())
+
+
+def resolve_model(service: JobService, title: str, field: str) -> Any:
+    """The registry entry for an A1111 title or toile id; an unknown one is a RequestError
+    naming ``field``."""
+    try:
+        return service.registry.resolve(_model_id(title), allow_paths=False)
+    except ModelNotFoundError as exc:
+        raise RequestError(field, str(exc)) from None
+
+
+def _check_sampler(body: Processing, path: Path, model: str) -> str:
+    """The request's sampler must be the model's own; returns its A1111 name."""
+    own = scheduler_class(path)
+    title = sampler_title(own)
+    name = (body.sampler_name or body.sampler_index or "").strip()
+    accepted = {"", DEFAULT_SAMPLER.lower(), title.lower(), (own or "").lower()}
+    if name.lower() not in accepted:
+        raise RequestError(
+            "sampler_name",
+            f"{name!r} is not available: toile runs {model} with the scheduler its checkpoint "
+            f"declares ({title}); send {title!r} or {DEFAULT_SAMPLER!r}",
+        )
+    if (body.scheduler or "automatic").lower() != "automatic":
+        raise RequestError("scheduler", f"must be 'automatic', got {body.scheduler!r}")
+    return title
+
+
+def _check_off(body: Processing) -> None:
+    """Features toile does not have must be off: asking for them is an error, not a silent
+    no-op that would return a different picture than the client expects."""
+    flags = {
+        "enable_hr": getattr(body, "enable_hr", False),
+        "restore_faces": body.restore_faces,
+        "tiling": body.tiling,
+        "subseed_strength": body.subseed_strength,
+        "styles": body.styles,
+        "script_name": body.script_name,
+    }
+    for name, value in flags.items():
+        if value:
+            raise RequestError(name, f"is not supported by toile; leave it off (got {value!r})")
+    for name in body.alwayson_scripts:
+        raise RequestError(f"alwayson_scripts.{name}", "scripts and extensions are not supported")
+    for name in body.override_settings:
+        if name != "sd_model_checkpoint":
+            raise RequestError(
+                f"override_settings.{name}", "only sd_model_checkpoint can be overridden"
+            )
+
+
+def _loras(prompt: str) -> tuple[str, list[dict[str, Any]]]:
+    """A1111's ``<lora:ID:SCALE>`` prompt tags -> (prompt without them, LoRA ids + scales)."""
+    loras = []
+    for match in LORA_TAG.finditer(prompt):
+        scale_text = (match.group(2) or "1").split(":")[0]
+        try:
+            scale = float(scale_text)
+        except ValueError:
+            raise RequestError("prompt", f"{match.group(0)}: the scale must be a number") from None
+        loras.append({"id": match.group(1).strip(), "scale": scale})
+    return LORA_TAG.sub("", prompt).strip(), loras
+
+
+def request_fields(service: JobService, checkpoint: str | None, body: Processing) -> dict[str, Any]:
+    """The native job fields for an A1111 request (after every check that can be done here).
+    ``checkpoint`` is the model chosen with ``POST /sdapi/v1/options`` (None: the default)."""
+    _check_off(body)
+    override = body.override_settings.get("sd_model_checkpoint")
+    if override is not None:
+        entry = resolve_model(service, str(override), "override_settings.sd_model_checkpoint")
+    else:
+        default = checkpoint or service.registry.default_id
+        entry = resolve_model(service, default, "sd_model_checkpoint")
+    _check_sampler(body, entry.path, entry.id)
+    num_images = body.batch_size * body.n_iter
+    if num_images > service.config.max_images:
+        raise RequestError(
+            "batch_size",
+            f"batch_size x n_iter = {num_images}; this server makes at most "
+            f"{service.config.max_images} images per request",
+        )
+    prompt, loras = _loras(body.prompt)
+    refiner = None
+    if body.refiner_checkpoint:  # A1111 sends "" or None for "no refiner"
+        refiner = resolve_model(service, body.refiner_checkpoint, "refiner_checkpoint").id
+    return {
+        "refiner": refiner,
+        "refiner_switch": body.refiner_switch_at if refiner is not None else None,
+        "prompt": prompt,
+        "negative_prompt": body.negative_prompt,
+        "model": entry.id,
+        "width": body.width,
+        "height": body.height,
+        "steps": body.steps,
+        "guidance": float(body.cfg_scale),
+        "seed": None if body.seed == -1 else body.seed,
+        "num_images": num_images,
+        "loras": loras,
+    }
+
+
+# --------------------------------------------------------------------------- img2img inputs
+def _resized(image: Image.Image, size: tuple[int, int], mode: int, *, smooth: bool) -> Any:
+    from PIL import Image as PILImage
+    from PIL import ImageOps
+
+    if image.size == size:
+        return image
+    method = PILImage.Resampling.LANCZOS if smooth else PILImage.Resampling.BILINEAR
+    if mode == 1:  # crop and resize: keep the aspect ratio, cut what overflows
+        return ImageOps.fit(image, size, method)
+    return image.resize(size, method)
+
+
+def img2img_inputs(service: JobService, body: Img2ImgBody) -> tuple[str, str | None]:
+    """init image and mask as toile wants them: at the requested size (toile's img2img keeps
+    its input's size), mask inverted/blurred as asked. Decoded with the server's upload checks
+    (format sniffing, pixel cap before decoding)."""
+    from PIL import ImageFilter, ImageOps
+
+    from toile.serve.uploads import read_upload
+
+    config = service.config
+    if len(body.init_images) != 1:
+        raise RequestError(
+            "init_images", f"toile takes one init image, got {len(body.init_images)}"
+        )
+    if body.resize_mode not in (0, 1):
+        raise RequestError(
+            "resize_mode", "only 0 (just resize) and 1 (crop and resize) are supported"
+        )
+    if body.denoising_strength <= 0:
+        raise RequestError("denoising_strength", "must be greater than 0 for img2img")
+    size = (body.width, body.height)
+    limits = {"max_bytes": config.max_image_bytes, "max_pixels": config.max_image_pixels}
+    init = read_upload(body.init_images[0], field="init_images[0]", **limits)
+    image_b64 = body.init_images[0]
+    if init.image.size != size:
+        image_b64 = encode_png_b64(_resized(init.image, size, body.resize_mode, smooth=True))
+    if body.mask is None:
+        return image_b64, None
+    mask = read_upload(body.mask, field="mask", **limits).image  # "L", white = repaint
+    if body.inpainting_mask_invert:
+        mask = ImageOps.invert(mask)
+    if mask.size != init.image.size and mask.size != size:
+        raise RequestError(
+            "mask", f"is {mask.size[0]}x{mask.size[1]}; it must match the init image's size"
+        )
+    mask = _resized(mask, size, body.resize_mode, smooth=False)
+    if body.mask_blur:
+        mask = mask.filter(ImageFilter.GaussianBlur(body.mask_blur))
+    return image_b64, encode_png_b64(mask)
