@@ -4,8 +4,8 @@
     toile loras add pink-star runs/pink-star.safetensors
     toile loras remove pink-star
 
-A running server picks a new registration up when its admin route calls
-``LoraRegistry.reload()``; its clients then name the LoRA by id.
+A running ``toile serve`` with the same toile home serves a new registration at once (it
+re-reads ``loras.json`` when the file changes); its clients name the LoRA by id.
 """
 
 from __future__ import annotations

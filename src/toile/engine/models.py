@@ -138,9 +138,10 @@ class LoraRegistry:
 
     This is how a server applies LoRAs without trusting paths from its clients: a client names
     a registered id (``spec(id, scale)`` turns it into the engine's ``LoraSpec``), and only the
-    operator registers files (``toile loras add ID PATH``, or ``add`` from an admin route). The
-    registry keeps an in-memory snapshot of the file; ``reload()`` re-reads it, so a LoRA
-    registered by another process (e.g. the CLI) is served without a restart. Thread-safe.
+    operator registers files (``toile loras add ID PATH``). The registry keeps an in-memory
+    snapshot of the file; ``reload()`` re-reads it and ``reload_if_changed()`` does when the
+    file changed, so a LoRA registered by another process (e.g. the CLI) is served without a
+    restart (``toile.serve.loras``). Thread-safe.
     """
 
     def __init__(self, path: Path | None = None) -> None:
