@@ -83,3 +83,35 @@ def test_foreign_lora_files_are_refused_and_the_engine_goes_on(setup, tmp_path):
     with pytest.raises(RequestError, match="loras: .* holds no toile U-Net weights"):
         engine.run(GenerationRequest(PROMPT, loras=(LoraSpec(str(for_flux)),), **fields))
     assert engine.run(GenerationRequest(PROMPT, **fields)).images
+
+
+def test_demonstration_runs_end_to_end_and_reuses_its_stages(setup, tmp_path, capsys):
+    """``python -m toile.train.finetune.demo`` on a tiny model: the five captioned images, the
+    base model's class images (captioned with their prompts), the fine-tune and the four
+    evaluations as real ``toile`` commands, a summary with every number; a second run reuses
+    every stage."""
+    import json
+
+    from toile.train.finetune import demo
+
+    model, _images, _root = setup
+    out = tmp_path / "demo"
+    args = ["--out", str(out), "--model", str(model), "--steps", "2", "--n", "2",
+            "--class-images", "3", "--probe", "0", "--threads", "1"]
+    assert demo.main(args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary["images"]) == 5 and summary["class_data"]["images"] == 3
+    captions = sorted(p.read_text() for p in (out / "class-data").glob("class-*.txt"))
+    assert len(captions) == 3 and all(c.strip() for c in captions)
+    assert summary["finetune"]["steps"] == 2 and (out / "pink-star.safetensors").is_file()
+    assert "--class-data" in summary["commands"]["finetune"]
+    for name in ("held_out_base", "held_out_finetuned", "original_base", "original_finetuned"):
+        assert summary[name]["total"] == 2 and 0.0 <= summary[name]["accuracy"] <= 1.0
+    assert summary["original_change"] == round(
+        summary["original_finetuned"]["accuracy"] - summary["original_base"]["accuracy"], 4)
+    capsys.readouterr()
+    assert demo.main(args) == 0
+    again = json.loads((out / "summary.json").read_text())
+    assert set(again["reused_stages"]) == {
+        "class_data", "finetune", "held_out_base", "held_out_finetuned", "original_base",
+        "original_finetuned"}
