@@ -1,7 +1,13 @@
-"""``toile train``: train toile's own model on the scene world.
+"""``toile train``: train toile's own model from scratch, on the scene world or your data.
 
     toile train --preset toile-mini --out runs/toile-mini [--steps N] [--batch-size N]
                 [--resume] [--lr F] [--seed N] [--threads N] [--checkpoint-minutes M]
+                [--data FOLDER_OR_SHARDS [--buckets]]
+
+Without --data the model learns the procedural scene world (how the built-in model is made).
+--data streams an image-caption folder (NAME.png + NAME.txt, nested folders, any size) or
+WebDataset tar shards (a .tar, a quoted glob 'shards/*.tar', or a folder of .tar files); bad
+samples are skipped and counted, --buckets keeps non-square images whole (aspect buckets).
 
 Also runnable as ``python -m toile.cli.train_cmd ...`` (e.g. under nohup or accelerate launch).
 """
@@ -16,7 +22,7 @@ import sys
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "train",
-        help="train toile's own model from scratch on the scene world",
+        help="train toile's own model from scratch (scene world, or --data)",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -36,6 +42,10 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
         "--resume", action="store_true", help="continue exactly from the newest checkpoint in --out"
     )
     parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument("--data", metavar="PATH",
+                        help="image-caption folder or WebDataset .tar shards (default: scenes)")
+    parser.add_argument("--buckets", action="store_true",
+                        help="with --data: aspect-ratio buckets instead of square crops")
     parser.add_argument(
         "--checkpoint-minutes",
         type=float,
@@ -72,7 +82,13 @@ def run(args: argparse.Namespace) -> int:
         "snapshot_every": args.snapshot_every,
         "mixed_precision": args.mixed_precision,
         "resume": bool(args.resume),
+        "data": args.data,
     }
+    if args.buckets:
+        if not args.data:
+            print("toile train: error: --buckets applies to --data", file=sys.stderr)
+            return 2
+        overrides["data_buckets"] = True
     if args.no_progress:
         overrides["progress_bar"] = False
     try:

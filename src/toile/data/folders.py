@@ -52,7 +52,7 @@ class SkipCounter:
     def skip(self, reason: str, where: str) -> None:
         self.counts[reason] += 1
         seen = self.examples.setdefault(reason, [])
-        if len(seen) < EXAMPLES_PER_REASON:
+        if len(seen) < EXAMPLES_PER_REASON and where not in seen:
             seen.append(where)
 
     @property
@@ -63,7 +63,8 @@ class SkipCounter:
         for reason, n in other.counts.items():
             self.counts[reason] += n
             seen = self.examples.setdefault(reason, [])
-            seen.extend(other.examples.get(reason, [])[: EXAMPLES_PER_REASON - len(seen)])
+            fresh = [w for w in other.examples.get(reason, []) if w not in seen]
+            seen.extend(fresh[: EXAMPLES_PER_REASON - len(seen)])
 
     def summary(self) -> str:
         """One line per reason, e.g. ``skipped 3 samples: 2 unreadable image (a.png, b.png)...``"""

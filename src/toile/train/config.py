@@ -49,6 +49,10 @@ class TrainConfig:
     ema_decay: float = 0.999
     ema_power: float = 2 / 3
     seed: int = 0
+    # Training data: None = the procedural scene world (batches are a pure function of the
+    # step); else an image-caption folder or WebDataset shards, streamed (train/stream_data.py).
+    data: str | None = None
+    data_buckets: bool = False  # aspect-ratio buckets for --data instead of square crops
     scene_kinds: tuple[str, ...] = ("single", "relation", "count")
     allow_held_out: bool = False
     # "auto": bf16 on CUDA, none on CPU (bf16 autocast on CPU is slower on most CPUs).

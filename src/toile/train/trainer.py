@@ -1,4 +1,4 @@
-"""Training a toile model from scratch on the scene world with accelerate.
+"""Training a toile model from scratch with accelerate, on the scene world or on ``--data``.
 
 The loop is rectified-flow training (Liu et al. 2022) with SD3's logit-normal t (Esser et al.
 2024): draw a batch of (image, caption) scenes, pack the images, pick t and noise, and regress
@@ -13,7 +13,9 @@ the U-Net's output on the velocity noise − x0. Around it:
 
 Exactness of resume: the batch, t, noise and caption dropout of step k depend only on
 (seed, k, rank), and the learning rate only on k, so no iterator or scheduler state needs
-restoring beyond model, EMA and optimizer.
+restoring beyond model, EMA and optimizer. With ``data`` (a folder or shards, streamed) the
+batch of step k is the k-th of a deterministic stream, which a resumed run replays up to k
+(``train/stream_data.py``).
 
 Run layout::
 
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import json
 import math
 import os
@@ -49,9 +52,10 @@ from toile.families.toile.sampling import (
     sample_logit_normal,
     velocity_target,
 )
-from toile.train.config import TrainConfig
+from toile.train.config import DEFAULT_SAMPLE_PROMPTS, TrainConfig
 from toile.train.optimizer_state import flatten_optimizer, unflatten_optimizer
 from toile.train.scene_data import make_batch
+from toile.train.stream_data import StreamBatches
 
 CHECKPOINT_FILES = ("model.safetensors", "ema.safetensors", "optimizer.safetensors", "state.json")
 
@@ -178,6 +182,8 @@ class Trainer:
             weight_decay=config.weight_decay,
         )
         self.model, self.optimizer = self.accelerator.prepare(unet, optimizer)
+        self.data: StreamBatches | None = None
+        self._batches: Iterator[Any] | None = None
         self.step = 0
         self.train_seconds = 0.0  # accumulated over resumes, for the model card
         if config.resume:
@@ -192,6 +198,8 @@ class Trainer:
 
     def train(self) -> Path:
         """Train up to ``config.steps`` (a no-op if already there); returns the run folder."""
+        if self.config.data:
+            self._open_data()
         config, acc = self.config, self.accelerator
         if acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -227,20 +235,54 @@ class Trainer:
                 self.save_snapshot()
         if bar is not None:
             bar.close()
+        if self.data is not None and self.data.skips.total and acc.is_main_process:
+            print(f"data: {self.data.skips.summary()}", file=sys.stderr)
         acc.wait_for_everyone()
         return self.out
+
+    def _open_data(self) -> None:
+        """Open the ``data`` stream at this step. The sample grid's prompts, unless set to
+        something other than scene-world prompts (which mean nothing for other data), are as
+        many of the data's first captions (kept in ``train_config.json`` so a resumed run
+        draws the same grid)."""
+        config = self.config
+        self.data = StreamBatches(
+            config.data, batch_size=config.batch_size, image_size=config.model.packing.image_size,
+            multiple=config.model.size_multiple, seed=config.seed, buckets=config.data_buckets,
+        )
+        self._batches = self.data.batches(start=self.step)
+        if not set(config.sample_prompts) <= set(DEFAULT_SAMPLE_PROMPTS):
+            return
+        saved = self.out / "train_config.json"
+        if self.step and saved.is_file():
+            prompts = tuple(json.loads(saved.read_text()).get("sample_prompts", ()))
+        else:
+            first = next(self._batches)
+            self._batches = itertools.chain([first], self._batches)
+            prompts = tuple(dict.fromkeys(first.captions))[: len(config.sample_prompts)]
+        if prompts:
+            self.config = config.with_changes(sample_prompts=prompts)
+
+    def _next_batch(self) -> tuple[torch.Tensor, list[str]]:
+        """Images [B, 3, H, W] in [−1, 1] and captions for ``self.step``."""
+        config = self.config
+        if self._batches is not None:
+            batch = next(self._batches)
+            return batch.pixels(), batch.captions
+        scenes = make_batch(
+            config.seed, self.step, config.batch_size, image_size=config.model.packing.image_size,
+            rank=self.rank, kinds=config.scene_kinds, allow_held_out=config.allow_held_out,
+        )
+        return scenes.images, scenes.captions
 
     def train_step(self, empty: TextCondition) -> float:
         """One optimizer step on the batch for ``self.step``; returns the loss."""
         config, acc = self.config, self.accelerator
-        batch = make_batch(
-            config.seed, self.step, config.batch_size, image_size=config.model.packing.image_size,
-            rank=self.rank, kinds=config.scene_kinds, allow_held_out=config.allow_held_out,
-        )
+        images, captions = self._next_batch()
         generator = step_generator(config.seed, self.step, self.rank)
-        x0 = self.pipe.pack(batch.images.to(self.device))  # [B, 3p², H/p, W/p]
+        x0 = self.pipe.pack(images.to(self.device))  # [B, 3p², H/p, W/p]
         cond = drop_captions(
-            self.pipe.encode_prompts(batch.captions), empty, config.caption_dropout, generator
+            self.pipe.encode_prompts(captions), empty, config.caption_dropout, generator
         )
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate(self.step, config)
@@ -283,6 +325,8 @@ class Trainer:
             "train_seconds": round(self.train_seconds, 1),
             "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
+        if self.data is not None:
+            record["skipped"] = self.data.skips.total
         with open(self.out / "log.jsonl", "a") as handle:
             handle.write(json.dumps(record) + "\n")
 
