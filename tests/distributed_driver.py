@@ -1,6 +1,7 @@
 """Run by ``tests/test_distributed.py`` once per process under ``torch.distributed.run`` (and
 once alone): fine-tune a tiny toile model a few steps with ``toile finetune``'s runner, train
-one from scratch a few steps with ``toile train``'s trainer, and save each process's weights.
+one from scratch a few steps with ``toile train``'s trainer (on the scene world, then on the
+images folder streamed as ``--data``), and save each process's weights.
 
     python tests/distributed_driver.py MODEL IMAGES TEXT OUT BATCH_PER_PROCESS
 """
@@ -40,6 +41,14 @@ def main(model: str, images: str, text: str, out: str, batch: int) -> None:
     trainer.train()
     save_file({k: v.detach().cpu().contiguous() for k, v in trainer.unwrapped.state_dict().items()},
               str(root / f"train-rank{rank}-of-{world}.safetensors"))
+
+    # ``toile train --data``: each process streams its own share of the folder.
+    streamed = Trainer(config.with_changes(out_dir=str(root / "train-data"), data=images,
+                                           batch_size=2), command="distributed test")
+    streamed.train()
+    save_file({k: v.detach().cpu().contiguous()
+               for k, v in streamed.unwrapped.state_dict().items()},
+              str(root / f"train-data-rank{rank}-of-{world}.safetensors"))
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("distributed")
     text = tiny_text_encoder(root / "text")
     model = make_tiny_toile(root / "model", text)
-    images = make_images(root / "images", n=6, size=24)
+    images = make_images(root / "images", n=6, size=24, captions=True)
     common = [str(model), str(images), str(text)]
     launch([*common, str(root / "two"), "2"], procs=2)
     launch([*common, str(root / "one"), "4"], procs=1)
@@ -64,7 +64,7 @@ def load(path: Path) -> dict:
 def test_replicas_stay_identical(runs):
     import torch
 
-    for kind in ("finetune", "train"):
+    for kind in ("finetune", "train", "train-data"):
         a = load(runs / "two" / f"{kind}-rank0-of-2.safetensors")
         b = load(runs / "two" / f"{kind}-rank1-of-2.safetensors")
         assert a.keys() == b.keys() and a
