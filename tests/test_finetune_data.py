@@ -158,6 +158,41 @@ def test_class_data_folder_is_the_prior_set(sd, tmp_path):
         train(sd, images, out, steps=3, resume=True, **prior)
 
 
+def write_shard(path: Path, images: Path) -> Path:
+    """A WebDataset shard of ``images`` (each ``NAME.png`` + ``NAME.txt``)."""
+    import tarfile
+
+    with tarfile.open(path, "w") as tar:
+        for image in sorted(images.glob("*.png")):
+            tar.add(image, arcname=image.name)
+            if image.with_suffix(".txt").is_file():
+                tar.add(image.with_suffix(".txt"), arcname=image.with_suffix(".txt").name)
+    return path
+
+
+def test_streamed_images_shards_and_big_folders(sd, tmp_path):
+    """WebDataset shards as --images are streamed (and --stream streams a folder): the loss is
+    finite, uncaptioned samples take --prompt, --resume continues bit for bit, and the LoRA
+    records that its images were streamed."""
+    from finetune_common import check_resume_is_exact
+    from toile.io.lora_info import read_lora_info
+
+    images = make_images(tmp_path / "images", n=6, captions=True)
+    (images / "img5.txt").unlink()  # this one takes --prompt
+    shard = write_shard(tmp_path / "data-00000.tar", images)
+    out = tmp_path / "lora.safetensors"
+    result = train(sd, shard, out, steps=3, batch_size=2)
+    assert result.steps == 3 and all(np.isfinite(result.losses))
+    assert read_lora_info(out)["images"] == "streamed"
+    check_resume_is_exact(sd, shard, tmp_path / "resume")
+    folder = train(sd, images, tmp_path / "folder.safetensors", steps=2, batch_size=2,
+                   stream=True, prompt=None)
+    assert folder.steps == 2
+    assert folder.skipped["by_reason"] == {"missing caption": 1}  # img5 without --prompt
+    with pytest.raises(RequestError, match="images: .* gave no full batch of 8"):
+        train(sd, shard, tmp_path / "big.safetensors", steps=1, batch_size=8)
+
+
 def test_lora_metadata_and_diffusers_layout(sd, tmp_path):
     from safetensors import safe_open
 

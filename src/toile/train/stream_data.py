@@ -33,22 +33,32 @@ from toile.errors import RequestError
 SHUFFLE_BUFFER = 1000  # samples held for shuffling (WebDataset examples use 1000-5000)
 
 
-def open_stream(spec: str, *, min_side: int) -> Any:
-    """``ImageCaptionFolder`` or ``TarShards`` for ``spec`` (see the module docstring)."""
+def is_shards(spec: str) -> bool:
+    """A ``.tar`` file, a glob pattern, or a folder whose top level holds ``.tar`` files."""
+    path = Path(spec).expanduser()
+    return (any(ch in spec for ch in "*?[") or path.is_file()
+            or (path.is_dir() and any(path.glob("*.tar"))))
+
+
+def open_stream(
+    spec: str, *, min_side: int, default_caption: str | None = None, field: str = "data",
+) -> Any:
+    """``ImageCaptionFolder`` or ``TarShards`` for ``spec`` (see the module docstring);
+    samples without a caption take ``default_caption`` (or are skipped and counted)."""
     from toile.data.folders import ImageCaptionFolder
     from toile.data.shards import TarShards
 
     path = Path(spec).expanduser()
-    is_pattern = any(ch in spec for ch in "*?[")
-    if path.is_file() or is_pattern or (path.is_dir() and any(path.glob("*.tar"))):
+    if is_shards(spec):
         try:
-            return TarShards(spec if is_pattern else path, min_side=min_side)
+            return TarShards(spec if any(ch in spec for ch in "*?[") else path,
+                             min_side=min_side, default_caption=default_caption)
         except RequestError as exc:
-            raise RequestError("data", str(exc).split(": ", 1)[-1]) from None
+            raise RequestError(field, str(exc).split(": ", 1)[-1]) from None
     if path.is_dir():
-        return ImageCaptionFolder(path, min_side=min_side)
+        return ImageCaptionFolder(path, min_side=min_side, default_caption=default_caption)
     raise RequestError(
-        "data", f"{spec} is neither a folder of images with captions nor WebDataset .tar shards"
+        field, f"{spec} is neither a folder of images with captions nor WebDataset .tar shards"
     )
 
 
@@ -85,9 +95,13 @@ class StreamBatches:
         buckets: bool = False,
         min_side: int | None = None,
         shuffle_buffer: int = SHUFFLE_BUFFER,
+        default_caption: str | None = None,
+        field: str = "data",
     ) -> None:
-        self.source = open_stream(spec, min_side=min_side or max(1, image_size // 4))
+        self.source = open_stream(spec, min_side=min_side or max(1, image_size // 4),
+                                  default_caption=default_caption, field=field)
         self.spec = spec
+        self.field = field
         self.batch_size = batch_size
         self.ladder = make_buckets(image_size, multiple) if buckets else [(image_size,) * 2]
         self.seed = seed
@@ -120,7 +134,7 @@ class StreamBatches:
                 self._first_pass = copy.deepcopy(self.source.skips)
             if empty:
                 raise RequestError(
-                    "data", f"{self.spec} gave no full batch of {self.batch_size} (per process): "
-                    f"{self.skips.summary()}; add data or lower --batch-size",
+                    self.field, f"{self.spec} gave no full batch of {self.batch_size} (per "
+                    f"process): {self.skips.summary()}; add data or lower --batch-size",
                 )
             epoch += 1

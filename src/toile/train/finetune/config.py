@@ -23,7 +23,7 @@ MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 RESUME_FIXED = (
     "model", "method", "rank", "lora_alpha", "lr", "text_encoder_lr", "batch_size",
     "train_text_encoder", "prior_preservation", "class_prompt", "class_data", "num_class_images",
-    "prior_weight", "seed", "resolution", "buckets", "warmup_steps", "weight_decay",
+    "prior_weight", "seed", "resolution", "buckets", "stream", "warmup_steps", "weight_decay",
     "grad_clip", "prompt",
 )
 
@@ -62,6 +62,9 @@ class FinetuneConfig:
     seed: int = 0
     resolution: int | None = None
     buckets: bool = False  # aspect-ratio bucketing instead of centre-cropping to a square
+    # Stream ``images`` instead of loading it (a folder too big for memory); WebDataset shards
+    # (a .tar, a glob, a folder of .tar files) are always streamed. See ``streamed``.
+    stream: bool = False
     min_image_side: int | None = None  # smaller images are skipped; None = resolution / 4
     warmup_steps: int = 0
     weight_decay: float | None = None  # None = 1e-4 (LoRA) / 1e-2 (full), as diffusers' scripts
@@ -121,6 +124,13 @@ class FinetuneConfig:
             )
 
     # ---------------------------------------------------------------- derived settings
+    @property
+    def streamed(self) -> bool:
+        """Whether ``images`` is read as a stream (``stream``, or shards) or loaded whole."""
+        from toile.train.stream_data import is_shards
+
+        return self.stream or is_shards(self.images)
+
     @property
     def effective_lr(self) -> float:
         if self.lr is not None:

@@ -39,19 +39,22 @@ import random
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from toile.data.buckets import BucketBatchSampler
+from toile.data.buckets import BucketBatch, BucketBatchSampler
+from toile.data.folders import SkipCounter
 from toile.errors import RequestError
 from toile.train.finetune.config import FinetuneConfig
 from toile.train.finetune.dataset import ImageSet, index_images, load_image_set
 from toile.train.finetune.lora import DENOISER_TARGETS, TEXT_ENCODER_TARGETS, add_lora, save_lora
 from toile.train.finetune.objectives import OBJECTIVES, Objective, TrainBatch, objective_for
 from toile.train.optimizer_state import flatten_optimizer, unflatten_optimizer
+from toile.train.stream_data import StreamBatches
 
 CHECKPOINT_FILES = ("trainable.safetensors", "optimizer.safetensors", "state.json")
 
@@ -131,7 +134,8 @@ class FinetuneRunner:
             torch.float32)
 
         # Captions are checked before anything slow (class images, loading the model).
-        index_images(config.images, prompt=config.prompt)
+        if not config.streamed:
+            index_images(config.images, prompt=config.prompt)
         if config.class_data:
             index_images(config.class_data, prompt=config.class_prompt, field_name="class_data",
                          prompt_field="class_prompt")
@@ -145,10 +149,23 @@ class FinetuneRunner:
         self.objective: Objective = objective_for(loaded)
         self.resolution = self._resolution(loaded.defaults)
         self.multiple = loaded.defaults.size_multiple
-        self.data = self._load_images()
+        self.data: ImageSet | None = None
+        self.stream: StreamBatches | None = None
+        self._batches: Iterator[BucketBatch] | None = None
+        if config.streamed:
+            self.stream = StreamBatches(
+                config.images, batch_size=config.batch_size, image_size=self.resolution,
+                multiple=self.multiple, seed=config.seed, buckets=config.buckets,
+                min_side=config.min_image_side, default_caption=config.prompt, field="images",
+            )
+            if self.accelerator.is_main_process:
+                self.echo(f"images: streamed from {config.images} (skips are counted per pass)")
+        else:
+            self.data = self._load_images()
         self.prior = self._load_class_images() if config.prior_preservation else None
         global_batch = config.batch_size * acc.num_processes
-        self.sampler = BucketBatchSampler(self.data.bucket_of, global_batch, seed=config.seed)
+        self.sampler = (BucketBatchSampler(self.data.bucket_of, global_batch, seed=config.seed)
+                        if self.data is not None else None)
         self.prior_sampler = (
             BucketBatchSampler([0] * len(self.prior), global_batch, seed=config.seed + 1)
             if self.prior is not None else None
@@ -286,7 +303,7 @@ class FinetuneRunner:
                 (root / "log.jsonl").unlink(missing_ok=True)
             config.save(root / "finetune_config.json")
         result = FinetuneResult(
-            out=Path(config.out), steps=self.step, skipped=self.data.skips.to_dict(),
+            out=Path(config.out), steps=self.step, skipped=self.skips.to_dict(),
             trainable_parameters=sum(p.numel() for p in self.trainable.values()),
         )
         if acc.is_main_process:
@@ -333,17 +350,45 @@ class FinetuneRunner:
         if saved_at != self.step or not list_checkpoints(config.checkpoint_root):
             self.save_checkpoint()
         self.save_output()
+        result.skipped = self.skips.to_dict()  # a stream counts its skips as it reads
         result.steps = self.step
         result.seconds = time.perf_counter() - start_all
         return result
+
+    @property
+    def skips(self) -> SkipCounter:
+        """Bad images skipped (loaded set) or skipped in one pass (stream)."""
+        if self.data is not None:
+            return self.data.skips
+        assert self.stream is not None
+        return self.stream.skips
+
+    def _fingerprint(self) -> str:
+        """The image set's content hash; a stream is known by its path (hashing it would
+        mean reading all of it)."""
+        return self.data.fingerprint() if self.data is not None else f"stream:{self.config.images}"
+
+    def _instance_batch(self) -> tuple[Any, torch.Tensor, list[str], list, list]:
+        """(bucket, pixels [b, 3, H, W], captions, original sizes, crops) of this process for
+        ``self.step``: its slice of the global batch, or its stream's next batch."""
+        config, acc = self.config, self.accelerator
+        if self.stream is not None:
+            if self._batches is None:
+                self._batches = self.stream.batches(start=self.step)
+            batch = next(self._batches)
+            return (batch.bucket, batch.pixels(), batch.captions, batch.original_sizes,
+                    batch.crops_top_left)
+        assert self.data is not None and self.sampler is not None
+        b, rank = config.batch_size, acc.process_index
+        mine = self.sampler.batch(self.step)[rank * b:(rank + 1) * b]
+        bucket = self.data.buckets[self.data.examples[mine[0]].bucket]
+        return (bucket, *self.data.batch(mine))
 
     def train_step(self) -> float:
         """One optimizer step on the global batch of ``self.step``; returns the mean loss."""
         config, acc = self.config, self.accelerator
         b, rank, procs = config.batch_size, acc.process_index, acc.num_processes
-        mine = self.sampler.batch(self.step)[rank * b:(rank + 1) * b]
-        bucket = self.data.buckets[self.data.examples[mine[0]].bucket]
-        pix, captions, sizes, crops = self.data.batch(mine)
+        bucket, pix, captions, sizes, crops = self._instance_batch()
         gens = [sample_generator(config.seed, self.step, rank * b + j) for j in range(b)]
         if self.prior is not None and self.prior_sampler is not None:
             # Class images join the instance batch (one forward pass: DDP wants one per
@@ -402,7 +447,7 @@ class FinetuneRunner:
             (tmp / "state.json").write_text(json.dumps({
                 "step": self.step,
                 "num_processes": acc.num_processes,
-                "data_fingerprint": self.data.fingerprint(),
+                "data_fingerprint": self._fingerprint(),
                 "class_fingerprint": self.prior.fingerprint() if self.prior is not None else None,
                 "config": config.to_dict(),
                 "command": self.command,
@@ -430,7 +475,7 @@ class FinetuneRunner:
         if state.get("num_processes") != acc.num_processes:
             changed.append(f"number of processes ({state.get('num_processes')} -> "
                            f"{acc.num_processes})")
-        if state.get("data_fingerprint") != self.data.fingerprint():
+        if state.get("data_fingerprint") != self._fingerprint():
             changed.append("the images or captions")
         prior = self.prior.fingerprint() if self.prior is not None else None
         if state.get("class_fingerprint", prior) != prior:
@@ -477,7 +522,7 @@ class FinetuneRunner:
             "class_images": len(self.prior) if self.prior is not None else 0,
             "resolution": self.resolution,
             "train_text_encoder": config.train_text_encoder,
-            "images": len(self.data),
+            "images": len(self.data) if self.data is not None else "streamed",
             "toile_version": toile.__version__,
         }
 
