@@ -72,6 +72,14 @@ def test_learning_rate_warmup_then_constant() -> None:
     )
 
 
+def test_cooldown_decays_linearly_to_zero_at_the_end() -> None:
+    config = preset("tiny", steps=10, warmup_steps=2, cooldown_steps=4)
+    rates = [learning_rate(s, config) / config.lr for s in range(10)]
+    assert rates == pytest.approx([0.5, 1, 1, 1, 1, 1, 1, 0.75, 0.5, 0.25])
+    with pytest.raises(ValueError, match="cooldown_steps"):
+        preset("tiny", steps=10, cooldown_steps=11)
+
+
 def test_resume_continues_exactly(tmp_path: Path, text_folder: Path) -> None:
     straight = Trainer(tiny(tmp_path / "a", text_folder, steps=4), command="test")
     straight.train()

@@ -37,6 +37,9 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, help="total optimizer steps")
     parser.add_argument("--batch-size", type=int, help="images per step per process")
     parser.add_argument("--lr", type=float, help="peak learning rate (AdamW)")
+    parser.add_argument("--cooldown-steps", type=int, metavar="N",
+                        help="decay the learning rate linearly to 0 over the last N steps")
+    parser.add_argument("--ema-decay", type=float, help="EMA decay cap (default 0.999)")
     parser.add_argument("--seed", type=int, help="seed for init, data, t and noise")
     parser.add_argument(
         "--resume", action="store_true", help="continue exactly from the newest checkpoint in --out"
@@ -75,6 +78,8 @@ def run(args: argparse.Namespace) -> int:
         "steps": args.steps,
         "batch_size": args.batch_size,
         "lr": args.lr,
+        "cooldown_steps": args.cooldown_steps,
+        "ema_decay": args.ema_decay,
         "seed": args.seed,
         "num_threads": args.threads,
         "checkpoint_minutes": args.checkpoint_minutes,

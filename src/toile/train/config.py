@@ -35,8 +35,11 @@ class TrainConfig:
     batch_size: int = 32
     lr: float = 5e-4
     # Linear warmup, then constant: a run stopped at any step has a usable model (the EMA
-    # weights), which a decaying schedule tuned to a fixed length would not promise.
+    # weights), which a decaying schedule tuned to a fixed length would not promise. Optionally
+    # a linear cooldown to 0 over the last ``cooldown_steps`` ("warmup-stable-decay", Hägele et
+    # al. 2024): decide the end when it is near, resume with ``--steps END --cooldown-steps N``.
     warmup_steps: int = 100
+    cooldown_steps: int = 0
     weight_decay: float = 0.01
     adam_betas: tuple[float, float] = (0.9, 0.99)
     grad_clip: float = 1.0
@@ -78,6 +81,7 @@ class TrainConfig:
             "batch_size": self.batch_size >= 1,
             "lr": self.lr > 0,
             "warmup_steps": self.warmup_steps >= 0,
+            "cooldown_steps": 0 <= self.cooldown_steps <= self.steps,
             "caption_dropout": 0.0 <= self.caption_dropout < 1.0,
             "ema_decay": 0.0 <= self.ema_decay < 1.0,
             "keep_checkpoints": self.keep_checkpoints >= 1,

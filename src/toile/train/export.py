@@ -160,8 +160,10 @@ def write_model_card(
         "## Training",
         "",
         f"- Steps: {step} at batch {train.get('batch_size', '?')} "
-        f"(lr {train.get('lr', '?')}, warmup {train.get('warmup_steps', '?')}, constant after; "
-        f"EMA decay ≤ {train.get('ema_decay', '?')}).",
+        f"(lr {train.get('lr', '?')}, warmup {train.get('warmup_steps', '?')}, constant after"
+        + (f", linear cooldown to 0 over the last {train['cooldown_steps']} steps"
+           if train.get("cooldown_steps") else "")
+        + f"; EMA decay ≤ {train.get('ema_decay', '?')}).",
         f"- Training time: {train_seconds / 60:.1f} min of step time.",
         f"- Hardware: {info.get('hardware', '(unknown)')}.",
         "- Command(s):",

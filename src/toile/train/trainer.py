@@ -61,10 +61,15 @@ CHECKPOINT_FILES = ("model.safetensors", "ema.safetensors", "optimizer.safetenso
 
 
 def learning_rate(step: int, config: TrainConfig) -> float:
-    """Linear warmup over ``warmup_steps``, then constant. Stateless, so resume is exact."""
+    """Linear warmup over ``warmup_steps``, constant, then (with ``cooldown_steps``) linear
+    decay to 0 at ``steps``. Stateless, so resume is exact."""
+    scale = 1.0
     if config.warmup_steps and step < config.warmup_steps:
-        return config.lr * (step + 1) / config.warmup_steps
-    return config.lr
+        scale = (step + 1) / config.warmup_steps
+    left = config.steps - step  # steps still to take, this one included
+    if config.cooldown_steps and left <= config.cooldown_steps:
+        scale = min(scale, left / config.cooldown_steps)
+    return config.lr * scale
 
 
 def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
