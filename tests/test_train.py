@@ -187,6 +187,8 @@ def test_snapshots_and_learning_curve(tmp_path: Path, text_folder: Path) -> None
     assert cache.stat().st_mtime_ns == cache_time
     assert read_curve(run) == (settings, points)
     assert [p.step for p in learning_curve(run, settings, every=4, progress=False)] == [4]
+    # The newest snapshot is always a point, on the multiples or not.
+    assert [p.step for p in learning_curve(run, settings, every=3, progress=False)] == [4]
     assert curve_main(["--run", str(run), "--n", "3", "--steps", "2"]) == 0  # rewrites all
     # The model card of an export from this run shows the curve.
     assert export_main(["--run", str(run), "--out", str(tmp_path / "model")]) == 0

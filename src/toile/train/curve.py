@@ -93,8 +93,10 @@ def learning_curve(
     """Grade the snapshots of ``run_dir`` (or of ``source``) whose step is a multiple of
     ``every``, and write ``learning_curve.json``."""
     run_dir = Path(run_dir)
-    snapshots = [p for p in find_snapshots(source or run_dir / "snapshots")
-                 if int(p.name.split("-")[1]) % every == 0]
+    found = find_snapshots(source or run_dir / "snapshots")
+    # Every ``every`` steps, and always the newest: where the run ended matters most.
+    snapshots = [p for p in found
+                 if int(p.name.split("-")[1]) % every == 0 or p == found[-1]]
     if not snapshots:
         where = source or run_dir / "snapshots"
         raise FileNotFoundError(
@@ -152,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="folder of step-N snapshots (default: RUN/snapshots)")
     defaults = CurveSettings()
     parser.add_argument("--every", type=int, default=1, metavar="STEPS",
-                        help="grade only snapshots at multiples of this step (default: all)")
+                        help="grade snapshots at multiples of this step, and the newest "
+                        "(default: all)")
     parser.add_argument("--n", type=int, default=defaults.n, help="prompts per snapshot")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--steps", type=int, default=defaults.steps, help="sampling steps")
