@@ -43,3 +43,24 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory):
         return built[name]
 
     return get
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models gain nothing from threads, and on a busy 2-core machine every op of a
+    multi-threaded torch waits at OpenMP barriers for a sibling thread that is descheduled.
+    Modules opt in with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def text_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random sentence encoder folder for toile models, built once."""
+    from toile.families.toile.testing import tiny_text_encoder
+
+    return tiny_text_encoder(tmp_path_factory.mktemp("tiny-text"))

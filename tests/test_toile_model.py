@@ -19,24 +19,12 @@ from toile.families.toile.config import ToileModelConfig  # noqa: E402
 from toile.families.toile.family import ToileFamily  # noqa: E402
 from toile.families.toile.pipeline import ToilePipeline, pack, unpack  # noqa: E402
 from toile.families.toile.sampling import time_schedule  # noqa: E402
-from toile.families.toile.testing import tiny_model_config, tiny_text_encoder  # noqa: E402
+from toile.families.toile.testing import tiny_model_config  # noqa: E402
 
 SHIPPED = Path(__file__).resolve().parents[1] / "src" / "toile" / "assets" / "toile-mini"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models gain nothing from threads, and on a busy 2-core machine every op of a
-    # multi-threaded torch waits at OpenMP barriers for a sibling thread that is descheduled.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def text_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tiny_text_encoder(tmp_path_factory.mktemp("tiny-text"))
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

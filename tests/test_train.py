@@ -13,25 +13,12 @@ pytest.importorskip("toile.data.scenes")
 
 from safetensors.torch import load_file  # noqa: E402
 
-from toile.families.toile.testing import tiny_model_config, tiny_text_encoder  # noqa: E402
+from toile.families.toile.testing import tiny_model_config  # noqa: E402
 from toile.train.config import TrainConfig, preset  # noqa: E402
 from toile.train.scene_data import make_batch  # noqa: E402
 from toile.train.trainer import Trainer, latest_checkpoint, learning_rate  # noqa: E402
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models gain nothing from threads, and on a busy 2-core machine every op of a
-    # multi-threaded torch waits at OpenMP barriers for a sibling thread that is descheduled.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def text_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tiny_text_encoder(tmp_path_factory.mktemp("tiny-text"))
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny(out: Path, text_folder: Path, **changes) -> TrainConfig:

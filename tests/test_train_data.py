@@ -16,7 +16,7 @@ from PIL import Image
 torch = pytest.importorskip("torch")
 
 from toile.errors import RequestError  # noqa: E402
-from toile.families.toile.testing import tiny_model_config, tiny_text_encoder  # noqa: E402
+from toile.families.toile.testing import tiny_model_config  # noqa: E402
 from toile.train.config import TrainConfig, preset  # noqa: E402
 from toile.train.trainer import Trainer  # noqa: E402
 
@@ -25,17 +25,7 @@ RGB = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220),
        "white": (250, 250, 250), "black": (5, 5, 5), "yellow": (240, 230, 20)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def text_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tiny_text_encoder(tmp_path_factory.mktemp("tiny-text"))
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def image_bytes(color: str, size: tuple[int, int]) -> bytes:
