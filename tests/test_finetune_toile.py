@@ -38,6 +38,47 @@ def test_resume_is_exact(setup):
     check_resume_is_exact(model, images, root / "resume")
 
 
+def test_lora_layers_choose_where_the_adapters_go(setup):
+    """``--lora-layers attn2.to_k,attn2.to_v`` (Custom Diffusion's choice): only the
+    cross-attention keys and values get adapters; the file says so, loads back, changes the
+    output, and resumes exactly (the layer list survives the saved config)."""
+    import argparse
+
+    from safetensors import safe_open
+
+    from toile.cli.finetune_cmd import add_arguments, config_from_args
+    from toile.io.lora_info import read_lora_info
+
+    model, images, root = setup
+    layers = ("attn2.to_k", "attn2.to_v")
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--images", "x", "--out", "y.safetensors",
+                              "--lora-layers", "attn2.to_k, attn2.to_v"])
+    assert config_from_args(args).lora_layers == layers
+    lora = root / "cross.safetensors"
+    train(model, images, lora, steps=3, lora_layers=layers)
+    with safe_open(str(lora), framework="pt") as handle:
+        keys = list(handle.keys())
+    assert keys and all(".attn2.to_k." in k or ".attn2.to_v." in k for k in keys), keys
+    assert read_lora_info(lora)["lora_layers"] == list(layers)
+    check_lora_changes_output(model, lora)
+    check_resume_is_exact(model, images, root / "cross-resume", lora_layers=layers)
+
+
+def test_unknown_lora_layers_are_refused_by_name(setup):
+    from toile.errors import RequestError
+
+    model, images, root = setup
+    with pytest.raises(RequestError, match=r"lora_layers: .*\['attn9.to_k'\].*to_q"):
+        train(model, images, root / "bad.safetensors", steps=1,
+              lora_layers=("attn2.to_k", "attn9.to_k"))
+    with pytest.raises(RequestError, match="lora_layers: must be a non-empty list"):
+        train(model, images, root / "bad.safetensors", steps=1, lora_layers=())
+    with pytest.raises(RequestError, match="lora_layers: only applies to --method lora"):
+        train(model, images, root / "bad", steps=1, method="full", lora_layers=("to_q",))
+
+
 def test_full_finetune_saves_a_loadable_model(setup):
     from toile.engine.engine import Engine
     from toile.request import GenerationRequest

@@ -53,6 +53,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=500, help="optimizer steps (default 500)")
     parser.add_argument("--rank", type=int, default=4, help="LoRA rank (default 4)")
     parser.add_argument("--lora-alpha", type=float, help="LoRA alpha (default: the rank)")
+    parser.add_argument("--lora-layers", metavar="NAMES",
+                        help="comma-separated denoiser layers for the LoRA, matched as suffixes "
+                        "of module names (e.g. attn2.to_k,attn2.to_v: cross-attention keys and "
+                        "values only, as Custom Diffusion); default: every attention projection")
     parser.add_argument("--lr", type=float,
                         help="learning rate (default 1e-4 for LoRA, 5e-6 for full)")
     parser.add_argument("--text-encoder-lr", type=float, help="default: --lr")
@@ -93,6 +97,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
     return FinetuneConfig(
         images=args.images, out=args.out, model=args.model, prompt=args.prompt,
         method=args.method, steps=args.steps, rank=args.rank, lora_alpha=args.lora_alpha,
+        lora_layers=_layer_list(args.lora_layers),
         lr=args.lr, text_encoder_lr=args.text_encoder_lr, batch_size=args.batch_size,
         train_text_encoder=args.train_text_encoder,
         prior_preservation=args.prior_preservation or args.class_data is not None,
@@ -104,6 +109,13 @@ def config_from_args(args: argparse.Namespace) -> Any:
         mixed_precision=args.mixed_precision, device=args.device, threads=args.threads,
         progress_bar=not args.no_progress,
     )
+
+
+def _layer_list(text: str | None) -> tuple[str, ...] | None:
+    """``"a, b"`` -> ("a", "b"); None stays None (the default layers)."""
+    if text is None:
+        return None
+    return tuple(name.strip() for name in text.split(",") if name.strip())
 
 
 def run(args: argparse.Namespace) -> int:

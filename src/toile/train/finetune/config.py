@@ -21,7 +21,7 @@ MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 # weights, the optimizer state or the data order. ``steps`` (to train further), logging and
 # checkpoint cadence may change.
 RESUME_FIXED = (
-    "model", "method", "rank", "lora_alpha", "lr", "text_encoder_lr", "batch_size",
+    "model", "method", "rank", "lora_alpha", "lora_layers", "lr", "text_encoder_lr", "batch_size",
     "train_text_encoder", "prior_preservation", "class_prompt", "class_data", "num_class_images",
     "prior_weight", "seed", "resolution", "buckets", "stream", "warmup_steps", "weight_decay",
     "grad_clip", "prompt",
@@ -44,6 +44,10 @@ class FinetuneConfig:
     steps: int = 500
     rank: int = 4
     lora_alpha: float | None = None
+    # Which denoiser layers get adapters (diffusers' ``--lora_layers``): module-name suffixes,
+    # e.g. ("attn2.to_k", "attn2.to_v") for Custom Diffusion's cross-attention keys and values.
+    # None = every attention projection (``lora.DENOISER_TARGETS``).
+    lora_layers: tuple[str, ...] | None = None
     lr: float | None = None
     text_encoder_lr: float | None = None
     batch_size: int = 1
@@ -76,6 +80,9 @@ class FinetuneConfig:
     log_every: int = 1
 
     def __post_init__(self) -> None:
+        if self.lora_layers is not None:
+            # JSON (a saved config) gives a list; keep one type so resume compares equal.
+            object.__setattr__(self, "lora_layers", tuple(self.lora_layers))
         checks: dict[str, tuple[bool, str]] = {
             "images": (bool(self.images), "must name a folder of images"),
             "out": (bool(self.out), "must name the output path"),
@@ -97,6 +104,14 @@ class FinetuneConfig:
                                 f"must be one of {', '.join(MIXED_PRECISION)}"),
             "log_every": (self.log_every >= 1, "must be >= 1"),
         }
+        if self.lora_layers is not None:
+            checks["lora_layers"] = (
+                bool(self.lora_layers) and all(
+                    isinstance(n, str) and n.strip() == n and n for n in self.lora_layers),
+                "must be a non-empty list of module names (e.g. attn2.to_k,attn2.to_v)",
+            )
+            if self.method != "lora":
+                checks["lora_layers"] = (False, "only applies to --method lora")
         for name in ("lr", "text_encoder_lr", "lora_alpha"):
             value = getattr(self, name)
             checks[name] = (value is None or value > 0, "must be > 0")
@@ -184,7 +199,7 @@ class FinetuneConfig:
 
     def resume_mismatches(self, saved: dict[str, Any]) -> list[str]:
         """Names of the settings that differ from a checkpoint's and forbid an exact resume."""
-        mine = self.to_dict()
+        mine = json.loads(json.dumps(self.to_dict()))  # tuples as the saved file has them
         return [name for name in RESUME_FIXED if saved.get(name) != mine.get(name)]
 
 

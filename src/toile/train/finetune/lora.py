@@ -28,7 +28,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from toile.errors import ModelFormatError
+from toile.errors import ModelFormatError, RequestError
 from toile.io.lora_info import METADATA_PREFIX, read_lora_info
 
 if TYPE_CHECKING:
@@ -42,17 +42,31 @@ ADAPTER = "default"  # peft's default adapter name (what add_adapter uses withou
 __all__ = ["METADATA_PREFIX", "add_lora", "lora_state", "read_lora_info", "save_lora"]
 
 
-def add_lora(module: torch.nn.Module, *, rank: int, alpha: float, targets: tuple[str, ...]) -> int:
+def add_lora(
+    module: torch.nn.Module, *, rank: int, alpha: float, targets: tuple[str, ...],
+    require_all: bool = False,
+) -> int:
     """Inject a LoRA adapter into ``module`` (a diffusers model or a transformers model);
     only the adapter's parameters train. Returns how many parameters it added.
 
     Targets that a module lacks are dropped first (peft refuses a target it cannot find, and a
-    U-Net has no ``add_q_proj``), so one target list serves every family.
+    U-Net has no ``add_q_proj``), so one target list serves every family. A list the user chose
+    (``require_all``) must match in full: a misspelt layer is an error, not a silent no-op.
     """
+    import torch
     from peft import LoraConfig
 
     names = {name for name, _ in module.named_modules()}
     present = [t for t in targets if any(n == t or n.endswith("." + t) for n in names)]
+    missing = [t for t in targets if t not in present]
+    if require_all and missing:
+        linear = sorted({n.split(".")[-1] for n, m in module.named_modules()
+                         if isinstance(m, torch.nn.Linear)})
+        raise RequestError(
+            "lora_layers", f"{type(module).__name__} has no module named {missing}; names are "
+            f"matched as suffixes of module paths (e.g. attn2.to_k); its linear layers are "
+            f"called {linear}"
+        )
     if not present:
         raise ModelFormatError(
             f"{type(module).__name__} has none of the LoRA target modules {list(targets)}"

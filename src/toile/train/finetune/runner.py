@@ -270,9 +270,13 @@ class FinetuneRunner:
         torch.manual_seed(config.seed)
         for name, module in modules.items():
             if config.method == "lora":
-                targets = DENOISER_TARGETS if name == objective.denoiser_name else (
-                    TEXT_ENCODER_TARGETS)
-                add_lora(module, rank=config.rank, alpha=config.effective_alpha, targets=targets)
+                chosen = name == objective.denoiser_name and config.lora_layers is not None
+                if name != objective.denoiser_name:
+                    targets = TEXT_ENCODER_TARGETS
+                else:
+                    targets = config.lora_layers or DENOISER_TARGETS
+                add_lora(module, rank=config.rank, alpha=config.effective_alpha, targets=targets,
+                         require_all=chosen)
             else:
                 module.requires_grad_(True)
         if self.weight_dtype != torch.float32:
@@ -514,6 +518,7 @@ class FinetuneRunner:
             "method": config.method,
             "rank": config.rank,
             "alpha": config.effective_alpha,
+            "lora_layers": list(config.lora_layers) if config.lora_layers else "attention",
             "steps": self.step,
             "lr": config.effective_lr,
             "batch_size": config.batch_size * self.accelerator.num_processes,
