@@ -1,13 +1,15 @@
 """Run by ``tests/test_distributed.py`` once per process under ``torch.distributed.run`` (and
 once alone): fine-tune a tiny toile model a few steps with ``toile finetune``'s runner, train
-one from scratch a few steps with ``toile train``'s trainer (on the scene world, then on the
-images folder streamed as ``--data``), and save each process's weights.
+one from scratch a few steps with ``toile train``'s trainer (on the scene world, replicated and
+sharded with ``--fsdp``, then on the images folder streamed as ``--data``), and save each
+process's weights.
 
     python tests/distributed_driver.py MODEL IMAGES TEXT OUT BATCH_PER_PROCESS
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -20,6 +22,7 @@ def main(model: str, images: str, text: str, out: str, batch: int) -> None:
     from toile.train.config import preset
     from toile.train.finetune.config import FinetuneConfig
     from toile.train.finetune.runner import FinetuneRunner
+    from toile.train.sharding import gathered
     from toile.train.trainer import Trainer
 
     torch.set_num_threads(1)
@@ -41,6 +44,31 @@ def main(model: str, images: str, text: str, out: str, batch: int) -> None:
     trainer.train()
     save_file({k: v.detach().cpu().contiguous() for k, v in trainer.unwrapped.state_dict().items()},
               str(root / f"train-rank{rank}-of-{world}.safetensors"))
+
+    # ``toile train --fsdp``: 2 steps, a checkpoint, then resumed for a 3rd, against DDP's 3
+    # straight steps. Samples and an export go through the gathered EMA.
+    sharded = Trainer(config.with_changes(out_dir=str(root / "train-fsdp"), fsdp=True,
+                                          samples_with_checkpoints=True), command="test")
+    sharded.train()
+    sharded = Trainer(config.with_changes(out_dir=str(root / "train-fsdp"), fsdp=True, steps=3,
+                                          resume=True), command="test")
+    sharded.train()
+    sharded.export(root / "fsdp-export")
+    local = sum(p.to_local().numel() if sharded.sharded else p.numel()
+                for p in sharded.unwrapped.parameters())
+    (root / f"fsdp-rank{rank}-of-{world}.json").write_text(json.dumps(
+        {"sharded": sharded.sharded, "local": local,
+         "total": sum(p.numel() for p in sharded.unwrapped.parameters())}))
+    save_file(gathered(sharded.unwrapped.state_dict()),
+              str(root / f"train-fsdp-rank{rank}-of-{world}.safetensors"))
+    save_file(sharded.ema_state(), str(root / f"train-fsdp-ema-rank{rank}-of-{world}.safetensors"))
+    replicated = Trainer(config.with_changes(out_dir=str(root / "train-ddp"), steps=3),
+                         command="test")
+    replicated.train()
+    save_file(gathered(replicated.unwrapped.state_dict()),
+              str(root / f"train-ddp-rank{rank}-of-{world}.safetensors"))
+    save_file(replicated.ema_state(),
+              str(root / f"train-ddp-ema-rank{rank}-of-{world}.safetensors"))
 
     # ``toile train --data``: each process streams its own share of the folder.
     streamed = Trainer(config.with_changes(out_dir=str(root / "train-data"), data=images,

@@ -72,6 +72,34 @@ def test_replicas_stay_identical(runs):
             assert torch.equal(a[key], b[key]), f"{kind}: {key} differs between ranks"
 
 
+def test_fsdp_shards_the_model_and_trains_like_ddp(runs):
+    """``toile train --fsdp`` with 2 processes: each holds about half of the weights, and 2 steps
+    + a checkpoint + resume for a 3rd give DDP's 3 straight steps (weights and EMA) within
+    ``TOLERANCE``; the checkpoint's sample grid and an export come from the gathered EMA."""
+    import json
+
+    import torch
+
+    for rank in (0, 1):
+        info = json.loads((runs / "two" / f"fsdp-rank{rank}-of-2.json").read_text())
+        assert info["sharded"] and info["local"] < 0.6 * info["total"], info
+    assert not json.loads((runs / "one" / "fsdp-rank0-of-1.json").read_text())["sharded"]
+    for kind in ("train-fsdp", "train-fsdp-ema"):
+        sharded = load(runs / "two" / f"{kind}-rank0-of-2.safetensors")
+        replicated = load(runs / "two" / f"{kind.replace('fsdp', 'ddp')}-rank0-of-2.safetensors")
+        assert sharded.keys() == replicated.keys() and sharded
+        worst = max(float((sharded[k] - replicated[k]).abs().max()) for k in sharded)
+        assert worst <= TOLERANCE, f"{kind}: max difference {worst:.2e} > {TOLERANCE:.0e}"
+        other = load(runs / "two" / f"{kind}-rank1-of-2.safetensors")
+        assert all(torch.equal(sharded[k], other[k]) for k in sharded)
+    two_steps = load(runs / "two" / "train-rank0-of-2.safetensors")
+    three_steps = load(runs / "two" / "train-fsdp-rank0-of-2.safetensors")
+    moved = max(float((three_steps[k] - two_steps[k]).abs().max()) for k in two_steps)
+    assert moved > 100 * TOLERANCE  # the third step did train: the match above is not vacuous
+    assert (runs / "two" / "train-fsdp" / "samples" / "step-000002.png").is_file()
+    assert (runs / "two" / "fsdp-export" / "model_index.json").is_file()
+
+
 def test_two_processes_match_one_with_the_same_global_batch(runs):
     two = load(runs / "two" / "finetune-rank0-of-2.safetensors")
     one = load(runs / "one" / "finetune-rank0-of-1.safetensors")

@@ -122,13 +122,20 @@ def test_export_and_reexport(tmp_path: Path, text_folder: Path) -> None:
         assert torch.allclose(got[name], value.half().float())
 
 
-def test_cli_train_tiny(tmp_path: Path) -> None:
+def test_cli_train_tiny(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from toile.cli.train_cmd import main
 
     assert main(["--preset", "tiny", "--out", str(tmp_path / "cli"), "--steps", "1",
                  "--batch-size", "2", "--no-progress"]) == 0
     assert latest_checkpoint(tmp_path / "cli").name == "step-000001"
     assert main(["--preset", "nope", "--out", str(tmp_path / "x")]) == 2
+    # --fsdp in one process: nothing to shard, trains as usual and is recorded.
+    assert main(["--preset", "tiny", "--out", str(tmp_path / "fsdp"), "--steps", "1",
+                 "--batch-size", "2", "--no-progress", "--fsdp"]) == 0
+    assert json.loads((tmp_path / "fsdp" / "train_config.json").read_text())["fsdp"] is True
+    assert main(["--preset", "tiny", "--out", str(tmp_path / "x"), "--fsdp",
+                 "--mixed-precision", "fp16"]) == 2
+    assert "FSDP trains in float32 or bf16" in capsys.readouterr().err
 
 
 def test_config_round_trip_and_validation(tmp_path: Path) -> None:

@@ -62,6 +62,9 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
         help="keep the EMA weights of every Nth step under OUT/snapshots (learning curves)",
     )
     parser.add_argument("--mixed-precision", choices=("auto", "no", "bf16", "fp16"))
+    parser.add_argument("--fsdp", action="store_true",
+                        help="under several processes, shard weights, gradients and optimizer "
+                        "state across them (FSDP) instead of replicating them (DDP)")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     parser.add_argument(
         "--export",
@@ -88,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
         "mixed_precision": args.mixed_precision,
         "resume": bool(args.resume),
         "data": args.data,
+        "fsdp": args.fsdp or None,
     }
     if args.buckets:
         if not args.data:
@@ -106,9 +110,10 @@ def run(args: argparse.Namespace) -> int:
     command = _command_line()
     trainer = Trainer(config, command=command)
     out = trainer.train()
-    if args.export and trainer.accelerator.is_main_process:
-        trainer.export(args.export)
-        print(f"exported to {args.export}")
+    if args.export:
+        trainer.export(args.export)  # every process: the EMA is gathered under FSDP
+        if trainer.accelerator.is_main_process:
+            print(f"exported to {args.export}")
     print(f"run folder: {out}")
     return 0
 

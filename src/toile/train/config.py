@@ -60,6 +60,9 @@ class TrainConfig:
     allow_held_out: bool = False
     # "auto": bf16 on CUDA, none on CPU (bf16 autocast on CPU is slower on most CPUs).
     mixed_precision: str = "auto"
+    # Shard the model state across processes (FSDP2, ``train/sharding.py``) instead of DDP's
+    # replicas. No effect in one process. Checkpoints are full tensors either way.
+    fsdp: bool = False
     checkpoint_every: int = 0  # steps; 0 = use checkpoint_minutes only
     checkpoint_minutes: float = 5.0  # wall-clock interval; 0 = off
     keep_checkpoints: int = 2
@@ -91,6 +94,10 @@ class TrainConfig:
         for name, ok in checks.items():
             if not ok:
                 raise ValueError(f"invalid TrainConfig.{name}: {getattr(self, name)!r}")
+        if self.fsdp and self.mixed_precision == "fp16":
+            # fp16 needs accelerate's gradient scaler, which the FSDP path does not go through.
+            raise ValueError("invalid TrainConfig.fsdp: FSDP trains in float32 or bf16 "
+                             "(mixed_precision auto, no or bf16), not fp16")
 
     def with_changes(self, **changes: Any) -> TrainConfig:
         return replace(self, **changes)

@@ -5,7 +5,8 @@ The loop is rectified-flow training (Liu et al. 2022) with SD3's logit-normal t 
 the U-Net's output on the velocity noise − x0. Around it:
 
 - accelerate's ``Accelerator`` runs it on CPU, one GPU (bf16 autocast) or several processes
-  under ``accelerate launch`` (each process draws its own batches; DDP averages gradients);
+  under ``accelerate launch`` (each process draws its own batches; DDP averages gradients,
+  or with ``fsdp`` the model state is sharded across them: ``train/sharding.py``);
 - AdamW with linear warmup then a constant rate, gradient clipping, 10 % caption dropout;
 - an EMA of the weights (diffusers ``EMAModel``), which is what gets exported;
 - checkpoints as safetensors (model, EMA, optimizer, RNG, step) every few minutes, and a
@@ -28,7 +29,6 @@ Run layout::
 from __future__ import annotations
 
 import contextlib
-import copy
 import itertools
 import json
 import math
@@ -45,7 +45,12 @@ from typing import Any
 
 import torch
 
-from toile.families.toile.denoiser import TextCondition, count_parameters, predict_velocity
+from toile.families.toile.denoiser import (
+    TextCondition,
+    build_unet,
+    count_parameters,
+    predict_velocity,
+)
 from toile.families.toile.pipeline import ToilePipeline
 from toile.families.toile.sampling import (
     forward_noise,
@@ -55,6 +60,7 @@ from toile.families.toile.sampling import (
 from toile.train.config import DEFAULT_SAMPLE_PROMPTS, TrainConfig
 from toile.train.optimizer_state import flatten_optimizer, unflatten_optimizer
 from toile.train.scene_data import make_batch
+from toile.train.sharding import gathered, gathered_optimizer, like, optimizer_like, shard_unet
 from toile.train.stream_data import StreamBatches
 
 CHECKPOINT_FILES = ("model.safetensors", "ema.safetensors", "optimizer.safetensors", "state.json")
@@ -177,6 +183,10 @@ class Trainer:
         )
         unet = self.pipe.unet
         unet.train().requires_grad_(True)
+        # FSDP shards before the EMA and the optimizer exist, so both hold shards too.
+        self.sharded = config.fsdp and self.accelerator.num_processes > 1
+        if self.sharded:
+            shard_unet(unet, self.device)
         self.ema = EMAModel(
             unet.parameters(), decay=config.ema_decay, use_ema_warmup=True,
             power=config.ema_power, inv_gamma=1.0,
@@ -186,7 +196,11 @@ class Trainer:
             unet.parameters(), lr=learning_rate(0, config), betas=config.adam_betas,
             weight_decay=config.weight_decay,
         )
-        self.model, self.optimizer = self.accelerator.prepare(unet, optimizer)
+        if self.sharded:
+            # FSDP reduces the gradients itself; accelerate's wrappers would add DDP on top.
+            self.model, self.optimizer = unet, optimizer
+        else:
+            self.model, self.optimizer = self.accelerator.prepare(unet, optimizer)
         self.data: StreamBatches | None = None
         self._batches: Iterator[Any] | None = None
         self.step = 0
@@ -296,7 +310,9 @@ class Trainer:
                 self.model, x0, cond, generator, t_mean=config.t_mean, t_std=config.t_std
             )
         acc.backward(loss)
-        if config.grad_clip:
+        if config.grad_clip and self.sharded:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)  # DTensors
+        elif config.grad_clip:
             acc.clip_grad_norm_(self.model.parameters(), config.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -351,21 +367,24 @@ class Trainer:
 
         acc = self.accelerator
         acc.wait_for_everyone()
-        state = acc.get_state_dict(self.model)  # gathers under FSDP; plain dict otherwise
+        # Full tensors on every process (all-gathers under FSDP): the files do not depend on
+        # how the run was distributed.
+        state = gathered(self.unwrapped.state_dict())
+        ema = self.ema_state()
+        optimizer = gathered_optimizer(self.optimizer.state_dict())
         target = self.out / "checkpoints" / f"step-{self.step:06d}"
         if acc.is_main_process:
             with _written_atomically(target) as tmp:
-                save_file({k: v.contiguous().cpu() for k, v in state.items()},
-                          str(tmp / "model.safetensors"))
-                self._write_ema_and_state(tmp)
-                tensors, meta = flatten_optimizer(self.optimizer.state_dict())
+                save_file(state, str(tmp / "model.safetensors"))
+                self._write_ema_and_state(tmp, ema)
+                tensors, meta = flatten_optimizer(optimizer)
                 save_file(tensors, str(tmp / "optimizer.safetensors"), metadata=meta)
                 save_file({"torch_cpu": torch.get_rng_state()}, str(tmp / "rng.safetensors"),
                           metadata={"python": json.dumps(random.getstate())})
             for old in list_checkpoints(self.out)[: -self.config.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
             if self.config.samples_with_checkpoints and self.config.sample_prompts:
-                self.sample_grid(self.out / "samples" / f"step-{self.step:06d}.png")
+                self.sample_grid(self.out / "samples" / f"step-{self.step:06d}.png", ema)
         acc.wait_for_everyone()
         return target
 
@@ -376,18 +395,21 @@ class Trainer:
         ``toile.train.curve`` read either. Snapshots are never pruned.
         """
         target = self.out / "snapshots" / f"step-{self.step:06d}"
+        ema = self.ema_state()  # every process: a collective under FSDP
         if self.accelerator.is_main_process:
             with _written_atomically(target) as tmp:
-                self._write_ema_and_state(tmp)
+                self._write_ema_and_state(tmp, ema)
         return target
 
-    def _write_ema_and_state(self, folder: Path) -> None:
+    def ema_state(self) -> dict[str, torch.Tensor]:
+        """The EMA weights by parameter name, full CPU tensors (a collective under FSDP)."""
+        names = [n for n, _ in self.unwrapped.named_parameters()]
+        return gathered(dict(zip(names, self.ema.shadow_params, strict=True)))
+
+    def _write_ema_and_state(self, folder: Path, ema: dict[str, torch.Tensor]) -> None:
         """ema.safetensors (EMA weights by parameter name) and state.json (step, time, config)."""
         from safetensors.torch import save_file
 
-        names = [n for n, _ in self.unwrapped.named_parameters()]
-        ema = {n: p.detach().contiguous().cpu()
-               for n, p in zip(names, self.ema.shadow_params, strict=True)}
         save_file(ema, str(folder / "ema.safetensors"))
         state = {
             "step": self.step,
@@ -402,18 +424,22 @@ class Trainer:
         from safetensors import safe_open
         from safetensors.torch import load_file
 
+        # The files hold full tensors; ``like`` cuts each to this process's shard under FSDP.
         state = json.loads((folder / "state.json").read_text())
-        model_state = load_file(str(folder / "model.safetensors"), device=str(self.device))
-        self.unwrapped.load_state_dict(model_state)
-        ema_state = load_file(str(folder / "ema.safetensors"), device=str(self.device))
-        names = [n for n, _ in self.unwrapped.named_parameters()]
+        model = self.unwrapped
+        current = model.state_dict()
+        model_state = load_file(str(folder / "model.safetensors"))
+        model.load_state_dict({k: like(v, current[k]) for k, v in model_state.items()})
+        ema_state = load_file(str(folder / "ema.safetensors"))
+        names = [n for n, _ in model.named_parameters()]
         for shadow, name in zip(self.ema.shadow_params, names, strict=True):
-            shadow.data.copy_(ema_state[name])
+            shadow.data.copy_(like(ema_state[name], shadow))
         self.ema.optimization_step = int(state["ema_optimization_step"])
         with safe_open(str(folder / "optimizer.safetensors"), framework="pt") as handle:
             meta = handle.metadata()
             tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
-        self.optimizer.load_state_dict(unflatten_optimizer(tensors, meta))
+        self.optimizer.load_state_dict(
+            optimizer_like(unflatten_optimizer(tensors, meta), list(model.parameters())))
         rng_path = folder / "rng.safetensors"
         if rng_path.is_file():
             with safe_open(str(rng_path), framework="pt") as handle:
@@ -424,16 +450,17 @@ class Trainer:
         self.train_seconds = float(state.get("train_seconds", 0.0))
 
     # ------------------------------------------------------------------------------ output
-    def ema_pipeline(self) -> ToilePipeline:
-        """A pipeline whose U-Net holds the EMA weights (a copy; training is untouched)."""
-        unet = copy.deepcopy(self.unwrapped)
-        self.ema.copy_to(unet.parameters())
-        unet.eval().requires_grad_(False)
+    def ema_pipeline(self, ema: dict[str, torch.Tensor]) -> ToilePipeline:
+        """A pipeline whose (unsharded) U-Net holds the EMA weights ``ema`` (from
+        :meth:`ema_state`); training is untouched."""
+        unet = build_unet(self.config.model)
+        unet.load_state_dict(ema)  # the U-Net has no buffers: parameters are its whole state
+        unet.to(self.device).eval().requires_grad_(False)
         return ToilePipeline(unet, self.pipe.text_encoder, self.config.model)
 
-    def sample_grid(self, path: Path) -> Path:
+    def sample_grid(self, path: Path, ema: dict[str, torch.Tensor]) -> Path:
         """Sample ``config.sample_prompts`` with the EMA weights into one PNG grid."""
-        pipe = self.ema_pipeline()
+        pipe = self.ema_pipeline(ema)
         prompts = list(self.config.sample_prompts)
         images = pipe(prompts, seeds=list(range(len(prompts))), steps=self.config.sample_steps,
                       guidance=self.config.sample_guidance)
@@ -443,10 +470,14 @@ class Trainer:
 
     def export(self, out_dir: Path, *, weights_dtype: torch.dtype | None = torch.float16,
                eval_prompts: int = 0) -> Path:
-        """Write the inference folder (EMA weights) and MODEL_CARD.md."""
+        """Write the inference folder (EMA weights) and MODEL_CARD.md. Call it from every
+        process (the EMA is gathered under FSDP); the main process writes."""
         from toile.train.export import write_model_card
 
-        pipe = self.ema_pipeline()
+        ema = self.ema_state()
+        if not self.accelerator.is_main_process:
+            return Path(out_dir)
+        pipe = self.ema_pipeline(ema)
         pipe.save_pretrained(out_dir, weights_dtype=weights_dtype)
         write_model_card(Path(out_dir), self.out, pipe, step=self.step,
                          train_seconds=self.train_seconds, eval_prompts=eval_prompts)

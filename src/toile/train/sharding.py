@@ -1,0 +1,103 @@
+"""Fully sharded data parallel training (``toile train --fsdp``) with torch's FSDP2.
+
+FSDP (Zhao et al. 2023, "PyTorch FSDP") splits every parameter, gradient and optimizer moment
+across the processes instead of replicating them as DDP does: each of N processes holds 1/N of
+the model state, gathers a block's full weights just before using them and frees them after.
+That is what lets a model too big for one device's memory train at all.
+
+toile shards with ``torch.distributed.fsdp.fully_shard`` (FSDP2: parameters become ``DTensor``
+shards along dim 0) itself rather than through accelerate, because accelerate enables FSDP only
+on accelerators — on CPU processes (gloo) it silently falls back to DDP — and toile's FSDP path
+must be testable on CPU like everything else. accelerate still launches the processes, sets
+the device and averages the logged loss.
+
+Each U-Net block (``down_blocks[i]``, ``mid_block``, ``up_blocks[i]``) is one FSDP unit and the
+root holds the rest (embeddings, ``conv_in``/``conv_out``), the usual per-block wrapping: only
+one block's full weights are alive at a time in the forward and the backward.
+
+Checkpoints stay world-size independent: model, EMA and optimizer tensors are gathered to full
+tensors (:func:`gathered`) before writing, so the files are the same as a DDP or one-process
+run's, and a run resumes under FSDP, DDP or one process alike (:func:`like`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+
+def is_sharded(tensor: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def shard_unet(unet: torch.nn.Module, device: torch.device) -> None:
+    """Shard ``unet`` in place across every process of the default group (per-block units).
+
+    Call before making the optimizer and the EMA, so both are built over the shards.
+    """
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    if not dist.is_initialized():
+        raise RuntimeError("FSDP needs several processes (launch with accelerate or torchrun)")
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    blocks = [*unet.down_blocks, unet.mid_block, *unet.up_blocks]
+    for block in blocks:
+        if block is not None:
+            fully_shard(block, mesh=mesh)
+    fully_shard(unet, mesh=mesh)
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """A full CPU copy of ``tensor``; a DTensor shard is all-gathered (a collective)."""
+    tensor = tensor.detach()
+    if is_sharded(tensor):
+        tensor = tensor.full_tensor()  # type: ignore[attr-defined]
+    return tensor.cpu().contiguous()
+
+
+def gathered(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Full CPU tensors of ``tensors``. A collective under FSDP: every process must call it,
+    with the same keys in the same order."""
+    return {name: full_tensor(value) for name, value in tensors.items()}
+
+
+def gathered_optimizer(state: Mapping[str, Any]) -> dict[str, Any]:
+    """An optimizer ``state_dict()`` with every sharded moment gathered (a collective)."""
+    per_param = {
+        index: {k: full_tensor(v) if isinstance(v, torch.Tensor) else v for k, v in moments.items()}
+        for index, moments in state["state"].items()
+    }
+    return {"state": per_param, "param_groups": state["param_groups"]}
+
+
+def like(full: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """``full`` laid out as ``reference``: this process's shard if it is a DTensor, else itself
+    (on the reference's device and dtype)."""
+    full = full.to(device=reference.device, dtype=reference.dtype)
+    if not is_sharded(reference):
+        return full
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(full, reference.device_mesh, reference.placements)  # type: ignore[attr-defined]
+
+
+def optimizer_like(
+    state: Mapping[str, Any], params: list[torch.nn.Parameter]
+) -> dict[str, Any]:
+    """A full optimizer state (as :func:`gathered_optimizer` wrote it) laid out as ``params``:
+    each moment shaped like its parameter becomes that parameter's shard."""
+    per_param = {}
+    for index, moments in state["state"].items():
+        param = params[int(index)]
+        per_param[index] = {
+            key: like(value, param) if isinstance(value, torch.Tensor)
+            and value.shape == param.shape else value
+            for key, value in moments.items()
+        }
+    return {"state": per_param, "param_groups": state["param_groups"]}
