@@ -38,6 +38,31 @@ def main(model: str, images: str, text: str, out: str, batch: int) -> None:
     save_file({n: p.detach().cpu().contiguous() for n, p in runner.trainable.items()},
               str(root / f"finetune-rank{rank}-of-{world}.safetensors"))
 
+    def finetune(name: str, **changes: object) -> FinetuneRunner:
+        values = {"images": images, "model": model, "prompt": "a sks square", "steps": 3,
+                  "lr": 1e-3, "batch_size": batch, "progress_bar": False} | changes
+        tuner = FinetuneRunner(FinetuneConfig(out=str(root / name), **values),  # type: ignore[arg-type]
+                               command="distributed test", echo=lambda _m: None)
+        tuner.run()
+        return tuner
+
+    # ``toile finetune --fsdp``: the LoRA over 2 steps + a checkpoint + resume for a 3rd, and
+    # full fine-tuning, each against the replicated run of the same 3 steps.
+    finetune("lora-fsdp.safetensors", fsdp=True, steps=2)
+    sharded = finetune("lora-fsdp.safetensors", fsdp=True, resume=True)
+    save_file(gathered(sharded.trainable), str(root / f"finetune-fsdp-rank{rank}-of-{world}"
+                                                      ".safetensors"))
+    for kind, fsdp in (("full-fsdp", True), ("full-ddp", False)):
+        tuner = finetune(kind, method="full", fsdp=fsdp)
+        save_file(gathered(tuner.trainable), str(root / f"{kind}-rank{rank}-of-{world}"
+                                                        ".safetensors"))
+        if fsdp:  # how much of the U-Net this process holds
+            local = sum(p.to_local().numel() if tuner.sharded else p.numel() for p in
+                        tuner.trainable.values())
+            (root / f"finetune-fsdp-rank{rank}-of-{world}.json").write_text(json.dumps(
+                {"sharded": tuner.sharded, "local": local,
+                 "total": sum(p.numel() for p in tuner.trainable.values())}))
+
     config = preset("tiny", out_dir=str(root / "train"), model=tiny_model_config(text), steps=2,
                     samples_with_checkpoints=False)
     trainer = Trainer(config, command="distributed test")

@@ -72,6 +72,33 @@ def test_replicas_stay_identical(runs):
             assert torch.equal(a[key], b[key]), f"{kind}: {key} differs between ranks"
 
 
+def test_finetune_fsdp_matches_ddp(runs):
+    """``toile finetune --fsdp`` with 2 processes: the LoRA (2 steps + checkpoint + resume)
+    and a full fine-tune match the replicated runs within ``TOLERANCE``, and the outputs are
+    written from the gathered weights (LoRA file, full model folder with the same U-Net)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    info = json.loads((runs / "two" / "finetune-fsdp-rank1-of-2.json").read_text())
+    assert info["sharded"] and info["local"] < 0.6 * info["total"], info
+    pairs = (("finetune-fsdp", "finetune"), ("full-fsdp", "full-ddp"))
+    for sharded_name, replicated_name in pairs:
+        sharded = load(runs / "two" / f"{sharded_name}-rank0-of-2.safetensors")
+        replicated = load(runs / "two" / f"{replicated_name}-rank0-of-2.safetensors")
+        assert sharded.keys() == replicated.keys() and sharded
+        worst = max(float((sharded[k] - replicated[k]).abs().max()) for k in sharded)
+        assert worst <= TOLERANCE, f"{sharded_name}: max difference {worst:.2e}"
+    lora = load(runs / "two" / "lora-fsdp.safetensors")
+    assert lora.keys() == load(runs / "two" / "lora.safetensors").keys()
+    full = load(runs / "two" / "full-fsdp-rank0-of-2.safetensors")
+    saved = load_file(str(runs / "two" / "full-fsdp" / "unet" / "diffusion_pytorch_model"
+                                                               ".safetensors"))
+    assert saved.keys() == {k.removeprefix("unet.") for k in full}
+    for key, value in full.items():
+        assert float((saved[key.removeprefix("unet.")].float() - value).abs().max()) < 1e-2
+
+
 def test_fsdp_shards_the_model_and_trains_like_ddp(runs):
     """``toile train --fsdp`` with 2 processes: each holds about half of the weights, and 2 steps
     + a checkpoint + resume for a 3rd give DDP's 3 straight steps (weights and EMA) within

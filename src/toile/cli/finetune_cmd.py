@@ -85,6 +85,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--mixed-precision", choices=("auto", "no", "bf16", "fp16"),
                         default="auto")
+    parser.add_argument("--fsdp", action="store_true",
+                        help="under several processes, shard the denoiser's weights, gradients "
+                        "and optimizer state (FSDP) instead of replicating them (DDP)")
     parser.add_argument("--device", help="device for class-image generation")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -106,7 +109,8 @@ def config_from_args(args: argparse.Namespace) -> Any:
         class_steps=args.class_steps,
         checkpoint_every=args.checkpoint_every, resume=args.resume, seed=args.seed,
         resolution=args.resolution, buckets=args.buckets, stream=args.stream,
-        mixed_precision=args.mixed_precision, device=args.device, threads=args.threads,
+        mixed_precision=args.mixed_precision, fsdp=args.fsdp, device=args.device,
+        threads=args.threads,
         progress_bar=not args.no_progress,
     )
 

@@ -1,4 +1,4 @@
-"""Fully sharded data parallel training (``toile train --fsdp``) with torch's FSDP2.
+"""Fully sharded data parallel training (``toile train/finetune --fsdp``) with torch's FSDP2.
 
 FSDP (Zhao et al. 2023, "PyTorch FSDP") splits every parameter, gradient and optimizer moment
 across the processes instead of replicating them as DDP does: each of N processes holds 1/N of
@@ -11,9 +11,10 @@ on accelerators — on CPU processes (gloo) it silently falls back to DDP — an
 must be testable on CPU like everything else. accelerate still launches the processes, sets
 the device and averages the logged loss.
 
-Each U-Net block (``down_blocks[i]``, ``mid_block``, ``up_blocks[i]``) is one FSDP unit and the
-root holds the rest (embeddings, ``conv_in``/``conv_out``), the usual per-block wrapping: only
-one block's full weights are alive at a time in the forward and the backward.
+Each block of the denoiser (a U-Net's ``down_blocks[i]`` / ``up_blocks[i]``, a DiT's transformer
+blocks) is one FSDP unit and the root holds the rest (embeddings, the middle block,
+``conv_in``/``conv_out``), the usual per-block wrapping: only one block's full weights are
+alive at a time in the forward and the backward.
 
 Checkpoints stay world-size independent: model, EMA and optimizer tensors are gathered to full
 tensors (:func:`gathered`) before writing, so the files are the same as a DDP or one-process
@@ -34,10 +35,13 @@ def is_sharded(tensor: torch.Tensor) -> bool:
     return isinstance(tensor, DTensor)
 
 
-def shard_unet(unet: torch.nn.Module, device: torch.device) -> None:
-    """Shard ``unet`` in place across every process of the default group (per-block units).
+def shard_model(model: torch.nn.Module, device: torch.device) -> None:
+    """Shard ``model`` in place across every process of the default group.
 
-    Call before making the optimizer and the EMA, so both are built over the shards.
+    The FSDP units are the items of each ``nn.ModuleList`` directly under the model — a U-Net's
+    ``down_blocks`` / ``up_blocks``, a DiT's ``transformer_blocks`` (SD3, FLUX.1) and
+    ``single_transformer_blocks`` (FLUX.1) — and the root holds the rest. Call it before the
+    optimizer and the EMA are made (they must see the shards), after LoRA adapters are added.
     """
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
@@ -46,11 +50,13 @@ def shard_unet(unet: torch.nn.Module, device: torch.device) -> None:
     if not dist.is_initialized():
         raise RuntimeError("FSDP needs several processes (launch with accelerate or torchrun)")
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    blocks = [*unet.down_blocks, unet.mid_block, *unet.up_blocks]
-    for block in blocks:
-        if block is not None:
-            fully_shard(block, mesh=mesh)
-    fully_shard(unet, mesh=mesh)
+    units = [block for child in model.children() if isinstance(child, torch.nn.ModuleList)
+             for block in child]
+    if not units:
+        raise RuntimeError(f"{type(model).__name__} has no block lists to shard")
+    for block in units:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
 
 
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:

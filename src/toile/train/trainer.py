@@ -60,7 +60,7 @@ from toile.families.toile.sampling import (
 from toile.train.config import DEFAULT_SAMPLE_PROMPTS, TrainConfig
 from toile.train.optimizer_state import flatten_optimizer, unflatten_optimizer
 from toile.train.scene_data import make_batch
-from toile.train.sharding import gathered, gathered_optimizer, like, optimizer_like, shard_unet
+from toile.train.sharding import gathered, gathered_optimizer, like, optimizer_like, shard_model
 from toile.train.stream_data import StreamBatches
 
 CHECKPOINT_FILES = ("model.safetensors", "ema.safetensors", "optimizer.safetensors", "state.json")
@@ -186,7 +186,7 @@ class Trainer:
         # FSDP shards before the EMA and the optimizer exist, so both hold shards too.
         self.sharded = config.fsdp and self.accelerator.num_processes > 1
         if self.sharded:
-            shard_unet(unet, self.device)
+            shard_model(unet, self.device)
         self.ema = EMAModel(
             unet.parameters(), decay=config.ema_decay, use_ema_warmup=True,
             power=config.ema_power, inv_gamma=1.0,

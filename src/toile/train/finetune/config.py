@@ -74,6 +74,9 @@ class FinetuneConfig:
     weight_decay: float | None = None  # None = 1e-4 (LoRA) / 1e-2 (full), as diffusers' scripts
     grad_clip: float = 1.0
     mixed_precision: str = "auto"  # auto: bf16 on CUDA, none on CPU
+    # Shard the denoiser across processes (FSDP2, ``train/sharding.py``) instead of DDP's
+    # replicas: full fine-tuning of models too big for one device. No effect in one process.
+    fsdp: bool = False
     device: str | None = None  # for class-image generation; training follows accelerate
     threads: int = 0  # torch CPU threads; 0 = torch's default
     progress_bar: bool = True
@@ -120,6 +123,12 @@ class FinetuneConfig:
         for name, (ok, message) in checks.items():
             if not ok:
                 raise RequestError(name, f"{message}, got {getattr(self, name)!r}")
+        if self.fsdp and self.train_text_encoder:
+            raise RequestError("fsdp", "shards the denoiser only; train the text encoder "
+                               "without --fsdp, or leave out --train-text-encoder")
+        if self.fsdp and self.mixed_precision == "fp16":
+            raise RequestError("fsdp", "FSDP trains in float32 or bf16 (--mixed-precision "
+                               "auto, no or bf16), not fp16")
         if self.prior_preservation and not (self.class_prompt or self.class_data):
             raise RequestError(
                 "class_prompt",

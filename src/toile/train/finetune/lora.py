@@ -88,17 +88,24 @@ def adapter_config(module: torch.nn.Module) -> dict[str, Any]:
     return {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
 
 
-def lora_state(modules: Mapping[str, torch.nn.Module]) -> tuple[dict, dict[str, Any]]:
+def lora_state(
+    modules: Mapping[str, torch.nn.Module],
+    states: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+) -> tuple[dict, dict[str, Any]]:
     """(state dict, diffusers adapter metadata) for ``{component name: module}``.
 
     Keys are ``<component>.<peft key>``, exactly as diffusers' ``_save_lora_weights`` packs them.
+    ``states`` gives a component's full state dict where the module's own would not do (FSDP
+    shards, gathered beforehand).
     """
     from peft.utils import get_peft_model_state_dict
 
     state: dict[str, torch.Tensor] = {}
     adapters: dict[str, Any] = {}
     for prefix, module in modules.items():
-        for key, value in get_peft_model_state_dict(module, adapter_name=ADAPTER).items():
+        given = (states or {}).get(prefix)
+        for key, value in get_peft_model_state_dict(
+                module, state_dict=given, adapter_name=ADAPTER).items():
             state[f"{prefix}.{key}"] = value.detach().to("cpu").contiguous()
         for key, value in adapter_config(module).items():
             adapters[f"{prefix}.{key}"] = value
@@ -108,6 +115,7 @@ def lora_state(modules: Mapping[str, torch.nn.Module]) -> tuple[dict, dict[str, 
 def save_lora(
     path: str | Path, modules: Mapping[str, torch.nn.Module], info: Mapping[str, Any],
     *, dtype: torch.dtype | None = None,
+    states: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
 ) -> Path:
     """Write the LoRA file atomically (temp file + rename); ``info`` becomes ``toile.*`` metadata.
 
@@ -115,7 +123,7 @@ def save_lora(
     """
     from safetensors.torch import save_file
 
-    state, adapters = lora_state(modules)
+    state, adapters = lora_state(modules, states)
     if dtype is not None:
         state = {k: v.to(dtype) for k, v in state.items()}
     metadata = {

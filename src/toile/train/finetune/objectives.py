@@ -151,9 +151,20 @@ class Objective(ABC):
         """Per-sample loss [B] (float32). ``denoiser`` is the module to call: the pipeline's,
         or accelerate's wrapper of it (DDP), which must see the forward for its gradients."""
 
-    def save_full(self, out: Path) -> None:
-        """Save the whole fine-tuned model as a folder ``--model`` loads."""
-        self.pipe.save_pretrained(str(out), safe_serialization=True)
+    def save_full(self, out: Path, denoiser_state: dict[str, torch.Tensor] | None = None) -> None:
+        """Save the whole fine-tuned model as a folder ``--model`` loads. ``denoiser_state``
+        (full weights gathered from FSDP shards) is written in place of the denoiser's own."""
+        pipe = self.pipe
+        if denoiser_state is not None:
+            pipe = type(pipe)(**(pipe.components | {self.denoiser_name: self.plain_denoiser(
+                denoiser_state)}))
+        pipe.save_pretrained(str(out), safe_serialization=True)
+
+    def plain_denoiser(self, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+        """An unsharded copy of the denoiser (same class and config) holding ``state``."""
+        denoiser = type(self.denoiser).from_config(self.denoiser.config)
+        denoiser.load_state_dict(state)
+        return denoiser.to(self.dtype)
 
 
 class _VaeLatents:
@@ -373,7 +384,7 @@ class ToileObjective(Objective):
         v = predict_velocity(denoiser, x_t.to(self.dtype), t.to(self.dtype), cond)
         return mse_per_sample(v, velocity_target(x0, noise))
 
-    def save_full(self, out: Path) -> None:
+    def save_full(self, out: Path, denoiser_state: dict[str, torch.Tensor] | None = None) -> None:
         from dataclasses import replace
 
         from toile.families.toile.pipeline import ToilePipeline
@@ -385,7 +396,8 @@ class ToileObjective(Objective):
             # from the new folder: point at the same files by absolute path.
             absolute = (Path(self.loaded.path) / text.path).resolve()
             config = replace(config, text=replace(text, path=str(absolute)))
-        ToilePipeline(self.pipe.unet, self.pipe.text_encoder, config).save_pretrained(out)
+        unet = self.pipe.unet if denoiser_state is None else self.plain_denoiser(denoiser_state)
+        ToilePipeline(unet, self.pipe.text_encoder, config).save_pretrained(out)
 
 
 OBJECTIVES: dict[str, type[Objective]] = {

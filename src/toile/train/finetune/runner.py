@@ -7,7 +7,9 @@ One :class:`FinetuneRunner` is one run of ``toile finetune``:
    LoRA adapters (Hu et al. 2021) or the whole denoiser (and text encoders if asked);
 3. ``accelerate`` prepares the denoiser and AdamW; each step draws a global batch from one
    aspect-ratio bucket, each process takes its slice, computes its family's loss, and DDP
-   averages the gradients (several processes under ``accelerate launch``; plain on one);
+   averages the gradients (several processes under ``accelerate launch``; plain on one). With
+   ``fsdp`` the denoiser is sharded instead (``train/sharding.py``) and checkpoints and the
+   output are written from gathered full tensors;
 4. checkpoints go to ``OUT.checkpoints/step-N/`` every ``checkpoint_every`` steps and at the
    end; the result is the LoRA file ``OUT`` (or the model folder ``OUT`` with ``--method full``).
 
@@ -54,6 +56,7 @@ from toile.train.finetune.dataset import ImageSet, index_images, load_image_set
 from toile.train.finetune.lora import DENOISER_TARGETS, TEXT_ENCODER_TARGETS, add_lora, save_lora
 from toile.train.finetune.objectives import OBJECTIVES, Objective, TrainBatch, objective_for
 from toile.train.optimizer_state import flatten_optimizer, unflatten_optimizer
+from toile.train.sharding import gathered, gathered_optimizer, like, optimizer_like, shard_model
 from toile.train.stream_data import StreamBatches
 
 CHECKPOINT_FILES = ("trainable.safetensors", "optimizer.safetensors", "state.json")
@@ -129,9 +132,12 @@ class FinetuneRunner:
             )
         # LoRA keeps the frozen base in the mixed-precision type to save memory (the adapters
         # train in float32, as diffusers' scripts); full fine-tuning keeps float32 masters.
+        # Under FSDP every weight stays float32 (one dtype per sharded unit; autocast still
+        # computes in bf16).
         half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(acc.mixed_precision)
-        self.weight_dtype = half if (half is not None and config.method == "lora") else (
-            torch.float32)
+        self.sharded = config.fsdp and acc.num_processes > 1
+        self.weight_dtype = half if (
+            half is not None and config.method == "lora" and not self.sharded) else torch.float32
 
         # Captions are checked before anything slow (class images, loading the model).
         if not config.streamed:
@@ -177,7 +183,10 @@ class FinetuneRunner:
         if self.text_params:
             groups.append({"params": self.text_params, "lr": config.effective_text_encoder_lr})
         optimizer = torch.optim.AdamW(groups, weight_decay=config.effective_weight_decay)
-        self.model, self.optimizer = acc.prepare(self.objective.denoiser, optimizer)
+        if self.sharded:  # FSDP reduces the gradients itself: no DDP wrapper on top
+            self.model, self.optimizer = self.objective.denoiser, optimizer
+        else:
+            self.model, self.optimizer = acc.prepare(self.objective.denoiser, optimizer)
         self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
         self.step = 0
         if config.resume:
@@ -279,6 +288,8 @@ class FinetuneRunner:
                          require_all=chosen)
             else:
                 module.requires_grad_(True)
+        if self.sharded:  # parameters become DTensor shards: collect them after this
+            shard_model(objective.denoiser, self.accelerator.device)
         if self.weight_dtype != torch.float32:
             from diffusers.training_utils import cast_training_params
 
@@ -417,7 +428,9 @@ class FinetuneRunner:
             for param in self.text_params:
                 if param.grad is not None:
                     param.grad = acc.reduce(param.grad, reduction="mean")
-        if config.grad_clip:
+        if config.grad_clip and self.sharded:
+            torch.nn.utils.clip_grad_norm_(list(self.trainable.values()), config.grad_clip)
+        elif config.grad_clip:
             acc.clip_grad_norm_(list(self.trainable.values()), config.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -439,14 +452,17 @@ class FinetuneRunner:
 
         acc, config = self.accelerator, self.config
         acc.wait_for_everyone()
+        # Full tensors (all-gathered under FSDP, by every process): the same files however
+        # the run is distributed.
+        trainable = gathered(self.trainable)
+        optimizer = gathered_optimizer(self.optimizer.state_dict())
         target = config.checkpoint_root / f"step-{self.step:06d}"
         if acc.is_main_process:
             tmp = target.with_name(target.name + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            save_file({n: p.detach().contiguous().cpu() for n, p in self.trainable.items()},
-                      str(tmp / "trainable.safetensors"))
-            tensors, meta = flatten_optimizer(self.optimizer.state_dict())
+            save_file(trainable, str(tmp / "trainable.safetensors"))
+            tensors, meta = flatten_optimizer(optimizer)
             save_file(tensors, str(tmp / "optimizer.safetensors"), metadata=meta)
             (tmp / "state.json").write_text(json.dumps({
                 "step": self.step,
@@ -489,17 +505,18 @@ class FinetuneRunner:
                 "resume", f"{folder} was made with different settings: {', '.join(changed)}; "
                 "resume with the same ones, or train into a new --out"
             )
-        tensors = load_file(str(folder / "trainable.safetensors"), device=str(acc.device))
+        tensors = load_file(str(folder / "trainable.safetensors"))
         missing = sorted(set(self.trainable) - set(tensors))
         if missing:
             raise RequestError("resume", f"{folder} lacks trained weights, e.g. {missing[0]}")
         with torch.no_grad():
             for name, param in self.trainable.items():
-                param.copy_(tensors[name])
+                param.copy_(like(tensors[name], param))  # this process's shard under FSDP
         with safe_open(str(folder / "optimizer.safetensors"), framework="pt") as handle:
             meta = handle.metadata()
             opt = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
-        self.optimizer.load_state_dict(unflatten_optimizer(opt, meta))
+        self.optimizer.load_state_dict(
+            optimizer_like(unflatten_optimizer(opt, meta), list(self.trainable.values())))
         self.step = int(state["step"])
         if acc.is_main_process:
             self.echo(f"resume: continuing from {folder} (step {self.step})")
@@ -536,11 +553,15 @@ class FinetuneRunner:
         acc, config = self.accelerator, self.config
         acc.wait_for_everyone()
         out = Path(config.out)
+        # Under FSDP every process gathers the denoiser's full weights; the main one writes.
+        full = gathered(self.objective.denoiser.state_dict()) if self.sharded else None
         if acc.is_main_process:
+            name = self.objective.denoiser_name
             if config.method == "lora":
-                save_lora(out, self.modules, self.lora_info())
+                save_lora(out, self.modules, self.lora_info(),
+                          states={name: full} if full is not None else None)
             else:
-                self.objective.save_full(out)
+                self.objective.save_full(out, denoiser_state=full)
                 (out / "finetune.json").write_text(json.dumps(self.lora_info(), indent=2) + "\n")
             self.echo(f"saved {out}")
         acc.wait_for_everyone()
