@@ -29,6 +29,14 @@ from typing import Any
 import torch
 
 
+def wants_fsdp(flag: bool) -> bool:
+    """``--fsdp``, or ``accelerate launch --use_fsdp`` (which sets ACCELERATE_USE_FSDP): either
+    way toile shards the model itself and hands accelerate no model to wrap."""
+    import os
+
+    return flag or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
+
+
 def is_sharded(tensor: torch.Tensor) -> bool:
     from torch.distributed.tensor import DTensor
 

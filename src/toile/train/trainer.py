@@ -60,7 +60,14 @@ from toile.families.toile.sampling import (
 from toile.train.config import DEFAULT_SAMPLE_PROMPTS, TrainConfig
 from toile.train.optimizer_state import flatten_optimizer, unflatten_optimizer
 from toile.train.scene_data import make_batch
-from toile.train.sharding import gathered, gathered_optimizer, like, optimizer_like, shard_model
+from toile.train.sharding import (
+    gathered,
+    gathered_optimizer,
+    like,
+    optimizer_like,
+    shard_model,
+    wants_fsdp,
+)
 from toile.train.stream_data import StreamBatches
 
 CHECKPOINT_FILES = ("model.safetensors", "ema.safetensors", "optimizer.safetensors", "state.json")
@@ -184,7 +191,7 @@ class Trainer:
         unet = self.pipe.unet
         unet.train().requires_grad_(True)
         # FSDP shards before the EMA and the optimizer exist, so both hold shards too.
-        self.sharded = config.fsdp and self.accelerator.num_processes > 1
+        self.sharded = wants_fsdp(config.fsdp) and self.accelerator.num_processes > 1
         if self.sharded:
             shard_model(unet, self.device)
         self.ema = EMAModel(

@@ -56,7 +56,14 @@ from toile.train.finetune.dataset import ImageSet, index_images, load_image_set
 from toile.train.finetune.lora import DENOISER_TARGETS, TEXT_ENCODER_TARGETS, add_lora, save_lora
 from toile.train.finetune.objectives import OBJECTIVES, Objective, TrainBatch, objective_for
 from toile.train.optimizer_state import flatten_optimizer, unflatten_optimizer
-from toile.train.sharding import gathered, gathered_optimizer, like, optimizer_like, shard_model
+from toile.train.sharding import (
+    gathered,
+    gathered_optimizer,
+    like,
+    optimizer_like,
+    shard_model,
+    wants_fsdp,
+)
 from toile.train.stream_data import StreamBatches
 
 CHECKPOINT_FILES = ("trainable.safetensors", "optimizer.safetensors", "state.json")
@@ -135,7 +142,7 @@ class FinetuneRunner:
         # Under FSDP every weight stays float32 (one dtype per sharded unit; autocast still
         # computes in bf16).
         half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(acc.mixed_precision)
-        self.sharded = config.fsdp and acc.num_processes > 1
+        self.sharded = wants_fsdp(config.fsdp) and acc.num_processes > 1
         self.weight_dtype = half if (
             half is not None and config.method == "lora" and not self.sharded) else torch.float32
 
