@@ -79,6 +79,35 @@ def test_unknown_lora_layers_are_refused_by_name(setup):
         train(model, images, root / "bad", steps=1, method="full", lora_layers=("to_q",))
 
 
+def test_distilled_prior_starts_at_zero_and_resumes_exactly(setup):
+    """``--prior-loss distill``: class samples regress on the base model's own prediction
+    (adapters off), so at step 0 (LoRA B = 0) the prior term is exactly 0 and the loss is
+    the instance loss alone; with class images as targets it is not. Resume stays exact."""
+    model, images, root = setup
+    classes = make_images(root / "distill-classes", n=3, size=24, captions=True)
+    common = {"prior_preservation": True, "class_data": str(classes), "batch_size": 2,
+              "lr": 1e-2}
+    plain = train(model, images, root / "plain.safetensors", steps=2, batch_size=2, lr=1e-2)
+    distilled = train(model, images, root / "distill.safetensors", steps=2,
+                      prior_loss="distill", **common)
+    imaged = train(model, images, root / "imaged.safetensors", steps=2, **common)
+    assert distilled.losses[0] == pytest.approx(plain.losses[0], rel=1e-5, abs=1e-7)
+    assert imaged.losses[0] > plain.losses[0] + 1e-3  # the class images' own error
+    assert distilled.losses[1] != pytest.approx(plain.losses[1], rel=1e-6)  # the term is live
+    check_resume_is_exact(model, images, root / "distill-resume", prior_loss="distill",
+                          **common)
+
+
+def test_distilled_prior_needs_a_lora_and_class_images(setup):
+    from toile.errors import RequestError
+
+    model, images, root = setup
+    with pytest.raises(RequestError, match="prior_loss: distill needs prior preservation"):
+        train(model, images, root / "x.safetensors", steps=1, prior_loss="distill")
+    with pytest.raises(RequestError, match="prior_loss: must be one of images, distill"):
+        train(model, images, root / "x.safetensors", steps=1, prior_loss="teacher")
+
+
 def test_full_finetune_saves_a_loadable_model(setup):
     from toile.engine.engine import Engine
     from toile.request import GenerationRequest

@@ -71,6 +71,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "generating them (implies --prior-preservation)")
     parser.add_argument("--num-class-images", type=int, default=100)
     parser.add_argument("--prior-weight", type=float, default=1.0)
+    parser.add_argument("--prior-loss", choices=("images", "distill"), default="images",
+                        help="pull class samples towards the class images (DreamBooth, default) "
+                        "or towards the base model's own prediction (distill; LoRA only)")
     parser.add_argument("--class-steps", type=int, help="sampling steps for class images")
     parser.add_argument("--resolution", type=int, help="training size (default: the model's)")
     parser.add_argument("--buckets", action="store_true",
@@ -106,6 +109,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
         prior_preservation=args.prior_preservation or args.class_data is not None,
         class_prompt=args.class_prompt, class_data=args.class_data,
         num_class_images=args.num_class_images, prior_weight=args.prior_weight,
+        prior_loss=args.prior_loss,
         class_steps=args.class_steps,
         checkpoint_every=args.checkpoint_every, resume=args.resume, seed=args.seed,
         resolution=args.resolution, buckets=args.buckets, stream=args.stream,

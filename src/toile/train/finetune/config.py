@@ -15,6 +15,7 @@ from typing import Any
 from toile.errors import RequestError
 
 METHODS = ("lora", "full")
+PRIOR_LOSSES = ("images", "distill")
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 
 # Settings that must not change between a checkpoint and ``--resume``: they shape the trained
@@ -23,8 +24,8 @@ MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 RESUME_FIXED = (
     "model", "method", "rank", "lora_alpha", "lora_layers", "lr", "text_encoder_lr", "batch_size",
     "train_text_encoder", "prior_preservation", "class_prompt", "class_data", "num_class_images",
-    "prior_weight", "seed", "resolution", "buckets", "stream", "warmup_steps", "weight_decay",
-    "grad_clip", "prompt",
+    "prior_weight", "prior_loss", "seed", "resolution", "buckets", "stream", "warmup_steps",
+    "weight_decay", "grad_clip", "prompt",
 )
 
 
@@ -59,6 +60,11 @@ class FinetuneConfig:
     class_data: str | None = None
     num_class_images: int = 100
     prior_weight: float = 1.0
+    # What the class samples are pulled towards. "images": the class images themselves
+    # (DreamBooth). "distill": the base model's own prediction on the same noisy class image
+    # (the LoRA's model with its adapters off) — learning without forgetting (Li & Hoiem 2016):
+    # the prior term is exactly 0 until the LoRA changes what the base does on class prompts.
+    prior_loss: str = "images"
     class_steps: int | None = None  # sampling steps for class images (None = model default)
     checkpoint_every: int = 0  # steps between checkpoints; 0 = only at the end
     keep_checkpoints: int = 2
@@ -97,6 +103,8 @@ class FinetuneConfig:
                 _int(self.num_class_images) and self.num_class_images >= 1, "must be >= 1"
             ),
             "prior_weight": (self.prior_weight >= 0, "must be >= 0"),
+            "prior_loss": (self.prior_loss in PRIOR_LOSSES,
+                           f"must be one of {', '.join(PRIOR_LOSSES)}"),
             "checkpoint_every": (_int(self.checkpoint_every) and self.checkpoint_every >= 0,
                                  "must be >= 0 (0 = only at the end)"),
             "keep_checkpoints": (self.keep_checkpoints >= 1, "must be >= 1"),
@@ -135,6 +143,13 @@ class FinetuneConfig:
                 "prior preservation needs --class-prompt (what the class looks like in general, "
                 "e.g. 'a star on a white background') or --class-data DIR (your own class "
                 "images with captions)",
+            )
+        if self.prior_loss == "distill" and not (self.prior_preservation
+                                                 and self.method == "lora"):
+            raise RequestError(
+                "prior_loss", "distill needs prior preservation (--class-data or "
+                "--prior-preservation) and --method lora (the base model is the LoRA's model "
+                "with its adapters off)",
             )
         if self.class_data and not self.prior_preservation:
             raise RequestError(

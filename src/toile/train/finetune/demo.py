@@ -217,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="base-model images of original prompts trained on alongside "
                         "(prior preservation; 0: none; default 100)")
     parser.add_argument("--prior-weight", type=float, default=1.0)
+    parser.add_argument("--prior-loss", choices=("images", "distill"), default="images",
+                        help="toile finetune --prior-loss (what class samples are pulled to)")
     parser.add_argument("--n", type=int, default=60, help="prompts per evaluation (default 60)")
     parser.add_argument("--eval-seed", type=int, default=0)
     parser.add_argument("--probe", type=int, default=24,
@@ -255,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         if class_data.pop("reused"):
             reused.append("class_data")
         prior = ["--class-data", str(out / "class-data"), "--prior-weight",
-                 str(args.prior_weight)]
+                 str(args.prior_weight), "--prior-loss", args.prior_loss]
     layers = ["--lora-layers", args.lora_layers] if args.lora_layers else []
     finetune = toile_command(
         "finetune", *model, "--images", str(out / "images"), "--out", str(lora),

@@ -146,10 +146,17 @@ class Objective(ABC):
         """Encode a batch of captions with the pipeline's own encoder(s)."""
 
     # ---------------------------------------------------------------------------- loss
-    @abstractmethod
     def loss(self, denoiser: torch.nn.Module, batch: TrainBatch) -> torch.Tensor:
         """Per-sample loss [B] (float32). ``denoiser`` is the module to call: the pipeline's,
         or accelerate's wrapper of it (DDP), which must see the forward for its gradients."""
+        return mse_per_sample(*self.predict(denoiser, batch))
+
+    @abstractmethod
+    def predict(self, denoiser: torch.nn.Module, batch: TrainBatch
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(prediction, regression target), batch first, for the family's noisy inputs: the
+        inputs (t, noise, VAE sample) come from the batch's per-sample generators only, so the
+        same batch with fresh generators of the same seeds gives the same inputs."""
 
     def save_full(self, out: Path, denoiser_state: dict[str, torch.Tensor] | None = None) -> None:
         """Save the whole fine-tuned model as a folder ``--model`` loads. ``denoiser_state``
@@ -221,14 +228,15 @@ class DiffusionObjective(_VaeLatents, Objective):
     def _unet_inputs(self, batch: TrainBatch, cond: tuple[torch.Tensor, ...]) -> dict[str, Any]:
         return {"encoder_hidden_states": cond[0].to(self.dtype)}
 
-    def loss(self, denoiser: torch.nn.Module, batch: TrainBatch) -> torch.Tensor:
+    def predict(self, denoiser: torch.nn.Module, batch: TrainBatch
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         latents = self.vae_latents(batch.pixels, batch.generators)
         t, noise = self._timesteps_and_noise(latents, batch.generators)
         noisy = self.scheduler.add_noise(latents, noise, t)
         cond = self.encode_text(batch.captions)
         pred = denoiser(noisy.to(self.dtype), t, **self._unet_inputs(batch, cond),
                         return_dict=False)[0]
-        return mse_per_sample(pred, self._target(latents, noise, t))
+        return pred, self._target(latents, noise, t)
 
 
 class SDXLObjective(DiffusionObjective):
@@ -294,7 +302,8 @@ class FlowMatchingObjective(_VaeLatents, Objective):
         noise = per_sample(gens, lambda g: torch.randn((1, *x0.shape[1:]), generator=g))
         return timesteps, sigmas, noise.to(x0.device)
 
-    def loss(self, denoiser: torch.nn.Module, batch: TrainBatch) -> torch.Tensor:
+    def predict(self, denoiser: torch.nn.Module, batch: TrainBatch
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         x0 = self.vae_latents(batch.pixels, batch.generators)
         timesteps, sigmas, noise = self.sigmas_and_noise(x0, batch.generators)
         noisy = (1.0 - sigmas) * x0 + sigmas * noise
@@ -304,7 +313,7 @@ class FlowMatchingObjective(_VaeLatents, Objective):
             encoder_hidden_states=embeds.to(self.dtype), pooled_projections=pooled.to(self.dtype),
             return_dict=False,
         )[0]
-        return mse_per_sample(pred, noise - x0)
+        return pred, noise - x0
 
 
 class FluxObjective(FlowMatchingObjective):
@@ -326,7 +335,8 @@ class FluxObjective(FlowMatchingObjective):
         )
         return embeds, pooled
 
-    def loss(self, denoiser: torch.nn.Module, batch: TrainBatch) -> torch.Tensor:
+    def predict(self, denoiser: torch.nn.Module, batch: TrainBatch
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         pipe = self.pipe
         x0 = self.vae_latents(batch.pixels, batch.generators)  # [B, C, h, w]
         b, c, h, w = x0.shape
@@ -348,7 +358,7 @@ class FluxObjective(FlowMatchingObjective):
         )[0]
         scale = int(pipe.vae_scale_factor)
         pred = pipe._unpack_latents(pred, h * scale, w * scale, scale)
-        return mse_per_sample(pred, noise - x0)
+        return pred, noise - x0
 
 
 class ToileObjective(Objective):
@@ -365,7 +375,8 @@ class ToileObjective(Objective):
         cond = self.pipe.encode_prompts(captions)
         return cond.tokens, cond.mask, cond.pooled
 
-    def loss(self, denoiser: torch.nn.Module, batch: TrainBatch) -> torch.Tensor:
+    def predict(self, denoiser: torch.nn.Module, batch: TrainBatch
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         from toile.families.toile.denoiser import TextCondition, predict_velocity
         from toile.families.toile.sampling import (
             forward_noise,
@@ -382,7 +393,7 @@ class ToileObjective(Objective):
         cond = TextCondition(tokens.to(self.dtype), mask, pooled.to(self.dtype))
         x_t = forward_noise(x0, noise, t)
         v = predict_velocity(denoiser, x_t.to(self.dtype), t.to(self.dtype), cond)
-        return mse_per_sample(v, velocity_target(x0, noise))
+        return v, velocity_target(x0, noise)
 
     def save_full(self, out: Path, denoiser_state: dict[str, torch.Tensor] | None = None) -> None:
         from dataclasses import replace

@@ -426,7 +426,10 @@ class FinetuneRunner:
         for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
             group["lr"] = config.learning_rate(self.step, base)
         with acc.autocast():
-            losses = self.objective.loss(self.model, batch)
+            if self.prior is not None and config.prior_loss == "distill":
+                losses = self._distill_losses(batch, b)
+            else:
+                losses = self.objective.loss(self.model, batch)
         loss = losses[:b].mean()
         if self.prior is not None:
             loss = loss + config.prior_weight * losses[b:].mean()
@@ -446,6 +449,28 @@ class FinetuneRunner:
         if procs > 1:
             value = acc.reduce(value, reduction="mean")
         return float(value)
+
+    def _distill_losses(self, batch: TrainBatch, b: int) -> torch.Tensor:
+        """Per-sample losses [2b]: instance samples regress on their usual target, class
+        samples on the base model's prediction for the same noisy input (adapters off)."""
+        from toile.train.finetune.objectives import mse_per_sample
+
+        config, objective = self.config, self.objective
+        pred, target = objective.predict(self.model, batch)
+        # The class half again, with fresh generators of the same seeds: the same t and noise.
+        rank, procs = self.accelerator.process_index, self.accelerator.num_processes
+        gens = [sample_generator(config.seed, self.step, procs * b + rank * b + j)
+                for j in range(b)]
+        prior = TrainBatch(batch.pixels[b:], batch.captions[b:], gens,
+                           batch.original_sizes[b:], batch.crops_top_left[b:])
+        denoiser = objective.denoiser
+        with torch.no_grad():
+            denoiser.disable_adapters()
+            try:
+                base, _ = objective.predict(denoiser, prior)
+            finally:
+                denoiser.enable_adapters()
+        return mse_per_sample(pred, torch.cat([target[:b], base.to(target.dtype)]))
 
     def _log(self, record: dict[str, Any]) -> None:
         record["time"] = time.strftime("%Y-%m-%dT%H:%M:%S")
