@@ -28,7 +28,6 @@ Run layout::
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import math
@@ -57,8 +56,13 @@ from toile.families.toile.sampling import (
     sample_logit_normal,
     velocity_target,
 )
+from toile.train.checkpoint_io import (
+    complete_checkpoints,
+    load_optimizer,
+    save_optimizer,
+    written_atomically,
+)
 from toile.train.config import DEFAULT_SAMPLE_PROMPTS, TrainConfig
-from toile.train.optimizer_state import flatten_optimizer, unflatten_optimizer
 from toile.train.scene_data import make_batch
 from toile.train.sharding import (
     gathered,
@@ -122,28 +126,9 @@ def drop_captions(
 
 
 # ----------------------------------------------------------------------------- checkpoints
-@contextlib.contextmanager
-def _written_atomically(target: Path) -> Iterator[Path]:
-    """Yield a temporary sibling folder to fill; on success it replaces ``target`` in one
-    rename, so a reader (export, resume, an interrupted run) never sees a half-written one."""
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    yield tmp
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)
-
-
 def list_checkpoints(run_dir: Path) -> list[Path]:
     """Complete checkpoints of a run, oldest first."""
-    root = Path(run_dir) / "checkpoints"
-    if not root.is_dir():
-        return []
-    found = [
-        p for p in root.glob("step-*")
-        if p.is_dir() and all((p / f).is_file() for f in CHECKPOINT_FILES)
-    ]
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+    return complete_checkpoints(Path(run_dir) / "checkpoints", CHECKPOINT_FILES)
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -381,11 +366,10 @@ class Trainer:
         optimizer = gathered_optimizer(self.optimizer.state_dict())
         target = self.out / "checkpoints" / f"step-{self.step:06d}"
         if acc.is_main_process:
-            with _written_atomically(target) as tmp:
+            with written_atomically(target) as tmp:
                 save_file(state, str(tmp / "model.safetensors"))
                 self._write_ema_and_state(tmp, ema)
-                tensors, meta = flatten_optimizer(optimizer)
-                save_file(tensors, str(tmp / "optimizer.safetensors"), metadata=meta)
+                save_optimizer(tmp / "optimizer.safetensors", optimizer)
                 save_file({"torch_cpu": torch.get_rng_state()}, str(tmp / "rng.safetensors"),
                           metadata={"python": json.dumps(random.getstate())})
             for old in list_checkpoints(self.out)[: -self.config.keep_checkpoints]:
@@ -404,7 +388,7 @@ class Trainer:
         target = self.out / "snapshots" / f"step-{self.step:06d}"
         ema = self.ema_state()  # every process: a collective under FSDP
         if self.accelerator.is_main_process:
-            with _written_atomically(target) as tmp:
+            with written_atomically(target) as tmp:
                 self._write_ema_and_state(tmp, ema)
         return target
 
@@ -442,11 +426,8 @@ class Trainer:
         for shadow, name in zip(self.ema.shadow_params, names, strict=True):
             shadow.data.copy_(like(ema_state[name], shadow))
         self.ema.optimization_step = int(state["ema_optimization_step"])
-        with safe_open(str(folder / "optimizer.safetensors"), framework="pt") as handle:
-            meta = handle.metadata()
-            tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
-        self.optimizer.load_state_dict(
-            optimizer_like(unflatten_optimizer(tensors, meta), list(model.parameters())))
+        self.optimizer.load_state_dict(optimizer_like(
+            load_optimizer(folder / "optimizer.safetensors"), list(model.parameters())))
         rng_path = folder / "rng.safetensors"
         if rng_path.is_file():
             with safe_open(str(rng_path), framework="pt") as handle:

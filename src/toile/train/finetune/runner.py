@@ -51,11 +51,16 @@ import torch
 from toile.data.buckets import BucketBatch, BucketBatchSampler
 from toile.data.folders import SkipCounter
 from toile.errors import RequestError
+from toile.train.checkpoint_io import (
+    complete_checkpoints,
+    load_optimizer,
+    save_optimizer,
+    written_atomically,
+)
 from toile.train.finetune.config import FinetuneConfig
 from toile.train.finetune.dataset import ImageSet, index_images, load_image_set
 from toile.train.finetune.lora import DENOISER_TARGETS, TEXT_ENCODER_TARGETS, add_lora, save_lora
 from toile.train.finetune.objectives import OBJECTIVES, Objective, TrainBatch, objective_for
-from toile.train.optimizer_state import flatten_optimizer, unflatten_optimizer
 from toile.train.sharding import (
     gathered,
     gathered_optimizer,
@@ -78,11 +83,7 @@ def sample_generator(seed: int, step: int, position: int) -> torch.Generator:
 # --------------------------------------------------------------------------- checkpoints
 def list_checkpoints(root: Path) -> list[Path]:
     """Complete checkpoints under ``root``, oldest first."""
-    if not root.is_dir():
-        return []
-    found = [p for p in root.glob("step-*")
-             if p.is_dir() and all((p / f).is_file() for f in CHECKPOINT_FILES)]
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+    return complete_checkpoints(root, CHECKPOINT_FILES)
 
 
 @dataclass
@@ -490,29 +491,24 @@ class FinetuneRunner:
         optimizer = gathered_optimizer(self.optimizer.state_dict())
         target = config.checkpoint_root / f"step-{self.step:06d}"
         if acc.is_main_process:
-            tmp = target.with_name(target.name + ".tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            save_file(trainable, str(tmp / "trainable.safetensors"))
-            tensors, meta = flatten_optimizer(optimizer)
-            save_file(tensors, str(tmp / "optimizer.safetensors"), metadata=meta)
-            (tmp / "state.json").write_text(json.dumps({
-                "step": self.step,
-                "num_processes": acc.num_processes,
-                "data_fingerprint": self._fingerprint(),
-                "class_fingerprint": self.prior.fingerprint() if self.prior is not None else None,
-                "config": config.to_dict(),
-                "command": self.command,
-            }, indent=2) + "\n")
-            shutil.rmtree(target, ignore_errors=True)
-            os.replace(tmp, target)
+            with written_atomically(target) as tmp:
+                save_file(trainable, str(tmp / "trainable.safetensors"))
+                save_optimizer(tmp / "optimizer.safetensors", optimizer)
+                (tmp / "state.json").write_text(json.dumps({
+                    "step": self.step,
+                    "num_processes": acc.num_processes,
+                    "data_fingerprint": self._fingerprint(),
+                    "class_fingerprint": (self.prior.fingerprint() if self.prior is not None
+                                          else None),
+                    "config": config.to_dict(),
+                    "command": self.command,
+                }, indent=2) + "\n")
             for old in list_checkpoints(config.checkpoint_root)[: -config.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
         acc.wait_for_everyone()
         return target
 
     def _resume(self) -> None:
-        from safetensors import safe_open
         from safetensors.torch import load_file
 
         config, acc = self.config, self.accelerator
@@ -544,11 +540,8 @@ class FinetuneRunner:
         with torch.no_grad():
             for name, param in self.trainable.items():
                 param.copy_(like(tensors[name], param))  # this process's shard under FSDP
-        with safe_open(str(folder / "optimizer.safetensors"), framework="pt") as handle:
-            meta = handle.metadata()
-            opt = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
-        self.optimizer.load_state_dict(
-            optimizer_like(unflatten_optimizer(opt, meta), list(self.trainable.values())))
+        self.optimizer.load_state_dict(optimizer_like(
+            load_optimizer(folder / "optimizer.safetensors"), list(self.trainable.values())))
         self.step = int(state["step"])
         if acc.is_main_process:
             self.echo(f"resume: continuing from {folder} (step {self.step})")
