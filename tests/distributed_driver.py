@@ -46,9 +46,10 @@ def main(model: str, images: str, text: str, out: str, batch: int) -> None:
         tuner.run()
         return tuner
 
-    # ``toile finetune --fsdp``: the LoRA over 2 steps + a checkpoint + resume for a 3rd, and
-    # full fine-tuning, each against the replicated run of the same 3 steps.
-    finetune("lora-fsdp.safetensors", fsdp=True, steps=2)
+    # ``toile finetune --fsdp``: the LoRA over 2 replicated steps + a checkpoint + a 3rd step
+    # resumed sharded (the files are the same either way), and full fine-tuning, each against
+    # the replicated run of the same 3 steps.
+    finetune("lora-fsdp.safetensors", steps=2)
     sharded = finetune("lora-fsdp.safetensors", fsdp=True, resume=True)
     save_file(gathered(sharded.trainable), str(root / f"finetune-fsdp-rank{rank}-of-{world}"
                                                       ".safetensors"))

@@ -73,9 +73,10 @@ def test_replicas_stay_identical(runs):
 
 
 def test_finetune_fsdp_matches_ddp(runs):
-    """``toile finetune --fsdp`` with 2 processes: the LoRA (2 steps + checkpoint + resume)
-    and a full fine-tune match the replicated runs within ``TOLERANCE``, and the outputs are
-    written from the gathered weights (LoRA file, full model folder with the same U-Net)."""
+    """``toile finetune --fsdp`` with 2 processes: the LoRA (2 DDP steps + checkpoint + a 3rd
+    resumed under FSDP) and a full fine-tune match the replicated runs within ``TOLERANCE``,
+    and the outputs are written from the gathered weights (LoRA file, full model folder with
+    the same U-Net)."""
     import json
 
     from safetensors.torch import load_file
