@@ -60,7 +60,13 @@ from toile.train.checkpoint_io import (
 from toile.train.finetune.config import FinetuneConfig
 from toile.train.finetune.dataset import ImageSet, index_images, load_image_set
 from toile.train.finetune.lora import DENOISER_TARGETS, TEXT_ENCODER_TARGETS, add_lora, save_lora
-from toile.train.finetune.objectives import OBJECTIVES, Objective, TrainBatch, objective_for
+from toile.train.finetune.objectives import (
+    OBJECTIVES,
+    Objective,
+    TrainBatch,
+    mse_per_sample,
+    objective_for,
+)
 from toile.train.sharding import (
     gathered,
     gathered_optimizer,
@@ -421,8 +427,7 @@ class FinetuneRunner:
             ppix, pcaptions, psizes, pcrops = self.prior.batch(ids, bucket=bucket)
             pix = torch.cat([pix, ppix])
             captions, sizes, crops = captions + pcaptions, sizes + psizes, crops + pcrops
-            gens += [sample_generator(config.seed, self.step, procs * b + rank * b + j)
-                     for j in range(b)]
+            gens += self._prior_generators()
         batch = TrainBatch(pix.to(acc.device), captions, gens, sizes, crops)
         for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
             group["lr"] = config.learning_rate(self.step, base)
@@ -451,18 +456,20 @@ class FinetuneRunner:
             value = acc.reduce(value, reduction="mean")
         return float(value)
 
+    def _prior_generators(self) -> list[torch.Generator]:
+        """This process's class samples' generators: the positions after the whole instance
+        batch, so their draws are the same for any number of processes."""
+        b, rank = self.config.batch_size, self.accelerator.process_index
+        start = self.accelerator.num_processes * b + rank * b
+        return [sample_generator(self.config.seed, self.step, start + j) for j in range(b)]
+
     def _distill_losses(self, batch: TrainBatch, b: int) -> torch.Tensor:
         """Per-sample losses [2b]: instance samples regress on their usual target, class
         samples on the base model's prediction for the same noisy input (adapters off)."""
-        from toile.train.finetune.objectives import mse_per_sample
-
-        config, objective = self.config, self.objective
+        objective = self.objective
         pred, target = objective.predict(self.model, batch)
         # The class half again, with fresh generators of the same seeds: the same t and noise.
-        rank, procs = self.accelerator.process_index, self.accelerator.num_processes
-        gens = [sample_generator(config.seed, self.step, procs * b + rank * b + j)
-                for j in range(b)]
-        prior = TrainBatch(batch.pixels[b:], batch.captions[b:], gens,
+        prior = TrainBatch(batch.pixels[b:], batch.captions[b:], self._prior_generators(),
                            batch.original_sizes[b:], batch.crops_top_left[b:])
         denoiser = objective.denoiser
         with torch.no_grad():
