@@ -11,9 +11,11 @@
    ``toile finetune --images DIR --out pink-star.safetensors ...``. With ``--class-images N``
    (default 100) it first lets the base model draw N prompts of the *original* world (their
    own seed stream, not the evaluation's) and trains on them alongside, with
-   ``--class-data`` (DreamBooth's prior preservation, with many class prompts instead of one):
-   the LoRA is pulled towards what the base model already drew, which is what "no forgetting"
-   measures;
+   ``--class-data`` (DreamBooth's prior preservation, with many class prompts instead of one)
+   and ``--prior-loss distill`` (default): on those prompts the LoRA'd model is pulled towards
+   the base model's own prediction, so it keeps doing what the base did there — what "no
+   forgetting" measures. ``--prior-loss images`` pulls towards the class images instead
+   (DreamBooth's target; it measurably forgets more, see the README);
 3. measures with the scene benchmark, base vs fine-tuned (``--lora``):
    ``toile eval scenes --concepts held-out`` (prompts with pink or star: did it learn them?)
    and ``toile eval scenes`` (the original concepts: did it forget anything? within 0.05 is
@@ -217,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="base-model images of original prompts trained on alongside "
                         "(prior preservation; 0: none; default 100)")
     parser.add_argument("--prior-weight", type=float, default=1.0)
-    parser.add_argument("--prior-loss", choices=("images", "distill"), default="images",
+    parser.add_argument("--prior-loss", choices=("images", "distill"), default="distill",
                         help="toile finetune --prior-loss (what class samples are pulled to)")
     parser.add_argument("--n", type=int, default=60, help="prompts per evaluation (default 60)")
     parser.add_argument("--eval-seed", type=int, default=0)
