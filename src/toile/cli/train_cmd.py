@@ -2,7 +2,7 @@
 
     toile train --preset toile-mini --out runs/toile-mini [--steps N] [--batch-size N]
                 [--resume] [--lr F] [--seed N] [--threads N] [--checkpoint-minutes M]
-                [--data FOLDER_OR_SHARDS [--buckets]]
+                [--data FOLDER_OR_SHARDS [--buckets]] [--fsdp]
 
 Without --data the model learns the procedural scene world (how the built-in model is made).
 --data streams an image-caption folder (NAME.png + NAME.txt, nested folders, any size) or
