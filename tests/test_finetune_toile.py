@@ -155,6 +155,18 @@ def test_foreign_lora_files_are_refused_and_the_engine_goes_on(setup, tmp_path):
     assert engine.run(GenerationRequest(PROMPT, **fields)).images
 
 
+def test_paired_change_counts_flips_and_their_noise():
+    from toile.train.finetune.demo import paired_change
+
+    base = [True, True, False, False, True, False, True, True]
+    tuned = [True, False, True, True, True, False, True, True]
+    assert paired_change(base, tuned) == {"lost": 1, "gained": 2, "change": 0.125,
+                                          "stderr": round(3 ** 0.5 / 8, 4)}
+    assert paired_change(base, base)["stderr"] == 0.0
+    with pytest.raises(ValueError):
+        paired_change(base, tuned[:3])
+
+
 def test_demonstration_runs_end_to_end_and_reuses_its_stages(setup, tmp_path, capsys):
     """``python -m toile.train.finetune.demo`` on a tiny model: the five captioned images, the
     base model's class images (captioned with their prompts), the fine-tune and the four
@@ -179,6 +191,9 @@ def test_demonstration_runs_end_to_end_and_reuses_its_stages(setup, tmp_path, ca
         assert summary[name]["total"] == 2 and 0.0 <= summary[name]["accuracy"] <= 1.0
     assert summary["original_change"] == round(
         summary["original_finetuned"]["accuracy"] - summary["original_base"]["accuracy"], 4)
+    paired = summary["original_paired"]
+    assert paired["change"] == summary["original_change"]
+    assert paired["lost"] + paired["gained"] <= 2
     capsys.readouterr()
     assert demo.main(args) == 0
     again = json.loads((out / "summary.json").read_text())

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import subprocess
 import sys
@@ -201,7 +202,22 @@ def scores(report: dict[str, Any]) -> dict[str, Any]:
         "passed": report["passed"],
         "total": report["total"],
         "failures_by_aspect": report["failures"],
+        # Per prompt (same prompts and seeds in every evaluation), for the paired comparison.
+        "passes": [bool(r["passed"]) for r in report["results"]],
     }
+
+
+def paired_change(base: list[bool], tuned: list[bool]) -> dict[str, Any]:
+    """Base vs fine-tuned on the same prompts and seeds: prompts lost and gained, the change in
+    accuracy, and its standard error (paired: only the prompts that flipped carry noise,
+    sqrt(lost + gained) / n, McNemar's view of two graders on one sample)."""
+    if len(base) != len(tuned) or not base:
+        raise ValueError("paired_change needs two equally long, non-empty pass lists")
+    lost = sum(b and not t for b, t in zip(base, tuned, strict=True))
+    gained = sum(t and not b for b, t in zip(base, tuned, strict=True))
+    n = len(base)
+    return {"lost": lost, "gained": gained, "change": round((gained - lost) / n, 4),
+            "stderr": round(math.sqrt(lost + gained) / n, 4)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -287,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
             command += ["--lora", str(lora)]
         # A result with the LoRA is only reused for the very same LoRA file.
         key = {"command": command, "lora": lora.stat().st_mtime_ns if with_lora else None,
-               "model_hash": base_hash}
+               "model_hash": base_hash, "format": 2}  # 2: per-prompt passes stored
         found = cached(out, name, key)
         if found is not None:
             reused.append(name)
@@ -332,6 +348,10 @@ def main(argv: list[str] | None = None) -> int:
         "held_out_gain": round(results["held_out_finetuned"]["accuracy"]
                                - results["held_out_base"]["accuracy"], 4),
         "original_change": round(-forgetting, 4),
+        "original_paired": paired_change(results["original_base"]["passes"],
+                                         results["original_finetuned"]["passes"]),
+        "held_out_paired": paired_change(results["held_out_base"]["passes"],
+                                         results["held_out_finetuned"]["passes"]),
         "no_forgetting": bool(forgetting <= FORGETTING_BAR),
         "wall_time_s": round(time.perf_counter() - start, 1),
         "compute_time_s": round(finetune_s + sum(r["seconds"] for r in results.values()), 1),
