@@ -312,13 +312,16 @@ def main(argv: list[str] | None = None) -> int:
         return store(out, name, key, scores(report), seconds) | {"command": command}
 
     results: dict[str, Any] = {}
+    passes: dict[str, list[bool]] = {}
     commands = {"finetune": finetune}
     for name, held_out, with_lora in (
         ("held_out_base", True, False), ("held_out_finetuned", True, True),
         ("original_base", False, False), ("original_finetuned", False, True),
     ):
         stage = evaluate(name, held_out, with_lora)
-        results[name] = stage["output"] | {"seconds": stage["seconds"]}
+        output = dict(stage["output"])
+        passes[name] = output.pop("passes")  # per prompt: kept in OUT/results/, not printed
+        results[name] = output | {"seconds": stage["seconds"]}
         commands[name] = stage["command"]
     if args.probe:
         key = {"lora": str(lora), "n": args.probe, "seed": args.eval_seed, "model": args.model,
@@ -348,10 +351,8 @@ def main(argv: list[str] | None = None) -> int:
         "held_out_gain": round(results["held_out_finetuned"]["accuracy"]
                                - results["held_out_base"]["accuracy"], 4),
         "original_change": round(-forgetting, 4),
-        "original_paired": paired_change(results["original_base"]["passes"],
-                                         results["original_finetuned"]["passes"]),
-        "held_out_paired": paired_change(results["held_out_base"]["passes"],
-                                         results["held_out_finetuned"]["passes"]),
+        "original_paired": paired_change(passes["original_base"], passes["original_finetuned"]),
+        "held_out_paired": paired_change(passes["held_out_base"], passes["held_out_finetuned"]),
         "no_forgetting": bool(forgetting <= FORGETTING_BAR),
         "wall_time_s": round(time.perf_counter() - start, 1),
         "compute_time_s": round(finetune_s + sum(r["seconds"] for r in results.values()), 1),
