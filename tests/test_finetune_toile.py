@@ -3,6 +3,8 @@ the toile family, exact resume, and full fine-tuning saves a folder ``--model`` 
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from finetune_common import (
@@ -96,6 +98,19 @@ def test_distilled_prior_starts_at_zero_and_resumes_exactly(setup):
     assert distilled.losses[1] != pytest.approx(plain.losses[1], rel=1e-6)  # the term is live
     check_resume_is_exact(model, images, root / "distill-resume", prior_loss="distill",
                           **common)
+
+
+def test_checkpoints_older_than_a_setting_resume_with_its_default():
+    from toile.train.finetune.config import FinetuneConfig
+
+    config = FinetuneConfig(images="x", out="y.safetensors")
+    saved = json.loads(json.dumps(config.to_dict()))
+    del saved["prior_loss"], saved["lora_layers"]  # a checkpoint from before they existed
+    assert config.resume_mismatches(saved) == []
+    changed = config.with_changes(prior_loss="distill", prior_preservation=True,
+                                  class_prompt="a star")
+    assert changed.resume_mismatches(saved) == ["prior_preservation", "class_prompt",
+                                                "prior_loss"]
 
 
 def test_distilled_prior_needs_a_lora_and_class_images(setup):

@@ -224,7 +224,10 @@ class FinetuneConfig:
     def resume_mismatches(self, saved: dict[str, Any]) -> list[str]:
         """Names of the settings that differ from a checkpoint's and forbid an exact resume."""
         mine = json.loads(json.dumps(self.to_dict()))  # tuples as the saved file has them
-        return [name for name in RESUME_FIXED if saved.get(name) != mine.get(name)]
+        # A setting newer than the checkpoint had its default then.
+        defaults = {f.name: f.default for f in fields(self)}
+        return [name for name in RESUME_FIXED
+                if saved.get(name, defaults.get(name)) != mine.get(name)]
 
 
 def _int(value: Any) -> bool:
