@@ -67,27 +67,52 @@ def shard_model(model: torch.nn.Module, device: torch.device) -> None:
     fully_shard(model, mesh=mesh)
 
 
-def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
-    """A full CPU copy of ``tensor``; a DTensor shard is all-gathered (a collective)."""
+def full_tensor(tensor: torch.Tensor, keep: bool = True) -> torch.Tensor | None:
+    """A full CPU copy of ``tensor``; a DTensor shard is all-gathered (a collective, so every
+    process calls it). ``keep=False`` (a process that writes nothing): take part in the
+    all-gather, copy nothing, return None."""
     tensor = tensor.detach()
     if is_sharded(tensor):
         tensor = tensor.full_tensor()  # type: ignore[attr-defined]
-    return tensor.cpu().contiguous()
+    return tensor.cpu().contiguous() if keep else None
 
 
-def gathered(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Full CPU tensors of ``tensors``. A collective under FSDP: every process must call it,
-    with the same keys in the same order."""
-    return {name: full_tensor(value) for name, value in tensors.items()}
+def gathered(tensors: Mapping[str, torch.Tensor], keep: bool = True) -> dict[str, torch.Tensor]:
+    """Full CPU tensors of ``tensors`` (empty if not ``keep``, see :func:`full_tensor`).
+    Every process must call it, with the same keys in the same order."""
+    full = {name: full_tensor(value, keep) for name, value in tensors.items()}
+    return {name: value for name, value in full.items() if value is not None}
 
 
-def gathered_optimizer(state: Mapping[str, Any]) -> dict[str, Any]:
-    """An optimizer ``state_dict()`` with every sharded moment gathered (a collective)."""
+def gathered_optimizer(state: Mapping[str, Any], keep: bool = True) -> dict[str, Any]:
+    """An optimizer ``state_dict()`` with every sharded moment gathered (as :func:`gathered`)."""
     per_param = {
-        index: {k: full_tensor(v) if isinstance(v, torch.Tensor) else v for k, v in moments.items()}
+        index: {k: full_tensor(v, keep) if isinstance(v, torch.Tensor) else v
+                for k, v in moments.items()}
         for index, moments in state["state"].items()
     }
     return {"state": per_param, "param_groups": state["param_groups"]}
+
+
+def prepare(accelerator: Any, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+            sharded: bool) -> tuple[Any, Any]:
+    """accelerate's ``prepare`` (DDP wrapper, device placement) — or, for a sharded model, the
+    model and optimizer as they are: FSDP reduces the gradients itself, a DDP wrapper on top
+    would reduce them twice."""
+    if sharded:
+        return model, optimizer
+    return accelerator.prepare(model, optimizer)
+
+
+def clip_gradients(accelerator: Any, params: Any, max_norm: float, sharded: bool) -> None:
+    """Clip the global gradient norm; torch's ``clip_grad_norm_`` takes DTensor shards (the
+    norm is all-reduced), accelerate's would first look for its own wrappers."""
+    if not max_norm:
+        return
+    if sharded:
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
+    else:
+        accelerator.clip_grad_norm_(params, max_norm)
 
 
 def like(full: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:

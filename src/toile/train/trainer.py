@@ -65,10 +65,12 @@ from toile.train.checkpoint_io import (
 from toile.train.config import DEFAULT_SAMPLE_PROMPTS, TrainConfig
 from toile.train.scene_data import make_batch
 from toile.train.sharding import (
+    clip_gradients,
     gathered,
     gathered_optimizer,
     like,
     optimizer_like,
+    prepare,
     shard_model,
     wants_fsdp,
 )
@@ -188,11 +190,7 @@ class Trainer:
             unet.parameters(), lr=learning_rate(0, config), betas=config.adam_betas,
             weight_decay=config.weight_decay,
         )
-        if self.sharded:
-            # FSDP reduces the gradients itself; accelerate's wrappers would add DDP on top.
-            self.model, self.optimizer = unet, optimizer
-        else:
-            self.model, self.optimizer = self.accelerator.prepare(unet, optimizer)
+        self.model, self.optimizer = prepare(self.accelerator, unet, optimizer, self.sharded)
         self.data: StreamBatches | None = None
         self._batches: Iterator[Any] | None = None
         self.step = 0
@@ -302,10 +300,7 @@ class Trainer:
                 self.model, x0, cond, generator, t_mean=config.t_mean, t_std=config.t_std
             )
         acc.backward(loss)
-        if config.grad_clip and self.sharded:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)  # DTensors
-        elif config.grad_clip:
-            acc.clip_grad_norm_(self.model.parameters(), config.grad_clip)
+        clip_gradients(acc, self.model.parameters(), config.grad_clip, self.sharded)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.ema.step(self.model.parameters())
@@ -359,11 +354,12 @@ class Trainer:
 
         acc = self.accelerator
         acc.wait_for_everyone()
-        # Full tensors on every process (all-gathers under FSDP): the files do not depend on
-        # how the run was distributed.
-        state = gathered(self.unwrapped.state_dict())
-        ema = self.ema_state()
-        optimizer = gathered_optimizer(self.optimizer.state_dict())
+        # Full tensors, all-gathered under FSDP by every process and kept by the writer: the
+        # files do not depend on how the run was distributed.
+        keep = acc.is_main_process
+        state = gathered(self.unwrapped.state_dict(), keep)
+        ema = self.ema_state(keep)
+        optimizer = gathered_optimizer(self.optimizer.state_dict(), keep)
         target = self.out / "checkpoints" / f"step-{self.step:06d}"
         if acc.is_main_process:
             with written_atomically(target) as tmp:
@@ -386,16 +382,17 @@ class Trainer:
         ``toile.train.curve`` read either. Snapshots are never pruned.
         """
         target = self.out / "snapshots" / f"step-{self.step:06d}"
-        ema = self.ema_state()  # every process: a collective under FSDP
+        ema = self.ema_state(self.accelerator.is_main_process)  # a collective under FSDP
         if self.accelerator.is_main_process:
             with written_atomically(target) as tmp:
                 self._write_ema_and_state(tmp, ema)
         return target
 
-    def ema_state(self) -> dict[str, torch.Tensor]:
-        """The EMA weights by parameter name, full CPU tensors (a collective under FSDP)."""
+    def ema_state(self, keep: bool = True) -> dict[str, torch.Tensor]:
+        """The EMA weights by parameter name, full CPU tensors (a collective under FSDP; see
+        :func:`~toile.train.sharding.gathered` for ``keep``)."""
         names = [n for n, _ in self.unwrapped.named_parameters()]
-        return gathered(dict(zip(names, self.ema.shadow_params, strict=True)))
+        return gathered(dict(zip(names, self.ema.shadow_params, strict=True)), keep)
 
     def _write_ema_and_state(self, folder: Path, ema: dict[str, torch.Tensor]) -> None:
         """ema.safetensors (EMA weights by parameter name) and state.json (step, time, config)."""
@@ -462,7 +459,7 @@ class Trainer:
         process (the EMA is gathered under FSDP); the main process writes."""
         from toile.train.export import write_model_card
 
-        ema = self.ema_state()
+        ema = self.ema_state(self.accelerator.is_main_process)
         if not self.accelerator.is_main_process:
             return Path(out_dir)
         pipe = self.ema_pipeline(ema)

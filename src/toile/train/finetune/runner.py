@@ -68,10 +68,12 @@ from toile.train.finetune.objectives import (
     objective_for,
 )
 from toile.train.sharding import (
+    clip_gradients,
     gathered,
     gathered_optimizer,
     like,
     optimizer_like,
+    prepare,
     shard_model,
     wants_fsdp,
 )
@@ -197,10 +199,8 @@ class FinetuneRunner:
         if self.text_params:
             groups.append({"params": self.text_params, "lr": config.effective_text_encoder_lr})
         optimizer = torch.optim.AdamW(groups, weight_decay=config.effective_weight_decay)
-        if self.sharded:  # FSDP reduces the gradients itself: no DDP wrapper on top
-            self.model, self.optimizer = self.objective.denoiser, optimizer
-        else:
-            self.model, self.optimizer = acc.prepare(self.objective.denoiser, optimizer)
+        self.model, self.optimizer = prepare(acc, self.objective.denoiser, optimizer,
+                                             self.sharded)
         self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
         self.step = 0
         if config.resume:
@@ -444,10 +444,7 @@ class FinetuneRunner:
             for param in self.text_params:
                 if param.grad is not None:
                     param.grad = acc.reduce(param.grad, reduction="mean")
-        if config.grad_clip and self.sharded:
-            torch.nn.utils.clip_grad_norm_(list(self.trainable.values()), config.grad_clip)
-        elif config.grad_clip:
-            acc.clip_grad_norm_(list(self.trainable.values()), config.grad_clip)
+        clip_gradients(acc, list(self.trainable.values()), config.grad_clip, self.sharded)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
@@ -492,10 +489,10 @@ class FinetuneRunner:
 
         acc, config = self.accelerator, self.config
         acc.wait_for_everyone()
-        # Full tensors (all-gathered under FSDP, by every process): the same files however
-        # the run is distributed.
-        trainable = gathered(self.trainable)
-        optimizer = gathered_optimizer(self.optimizer.state_dict())
+        # Full tensors, all-gathered under FSDP by every process and kept by the writer: the
+        # same files however the run is distributed.
+        trainable = gathered(self.trainable, acc.is_main_process)
+        optimizer = gathered_optimizer(self.optimizer.state_dict(), acc.is_main_process)
         target = config.checkpoint_root / f"step-{self.step:06d}"
         if acc.is_main_process:
             with written_atomically(target) as tmp:
@@ -586,7 +583,8 @@ class FinetuneRunner:
         acc.wait_for_everyone()
         out = Path(config.out)
         # Under FSDP every process gathers the denoiser's full weights; the main one writes.
-        full = gathered(self.objective.denoiser.state_dict()) if self.sharded else None
+        full = (gathered(self.objective.denoiser.state_dict(), acc.is_main_process)
+                if self.sharded else None)
         if acc.is_main_process:
             name = self.objective.denoiser_name
             if config.method == "lora":
