@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -200,3 +202,54 @@ def test_nan_state_fails_with_reason(sd_path, monkeypatch):
         engine.run(GenerationRequest("a cat", model=str(sd_path), steps=STEPS, seed=1))
     monkeypatch.undo()
     assert engine.run(GenerationRequest("a cat", model=str(sd_path), steps=1)).images
+
+
+# --- single file (CompVis layout) -------------------------------------------------------------
+
+
+def test_single_file_matches_the_diffusers_folder(engine, tiny_models, sd_path):
+    """The CompVis-layout file holds the tiny folder's weights (both builders are seeded), so
+    toile's single-file load must give diffusers' folder output, in txt2img and img2img."""
+    from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
+
+    single = tiny_models("sd_single_file")
+    cached = engine.load(str(single))
+    assert cached.family.name == "sd" and cached.loaded.variant == ""
+    assert (cached.loaded.defaults.width, cached.loaded.defaults.height) == (32, 32)
+    ours = engine.run(GenerationRequest("a red cat", model=str(single), steps=STEPS, seed=7))
+    ref = diffusers_pipe(StableDiffusionPipeline, sd_path)(
+        "a red cat", num_inference_steps=STEPS, generator=torch.Generator("cpu").manual_seed(7)
+    ).images[0]
+    assert_same_image(ours.images[0], ref)
+    assert ours.records[0].family == "sd"
+    init = gradient_image(32, 32)
+    ours = engine.run(GenerationRequest("a red cat", model=str(single), steps=STEPS, seed=3,
+                                        image=init, strength=0.7))
+    ref = diffusers_pipe(StableDiffusionImg2ImgPipeline, sd_path)(
+        "a red cat", image=init, strength=0.7, num_inference_steps=STEPS,
+        generator=torch.Generator("cpu").manual_seed(3),
+    ).images[0]
+    assert_same_image(ours.images[0], ref)
+
+
+def test_single_file_without_configs_names_the_folder(tmp_path, tiny_models):
+    from toile.errors import ModelFormatError
+
+    lonely = tmp_path / "v1-5-pruned.safetensors"
+    shutil.copy(tiny_models("sd_single_file"), lonely)
+    with pytest.raises(ModelFormatError, match=r"SD 1\.x/2\.x single-file.*v1-5-pruned/"):
+        Engine(device="cpu").load(str(lonely))
+
+
+def test_single_file_of_another_layout_is_not_sd(tmp_path):
+    """A file with only a denoiser (no text encoder) is no SD checkpoint: the error says what
+    the file holds instead of failing inside diffusers."""
+    from safetensors.torch import save_file
+
+    from toile.errors import ModelFormatError
+
+    partial = tmp_path / "unet-only.safetensors"
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(2, 4, 3, 3)},
+              str(partial))
+    with pytest.raises(ModelFormatError, match="cannot tell which model family"):
+        Engine(device="cpu").load(str(partial))

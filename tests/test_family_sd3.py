@@ -6,6 +6,8 @@ Parity calls pass diffusers every value explicitly: SD3's inpaint pipeline defau
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -206,3 +208,75 @@ def test_inpainting_checkpoint_runs_inpaint_only(tmp_path):
                guidance_scale=GUIDANCE, height=32, width=32, generator=seeded(6)).images[0]
     assert_same_image(ours.images[0], Image.composite(ref, init, mask))
     assert (ours.records[0].mode, ours.records[0].variant) == ("inpaint", "inpainting")
+
+
+# --- single files (Stability's layout) --------------------------------------------------------
+
+
+def test_single_file_matches_the_diffusers_folder(engine, tiny_models):
+    """Transformer, VAE, both CLIPs and T5 in one file, configs beside it: the same images as
+    diffusers on the folder holding the same weights, txt2img and img2img."""
+    from diffusers import StableDiffusion3Img2ImgPipeline, StableDiffusion3Pipeline
+
+    single = tiny_models("sd3_single_file")
+    reference = single.parent / "diffusers"
+    cached = engine.load(str(single))
+    assert (cached.family.name, cached.loaded.variant) == ("sd3", "")
+    assert (cached.loaded.defaults.width, cached.loaded.defaults.size_multiple) == (32, 4)
+    ours = engine.run(GenerationRequest("a red cat", model=str(single), steps=STEPS, seed=7))
+    ref = diffusers_pipe(StableDiffusion3Pipeline, reference)(
+        "a red cat", num_inference_steps=STEPS, guidance_scale=GUIDANCE, generator=seeded(7)
+    ).images[0]
+    assert_same_image(ours.images[0], ref)
+    init = gradient_image(32, 32)
+    ours = engine.run(GenerationRequest("a red cat", model=str(single), steps=STEPS, seed=3,
+                                        image=init, strength=0.7))
+    ref = diffusers_pipe(StableDiffusion3Img2ImgPipeline, reference)(
+        "a red cat", image=init, strength=0.7, num_inference_steps=STEPS,
+        guidance_scale=GUIDANCE, generator=seeded(3), width=32, height=32,
+    ).images[0]
+    assert_same_image(ours.images[0], ref)
+
+
+def test_single_file_without_t5_runs_without_t5(engine, tiny_models):
+    """``sd3_medium_incl_clips``-style: no T5 in the file, none in the config folder: run as
+    the no-T5 variant (as ComfyUI does), equal to diffusers with ``text_encoder_3=None``."""
+    from diffusers import StableDiffusion3Pipeline
+
+    clips = tiny_models("sd3_single_file").parent / "tiny-sd3-clips.safetensors"
+    cached = engine.load(str(clips))
+    assert (cached.family.name, cached.loaded.variant) == ("sd3", "no-t5")
+    ours = engine.run(GenerationRequest("a red cat", model=str(clips), steps=STEPS, seed=2))
+    pipe = diffusers_pipe(StableDiffusion3Pipeline, clips.parent / "diffusers",
+                          text_encoder_3=None, tokenizer_3=None)
+    ref = pipe("a red cat", num_inference_steps=STEPS, guidance_scale=GUIDANCE,
+               generator=seeded(2)).images[0]
+    assert_same_image(ours.images[0], ref)
+    assert ours.records[0].variant == "no-t5"
+
+
+def test_single_file_missing_text_encoders_is_a_clear_error(tmp_path, tiny_models):
+    """A transformer+VAE file (``sd3_medium.safetensors``) needs the text encoders' weights in
+    its folder; without them the error names the file, the folder and the component."""
+    from safetensors.torch import load_file, save_file
+
+    from toile.errors import ModelFormatError
+
+    source = tiny_models("sd3_single_file")
+    bare = {k: v for k, v in load_file(source).items() if not k.startswith("text_encoders.")}
+    target = tmp_path / "sd3_medium.safetensors"
+    save_file(bare, str(target))
+    shutil.copytree(source.with_suffix(""), tmp_path / "sd3_medium")
+    with pytest.raises(ModelFormatError, match=r"sd3_medium\.safetensors holds no text_encoder "):
+        Engine(device="cpu").load(str(target))
+    # With the encoders' weights in the folder, the components come from there.
+    for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+        shutil.copy(source.parent / "diffusers" / name / "model.safetensors",
+                    tmp_path / "sd3_medium" / name / "model.safetensors")
+    engine = Engine(device="cpu")
+    assert (engine.load(str(target)).loaded.variant, engine.load(str(source)).loaded.variant) == (
+        "", "")
+    request = GenerationRequest("a red cat", steps=STEPS, seed=5)
+    split = engine.run(request.with_changes(model=str(target))).images[0]
+    whole = engine.run(request.with_changes(model=str(source))).images[0]
+    assert_same_image(split, whole, tolerance=0)

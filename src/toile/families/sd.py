@@ -1,7 +1,12 @@
-"""Stable Diffusion 1.x / 2.x (diffusers ``StableDiffusionPipeline`` folders).
+"""Stable Diffusion 1.x / 2.x: diffusers ``StableDiffusionPipeline`` folders and single files.
 
 A 4-channel U-Net runs txt2img, img2img and inpaint (diffusers blends latents for inpainting
 with a regular checkpoint); a 9-channel U-Net is an inpainting checkpoint and runs inpaint only.
+
+A single ``.safetensors`` file in the CompVis layout (``model.diffusion_model.*``,
+``first_stage_model.*``, ``cond_stage_model.*``: ``v1-5-pruned-emaonly.safetensors`` and most
+community checkpoints) loads through ``from_single_file`` with the diffusers configs found
+beside it (:mod:`toile.families.single_file`); the variant is read from those configs.
 """
 
 from __future__ import annotations
@@ -22,6 +27,12 @@ from toile.families.diffusers_common import (
     step_callback,
     vae_preview,
 )
+from toile.families.single_file import (
+    SingleFileLayout,
+    configs_of,
+    is_single_file,
+    load_file_pipeline,
+)
 from toile.request import FamilyDefaults, Mode
 
 if TYPE_CHECKING:
@@ -36,6 +47,15 @@ SD_PIPELINES = frozenset(
 )
 ALL_MODES = frozenset({Mode.TXT2IMG, Mode.IMG2IMG, Mode.INPAINT, Mode.OUTPAINT})
 INPAINT_MODES = frozenset({Mode.INPAINT, Mode.OUTPAINT})
+# CompVis layout: SD 1.x has ``cond_stage_model.transformer.*`` (CLIP), 2.x
+# ``cond_stage_model.model.*`` (OpenCLIP). SDXL files have ``conditioner.`` instead.
+SD_SINGLE_FILE = SingleFileLayout(
+    title="SD 1.x/2.x",
+    required=("cond_stage_model.", "model.diffusion_model.input_blocks."),
+    reference="stable-diffusion-v1-5",
+    components="model_index.json, unet/config.json, vae/config.json, "
+    "text_encoder/config.json, tokenizer/, scheduler/",
+)
 
 
 def unet_defaults(
@@ -68,10 +88,13 @@ class StableDiffusionFamily:
     lora = True
 
     def detect(self, path: Path) -> bool:
+        if path.is_file():
+            return is_single_file(path, SD_SINGLE_FILE)
         return pipeline_class_name(path) in SD_PIPELINES
 
     def variant(self, path: Path) -> str:
-        return "inpainting" if read_component_config(path, "unet").get("in_channels") == 9 else ""
+        unet = read_component_config(configs_of(path, SD_SINGLE_FILE), "unet")
+        return "inpainting" if unet.get("in_channels") == 9 else ""
 
     def load(self, path: Path, device: str, dtype: torch.dtype) -> LoadedModel:
         from diffusers import (
@@ -80,14 +103,17 @@ class StableDiffusionFamily:
             StableDiffusionPipeline,
         )
 
+        config = configs_of(path, SD_SINGLE_FILE)
         variant = self.variant(path)
         inpaint_checkpoint = variant == "inpainting"
         modes = self.capabilities[variant]
         # No safety checker: toile's own safety layer decides; diffusers would black out images.
         base_cls = StableDiffusionInpaintPipeline if inpaint_checkpoint else StableDiffusionPipeline
-        base = load_pipeline(
-            base_cls, path, device, dtype, safety_checker=None, requires_safety_checker=False
-        )
+        options: dict[str, Any] = {"safety_checker": None, "requires_safety_checker": False}
+        if path.is_file():
+            base = load_file_pipeline(base_cls, path, config, device, dtype, **options)
+        else:
+            base = load_pipeline(base_cls, path, device, dtype, **options)
         pipelines: dict[str, Any] = {"inpaint": derive(StableDiffusionInpaintPipeline, base)}
         if not inpaint_checkpoint:
             pipelines["txt2img"] = base
@@ -95,7 +121,7 @@ class StableDiffusionFamily:
         return LoadedModel(
             family=self.name,
             path=path,
-            defaults=unet_defaults(path, steps=50, guidance=7.5, modes=modes),
+            defaults=unet_defaults(config, steps=50, guidance=7.5, modes=modes),
             device=device,
             dtype=dtype,
             pipelines=pipelines,

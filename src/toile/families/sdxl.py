@@ -15,11 +15,8 @@ the high-noise part of the schedule and hands its latents to the refiner for the
 
 Besides diffusers folders, a single ``.safetensors`` file in the original Stability layout (the
 one A1111 and ComfyUI share: ``conditioner.embedders.*``, ``model.diffusion_model.*``,
-``first_stage_model.*``) is loaded through diffusers' ``from_single_file``. That needs the
-diffusers configs and tokenizers, which such a file does not contain; since nothing may be
-fetched at run time, toile looks for them next to the file by convention: a folder ``NAME/``
-beside ``NAME.safetensors``, or a folder ``config/`` in the same directory, holding a diffusers
-layout without weights (``model_index.json``, ``unet/config.json``, ``tokenizer/``...).
+``first_stage_model.*``) is loaded through diffusers' ``from_single_file`` with the configs
+found beside it (:mod:`toile.families.single_file`).
 """
 
 from __future__ import annotations
@@ -27,7 +24,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from toile.errors import ModelFormatError, RequestError
+from toile.errors import RequestError
 from toile.families.base import LoadedModel
 from toile.families.diffusers_common import (
     base_kwargs,
@@ -41,6 +38,12 @@ from toile.families.diffusers_common import (
     vae_preview,
 )
 from toile.families.sd import ALL_MODES, INPAINT_MODES, run_unet_pipeline, unet_defaults
+from toile.families.single_file import (
+    SingleFileLayout,
+    configs_of,
+    is_single_file,
+    load_file_pipeline,
+)
 from toile.request import Mode
 
 if TYPE_CHECKING:
@@ -61,9 +64,15 @@ REFINER_MODES = frozenset({Mode.IMG2IMG, Mode.INPAINT, Mode.OUTPAINT})
 DEFAULT_STEPS = 50
 DEFAULT_GUIDANCE = 5.0  # diffusers' StableDiffusionXLPipeline default
 
-# Key prefixes of the original SDXL single-file layout: both must be present. SD 1.x/2.x files
-# use ``cond_stage_model.`` instead of ``conditioner.``, SD3 files ``text_encoders.``.
-SINGLE_FILE_PREFIXES = ("conditioner.embedders.", "model.diffusion_model.")
+# The original SDXL layout: both prefixes must be present. SD 1.x/2.x files use
+# ``cond_stage_model.`` instead of ``conditioner.``, SD3 files ``text_encoders.``.
+SDXL_SINGLE_FILE = SingleFileLayout(
+    title="SDXL",
+    required=("conditioner.embedders.", "model.diffusion_model."),
+    reference="stable-diffusion-xl-base-1.0",
+    components="model_index.json, unet/config.json, vae/config.json, "
+    "text_encoder*/config.json, tokenizer*/, scheduler/",
+)
 
 
 def checkpoint_kind(config_folder: Path) -> str:
@@ -83,58 +92,6 @@ def checkpoint_kind(config_folder: Path) -> str:
     return ""
 
 
-def single_file_keys(path: Path) -> list[str]:
-    """Tensor names from a .safetensors header (no weights are read)."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            return list(handle.keys())
-    except Exception:  # a malformed header is "not this family"; describe() reports it
-        return []
-
-
-def is_sdxl_single_file(path: Path) -> bool:
-    if not path.is_file() or path.suffix.lower() != ".safetensors":
-        return False
-    keys = single_file_keys(path)
-    return all(any(k.startswith(prefix) for k in keys) for prefix in SINGLE_FILE_PREFIXES)
-
-
-def single_file_config(path: Path) -> Path:
-    """The local diffusers config folder for ``NAME.safetensors``: ``NAME/`` or ``config/``."""
-    candidates = [path.with_suffix(""), path.parent / "config"]
-    for folder in candidates:
-        if (folder / "model_index.json").is_file():
-            return folder
-    raise ModelFormatError(
-        f"{path} is an SDXL single-file checkpoint, which holds weights but no configs or "
-        f"tokenizers; toile loads offline, so put a diffusers layout without weights "
-        f"(model_index.json, unet/config.json, vae/config.json, text_encoder*/config.json, "
-        f"tokenizer*/, scheduler/) in {candidates[0]}/ (or {candidates[1]}/). "
-        f"Copying those files from the matching diffusers repository "
-        f"(e.g. stable-diffusion-xl-base-1.0) is enough."
-    )
-
-
-def load_single_file(
-    pipeline_cls: Any, path: Path, config: Path, device: str, dtype: torch.dtype, **kwargs: Any
-) -> Any:
-    """``from_single_file`` with a local config folder, offline; failures name the file."""
-    from diffusers.loaders.single_file_utils import SingleFileComponentError
-
-    try:
-        pipe = pipeline_cls.from_single_file(
-            str(path), config=str(config), local_files_only=True, dtype=dtype, **kwargs
-        )
-    except (OSError, ValueError, KeyError, RuntimeError, SingleFileComponentError) as exc:
-        raise ModelFormatError(
-            f"cannot load {path} as {pipeline_cls.__name__} with the configs in {config}: {exc}"
-        ) from None
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
-
-
 class SDXLFamily:
     name = "sdxl"
     title = "Stable Diffusion XL"
@@ -147,14 +104,13 @@ class SDXLFamily:
 
     def detect(self, path: Path) -> bool:
         if path.is_file():
-            return is_sdxl_single_file(path)
+            return is_single_file(path, SDXL_SINGLE_FILE)
         index = read_model_index(path)
         return index is not None and index.get("_class_name") in SDXL_PIPELINES
 
     def variant(self, path: Path) -> str:
         """The base ("") or "refiner" / "inpainting"; a single file is judged by its configs."""
-        config = single_file_config(path) if path.is_file() else path
-        return checkpoint_kind(config)
+        return checkpoint_kind(configs_of(path, SDXL_SINGLE_FILE))
 
     def load(self, path: Path, device: str, dtype: torch.dtype) -> LoadedModel:
         from diffusers import (
@@ -163,7 +119,7 @@ class SDXLFamily:
             StableDiffusionXLPipeline,
         )
 
-        config = single_file_config(path) if path.is_file() else path
+        config = configs_of(path, SDXL_SINGLE_FILE)
         kind = checkpoint_kind(config)
         base_cls = {
             "": StableDiffusionXLPipeline,
@@ -174,7 +130,7 @@ class SDXLFamily:
         # provenance, and a second, silent one would also break parity with plain diffusers.
         options: dict[str, Any] = {"add_watermarker": False}
         if path.is_file():
-            base = load_single_file(base_cls, path, config, device, dtype, **options)
+            base = load_file_pipeline(base_cls, path, config, device, dtype, **options)
         else:
             base = load_pipeline(base_cls, path, device, dtype, **options)
 
