@@ -46,6 +46,12 @@ def main(model: str, images: str, text: str, out: str, batch: int) -> None:
         tuner.run()
         return tuner
 
+    # Gradient accumulation: the same global batch as micro-batches of half the size (DDP
+    # syncs in the last micro-batch's backward only).
+    tuner = finetune("accum.safetensors", batch_size=batch // 2, gradient_accumulation_steps=2)
+    save_file({n: p.detach().cpu().contiguous() for n, p in tuner.trainable.items()},
+              str(root / f"accum-rank{rank}-of-{world}.safetensors"))
+
     # ``toile finetune --fsdp``: the LoRA over 2 replicated steps + a checkpoint + a 3rd step
     # resumed sharded (the files are the same either way), and full fine-tuning, each against
     # the replicated run of the same 3 steps.

@@ -8,7 +8,8 @@ steps:
 - fine-tuning with 2 processes x batch 2 matches one process with batch 4 (the same global
   batch: every sample's data and noise depend on its position in the global batch) within
   ``TOLERANCE`` — the only difference is the order of the floating-point sums in the gradient
-  all-reduce and the batched matmuls.
+  all-reduce and the batched matmuls — and so do 2 micro-batches of gradient accumulation, on
+  one process and on two.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def load(path: Path) -> dict:
 def test_replicas_stay_identical(runs):
     import torch
 
-    for kind in ("finetune", "train", "train-data"):
+    for kind in ("finetune", "accum", "train", "train-data"):
         a = load(runs / "two" / f"{kind}-rank0-of-2.safetensors")
         b = load(runs / "two" / f"{kind}-rank1-of-2.safetensors")
         assert a.keys() == b.keys() and a
@@ -137,3 +138,16 @@ def test_two_processes_match_one_with_the_same_global_batch(runs):
     assert moved > 100 * TOLERANCE  # the adapters did train...
     assert worst <= TOLERANCE, f"max difference {worst:.2e} > {TOLERANCE:.0e}"  # ...the same
     assert (runs / "two" / "lora.safetensors").is_file()  # written once, by the main process
+
+
+def test_gradient_accumulation_matches_the_whole_batch(runs):
+    """Micro-batches of half the size, 2 per step (``--gradient-accumulation-steps 2``), on one
+    process and on two (DDP syncing in the last backward only): the same steps as one process
+    with the whole batch."""
+    one = load(runs / "one" / "finetune-rank0-of-1.safetensors")
+    for run in (runs / "one" / "accum-rank0-of-1.safetensors",
+                runs / "two" / "accum-rank0-of-2.safetensors"):
+        accumulated = load(run)
+        assert accumulated.keys() == one.keys()
+        worst = max(float((accumulated[k] - one[k]).abs().max()) for k in one)
+        assert worst <= TOLERANCE, f"{run.name}: max difference {worst:.2e} > {TOLERANCE:.0e}"

@@ -100,6 +100,48 @@ def test_distilled_prior_starts_at_zero_and_resumes_exactly(setup):
                           **common)
 
 
+def test_gradient_accumulation_and_checkpointing_train_the_same_steps(setup):
+    """Two micro-batches of 2 make the same optimizer step as one batch of 4 (same samples,
+    same draws, gradients summed), with the distilled prior's class half too; gradient
+    checkpointing (recompute in the backward pass) changes memory, not the result."""
+    from safetensors.torch import load_file
+
+    from finetune_common import config
+    from toile.train.finetune.runner import FinetuneRunner
+
+    model, images, root = setup
+    classes = make_images(root / "accum-classes", n=4, size=24, captions=True)
+    common = {"prior_preservation": True, "class_data": str(classes), "prior_loss": "distill",
+              "steps": 3}
+    whole = train(model, images, root / "whole.safetensors", batch_size=4, **common)
+    split = train(model, images, root / "split.safetensors", batch_size=2,
+                  gradient_accumulation_steps=2, **common)
+    runner = FinetuneRunner(config(model, images, root / "recompute.safetensors", batch_size=4,
+                                   gradient_checkpointing=True, **common),
+                            command="test", echo=lambda _m: None)
+    assert runner.objective.denoiser.is_gradient_checkpointing
+    recomputed = runner.run()
+    reference = load_file(str(root / "whole.safetensors"))
+    moved = max(float(v.abs().max()) for k, v in reference.items() if "lora_B" in k)
+    assert moved > 1e-3  # the adapters trained, so the comparisons below are not vacuous
+    for name, result, tolerance in (("split", split, 1e-5), ("recompute", recomputed, 1e-6)):
+        other = load_file(str(root / f"{name}.safetensors"))
+        assert other.keys() == reference.keys()
+        worst = max(float((other[k] - reference[k]).abs().max()) for k in reference)
+        assert worst <= tolerance, f"{name}: max difference {worst:.2e}"
+        assert result.losses == pytest.approx(whole.losses, rel=1e-5)
+
+
+def test_gradient_accumulation_must_be_a_positive_integer():
+    from toile.errors import RequestError
+    from toile.train.finetune.config import FinetuneConfig
+
+    for bad in (0, -1, 1.5):
+        with pytest.raises(RequestError) as info:
+            FinetuneConfig(images="x", out="y.safetensors", gradient_accumulation_steps=bad)
+        assert info.value.field == "gradient_accumulation_steps"
+
+
 def test_checkpoints_older_than_a_setting_resume_with_its_default():
     from toile.train.finetune.config import FinetuneConfig
 

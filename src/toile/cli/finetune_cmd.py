@@ -2,7 +2,8 @@
 
     toile finetune --model ID_OR_PATH --images DIR --out my-lora.safetensors
                    [--prompt TEXT] [--method lora|full] [--steps N] [--rank R] [--lr F]
-                   [--lora-layers NAMES] [--batch-size N] [--train-text-encoder] [--resume]
+                   [--lora-layers NAMES] [--batch-size N] [--gradient-accumulation-steps N]
+                   [--gradient-checkpointing] [--train-text-encoder] [--resume]
                    [--checkpoint-every N] [--prior-preservation --class-prompt TEXT
                     --num-class-images N --prior-weight F --prior-loss images|distill]
                    [--class-data DIR] [--resolution N] [--buckets] [--stream] [--fsdp]
@@ -64,6 +65,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="learning rate (default 1e-4 for LoRA, 5e-6 for full)")
     parser.add_argument("--text-encoder-lr", type=float, help="default: --lr")
     parser.add_argument("--batch-size", type=int, default=1, help="images per step per process")
+    parser.add_argument("--gradient-accumulation-steps", type=int, default=1, metavar="N",
+                        help="micro-batches of --batch-size per optimizer step (gradients summed: "
+                        "a bigger batch in the memory of one micro-batch)")
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="recompute activations in the backward pass: much less memory, "
+                        "more compute, the same result")
     parser.add_argument("--train-text-encoder", action="store_true",
                         help="also train the CLIP text encoder(s)")
     parser.add_argument("--prior-preservation", action="store_true",
@@ -108,6 +115,8 @@ def config_from_args(args: argparse.Namespace) -> Any:
         method=args.method, steps=args.steps, rank=args.rank, lora_alpha=args.lora_alpha,
         lora_layers=_layer_list(args.lora_layers),
         lr=args.lr, text_encoder_lr=args.text_encoder_lr, batch_size=args.batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        gradient_checkpointing=args.gradient_checkpointing,
         train_text_encoder=args.train_text_encoder,
         prior_preservation=args.prior_preservation or args.class_data is not None,
         class_prompt=args.class_prompt, class_data=args.class_data,

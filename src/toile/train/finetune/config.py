@@ -25,13 +25,14 @@ RESUME_FIXED = (
     "model", "method", "rank", "lora_alpha", "lora_layers", "lr", "text_encoder_lr", "batch_size",
     "train_text_encoder", "prior_preservation", "class_prompt", "class_data", "num_class_images",
     "prior_weight", "prior_loss", "seed", "resolution", "buckets", "stream", "warmup_steps",
-    "weight_decay", "grad_clip", "prompt",
+    "weight_decay", "grad_clip", "prompt", "gradient_accumulation_steps",
 )
 
 
 @dataclass(frozen=True)
 class FinetuneConfig:
-    """One fine-tuning run. ``batch_size`` is per process; the global batch is that × processes.
+    """One fine-tuning run. ``batch_size`` is per process; the global batch is that × processes
+    × ``gradient_accumulation_steps``.
 
     ``None`` values are filled from the model or the method: ``resolution`` from the model's
     default size, ``lr`` 1e-4 (LoRA) or 5e-6 (full), ``lora_alpha`` = ``rank``.
@@ -52,6 +53,12 @@ class FinetuneConfig:
     lr: float | None = None
     text_encoder_lr: float | None = None
     batch_size: int = 1
+    # Each optimizer step sums the gradients of this many micro-batches of ``batch_size``: the
+    # global batch is batch_size x processes x this, in the memory of one micro-batch.
+    gradient_accumulation_steps: int = 1
+    # Recompute activations in the backward pass instead of keeping them (diffusers'
+    # ``enable_gradient_checkpointing``): much less memory, more compute, the same result.
+    gradient_checkpointing: bool = False
     train_text_encoder: bool = False
     prior_preservation: bool = False
     class_prompt: str | None = None
@@ -99,6 +106,9 @@ class FinetuneConfig:
             "steps": (_int(self.steps) and self.steps >= 1, "must be an integer >= 1"),
             "rank": (_int(self.rank) and 1 <= self.rank <= 1024, "must be an integer in [1, 1024]"),
             "batch_size": (_int(self.batch_size) and self.batch_size >= 1, "must be >= 1"),
+            "gradient_accumulation_steps": (
+                _int(self.gradient_accumulation_steps) and self.gradient_accumulation_steps >= 1,
+                "must be an integer >= 1"),
             "num_class_images": (
                 _int(self.num_class_images) and self.num_class_images >= 1, "must be >= 1"
             ),

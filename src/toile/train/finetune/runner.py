@@ -21,7 +21,9 @@ state and the step, and:
 
 - ``--resume`` continues bit for bit (2 steps + resume 2 = 4 straight steps);
 - N processes with batch B compute the same step as one process with batch N·B, up to the
-  rounding of the gradient all-reduce (``tests/test_distributed.py`` measures it).
+  rounding of the gradient all-reduce (``tests/test_distributed.py`` measures it), and so
+  does one process with batch B and N micro-batches of gradient accumulation: a step's global
+  batch is its micro-batches in order, each split over the processes in rank order.
 
 Modules stay in eval mode while training: the released denoisers have no batch norm and zero
 dropout, so that changes nothing but keeps each step a pure function of its inputs.
@@ -42,6 +44,7 @@ import shutil
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -89,6 +92,20 @@ def sample_generator(seed: int, step: int, position: int) -> torch.Generator:
 
 
 # --------------------------------------------------------------------------- checkpoints
+def enable_gradient_checkpointing(name: str, module: torch.nn.Module) -> None:
+    """Recompute ``module``'s activations in the backward pass, through its library's switch
+    (diffusers models and transformers text encoders both checkpoint non-reentrantly, so the
+    gradients reach LoRA adapters under frozen weights)."""
+    if getattr(module, "_supports_gradient_checkpointing", False):  # diffusers
+        module.enable_gradient_checkpointing()  # type: ignore[operator]
+    elif getattr(module, "supports_gradient_checkpointing", False):  # transformers
+        module.gradient_checkpointing_enable(  # type: ignore[operator]
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        raise RequestError("gradient_checkpointing",
+                           f"the {name} ({type(module).__name__}) cannot checkpoint activations")
+
+
 def list_checkpoints(root: Path) -> list[Path]:
     """Complete checkpoints under ``root``, oldest first."""
     return complete_checkpoints(root, CHECKPOINT_FILES)
@@ -185,7 +202,8 @@ class FinetuneRunner:
         else:
             self.data = self._load_images()
         self.prior = self._load_class_images() if config.prior_preservation else None
-        global_batch = config.batch_size * acc.num_processes
+        # One optimizer step's samples: every micro-batch of every process.
+        global_batch = config.batch_size * acc.num_processes * config.gradient_accumulation_steps
         self.sampler = (BucketBatchSampler(self.data.bucket_of, global_batch, seed=config.seed)
                         if self.data is not None else None)
         self.prior_sampler = (
@@ -302,6 +320,9 @@ class FinetuneRunner:
                          require_all=chosen)
             else:
                 module.requires_grad_(True)
+        if config.gradient_checkpointing:
+            for name, module in modules.items():
+                enable_gradient_checkpointing(name, module)
         if self.sharded:  # parameters become DTensor shards: collect them after this
             shard_model(objective.denoiser, self.accelerator.device)
         if self.weight_dtype != torch.float32:
@@ -397,49 +418,47 @@ class FinetuneRunner:
         mean reading all of it)."""
         return self.data.fingerprint() if self.data is not None else f"stream:{self.config.images}"
 
-    def _instance_batch(self) -> tuple[Any, torch.Tensor, list[str], list, list]:
+    def _offset(self, micro: int) -> int:
+        """Where this process's samples of micro-batch ``micro`` start in the step's global
+        batch (micro-batches in order, processes in rank order within each)."""
+        b, acc = self.config.batch_size, self.accelerator
+        return (micro * acc.num_processes + acc.process_index) * b
+
+    def _instance_batch(self, micro: int) -> tuple[Any, torch.Tensor, list[str], list, list]:
         """(bucket, pixels [b, 3, H, W], captions, original sizes, crops) of this process for
-        ``self.step``: its slice of the global batch, or its stream's next batch."""
-        config, acc = self.config, self.accelerator
+        micro-batch ``micro`` of ``self.step``: its slice of the global batch, or its stream's
+        next batch."""
+        config = self.config
         if self.stream is not None:
             if self._batches is None:
-                self._batches = self.stream.batches(start=self.step)
+                self._batches = self.stream.batches(
+                    start=self.step * config.gradient_accumulation_steps)
             batch = next(self._batches)
             return (batch.bucket, batch.pixels(), batch.captions, batch.original_sizes,
                     batch.crops_top_left)
         assert self.data is not None and self.sampler is not None
-        b, rank = config.batch_size, acc.process_index
-        mine = self.sampler.batch(self.step)[rank * b:(rank + 1) * b]
+        start = self._offset(micro)
+        mine = self.sampler.batch(self.step)[start:start + config.batch_size]
         bucket = self.data.buckets[self.data.examples[mine[0]].bucket]
         return (bucket, *self.data.batch(mine))
 
     def train_step(self) -> float:
-        """One optimizer step on the global batch of ``self.step``; returns the mean loss."""
+        """One optimizer step on the global batch of ``self.step`` (``gradient_accumulation_
+        steps`` micro-batches per process); returns the mean loss."""
         config, acc = self.config, self.accelerator
-        b, rank, procs = config.batch_size, acc.process_index, acc.num_processes
-        bucket, pix, captions, sizes, crops = self._instance_batch()
-        gens = [sample_generator(config.seed, self.step, rank * b + j) for j in range(b)]
-        if self.prior is not None and self.prior_sampler is not None:
-            # Class images join the instance batch (one forward pass: DDP wants one per
-            # backward) at the instance bucket's size; their draws use the positions after
-            # the whole instance batch, so they are the same for any number of processes.
-            ids = self.prior_sampler.batch(self.step)[rank * b:(rank + 1) * b]
-            ppix, pcaptions, psizes, pcrops = self.prior.batch(ids, bucket=bucket)
-            pix = torch.cat([pix, ppix])
-            captions, sizes, crops = captions + pcaptions, sizes + psizes, crops + pcrops
-            gens += self._prior_generators()
-        batch = TrainBatch(pix.to(acc.device), captions, gens, sizes, crops)
+        procs, micros = acc.num_processes, config.gradient_accumulation_steps
         for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
             group["lr"] = config.learning_rate(self.step, base)
-        with acc.autocast():
-            if self.prior is not None and config.prior_loss == "distill":
-                losses = self._distill_losses(batch, b)
-            else:
-                losses = self.objective.loss(self.model, batch)
-        loss = losses[:b].mean()
-        if self.prior is not None:
-            loss = loss + config.prior_weight * losses[b:].mean()
-        acc.backward(loss)
+        total = torch.zeros((), device=acc.device)
+        for micro in range(micros):
+            # DDP all-reduces in the last micro-batch's backward only (the sums before it stay
+            # local); FSDP reduce-scatters each backward into its sharded gradients.
+            last = micro == micros - 1
+            syncing = nullcontext() if last or self.sharded else acc.no_sync(self.model)
+            with syncing:
+                loss = self._micro_loss(micro)
+                acc.backward(loss / micros)
+            total += loss.detach().float()
         if procs > 1:
             for param in self.text_params:
                 if param.grad is not None:
@@ -448,25 +467,56 @@ class FinetuneRunner:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        value = loss.detach().float()
+        value = total / micros
         if procs > 1:
             value = acc.reduce(value, reduction="mean")
         return float(value)
 
-    def _prior_generators(self) -> list[torch.Generator]:
-        """This process's class samples' generators: the positions after the whole instance
-        batch, so their draws are the same for any number of processes."""
-        b, rank = self.config.batch_size, self.accelerator.process_index
-        start = self.accelerator.num_processes * b + rank * b
-        return [sample_generator(self.config.seed, self.step, start + j) for j in range(b)]
+    def _micro_loss(self, micro: int) -> torch.Tensor:
+        """The loss of this process's micro-batch ``micro`` of ``self.step``."""
+        config, acc = self.config, self.accelerator
+        b = config.batch_size
+        bucket, pix, captions, sizes, crops = self._instance_batch(micro)
+        start = self._offset(micro)
+        gens = [sample_generator(config.seed, self.step, start + j) for j in range(b)]
+        if self.prior is not None and self.prior_sampler is not None:
+            # Class images join the instance batch (one forward pass: DDP wants one per
+            # backward) at the instance bucket's size; their draws use the positions after
+            # the whole instance batch, so they are the same for any number of processes.
+            ids = self.prior_sampler.batch(self.step)[start:start + b]
+            ppix, pcaptions, psizes, pcrops = self.prior.batch(ids, bucket=bucket)
+            pix = torch.cat([pix, ppix])
+            captions, sizes, crops = captions + pcaptions, sizes + psizes, crops + pcrops
+            gens += self._prior_generators(micro)
+        batch = TrainBatch(pix.to(acc.device), captions, gens, sizes, crops)
+        with acc.autocast():
+            if self.prior is not None and config.prior_loss == "distill":
+                losses = self._distill_losses(batch, b, micro)
+            else:
+                losses = self.objective.loss(self.model, batch)
+        loss = losses[:b].mean()
+        if self.prior is not None:
+            loss = loss + config.prior_weight * losses[b:].mean()
+        return loss
 
-    def _distill_losses(self, batch: TrainBatch, b: int) -> torch.Tensor:
+    def _prior_generators(self, micro: int) -> list[torch.Generator]:
+        """This process's class samples' generators for micro-batch ``micro``: the positions
+        after the whole instance batch, so their draws are the same for any number of
+        processes and any split into micro-batches."""
+        config = self.config
+        whole = config.batch_size * self.accelerator.num_processes * (
+            config.gradient_accumulation_steps)
+        start = whole + self._offset(micro)
+        return [sample_generator(config.seed, self.step, start + j)
+                for j in range(config.batch_size)]
+
+    def _distill_losses(self, batch: TrainBatch, b: int, micro: int) -> torch.Tensor:
         """Per-sample losses [2b]: instance samples regress on their usual target, class
         samples on the base model's prediction for the same noisy input (adapters off)."""
         objective = self.objective
         pred, target = objective.predict(self.model, batch)
         # The class half again, with fresh generators of the same seeds: the same t and noise.
-        prior = TrainBatch(batch.pixels[b:], batch.captions[b:], self._prior_generators(),
+        prior = TrainBatch(batch.pixels[b:], batch.captions[b:], self._prior_generators(micro),
                            batch.original_sizes[b:], batch.crops_top_left[b:])
         denoiser = objective.denoiser
         with torch.no_grad():
