@@ -76,6 +76,16 @@ def main(model: str, images: str, text: str, out: str, batch: int) -> None:
     trainer.train()
     save_file({k: v.detach().cpu().contiguous() for k, v in trainer.unwrapped.state_dict().items()},
               str(root / f"train-rank{rank}-of-{world}.safetensors"))
+    if world == 1:
+        # Two micro-batches on one process draw what two processes draw (slots 0 and 1), with
+        # the activations recomputed in the backward pass: the 2-process run's weights.
+        trainer = Trainer(config.with_changes(out_dir=str(root / "train-accum"),
+                                              gradient_accumulation_steps=2,
+                                              gradient_checkpointing=True), command="test")
+        trainer.train()
+        save_file({k: v.detach().cpu().contiguous()
+                   for k, v in trainer.unwrapped.state_dict().items()},
+                  str(root / "train-accum-rank0-of-1.safetensors"))
 
     # ``toile train --fsdp``: 2 steps, a checkpoint, then resumed for a 3rd, against DDP's 3
     # straight steps. Samples and an export go through the gathered EMA.

@@ -151,3 +151,16 @@ def test_gradient_accumulation_matches_the_whole_batch(runs):
         assert accumulated.keys() == one.keys()
         worst = max(float((accumulated[k] - one[k]).abs().max()) for k in one)
         assert worst <= TOLERANCE, f"{run.name}: max difference {worst:.2e} > {TOLERANCE:.0e}"
+
+
+def test_train_accumulation_on_one_process_matches_two_processes(runs):
+    """``toile train --gradient-accumulation-steps 2 --gradient-checkpointing`` on one process
+    makes the steps of 2 processes without either (micro-batch j is process j's batch)."""
+    two = load(runs / "two" / "train-rank0-of-2.safetensors")
+    one = load(runs / "one" / "train-accum-rank0-of-1.safetensors")
+    base = load(runs / "one" / "train-rank0-of-1.safetensors")  # one process, one micro-batch
+    assert two.keys() == one.keys()
+    worst = max(float((two[k] - one[k]).abs().max()) for k in two)
+    apart = max(float((two[k] - base[k]).abs().max()) for k in two)
+    assert apart > 100 * TOLERANCE  # a different batch trains differently: not vacuous
+    assert worst <= TOLERANCE, f"max difference {worst:.2e} > {TOLERANCE:.0e}"

@@ -1,7 +1,8 @@
 """``toile train``: train toile's own model from scratch, on the scene world or your data.
 
     toile train --preset toile-mini --out runs/toile-mini [--steps N] [--batch-size N]
-                [--resume] [--lr F] [--seed N] [--threads N] [--checkpoint-minutes M]
+                [--gradient-accumulation-steps N] [--gradient-checkpointing] [--resume]
+                [--lr F] [--seed N] [--threads N] [--checkpoint-minutes M]
                 [--data FOLDER_OR_SHARDS [--buckets]] [--fsdp]
 
 Without --data the model learns the procedural scene world (how the built-in model is made).
@@ -36,6 +37,10 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="run folder (checkpoints, samples, logs)")
     parser.add_argument("--steps", type=int, help="total optimizer steps")
     parser.add_argument("--batch-size", type=int, help="images per step per process")
+    parser.add_argument("--gradient-accumulation-steps", type=int, metavar="N",
+                        help="micro-batches of --batch-size per optimizer step (default 1)")
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="recompute activations in the backward pass (less memory)")
     parser.add_argument("--lr", type=float, help="peak learning rate (AdamW)")
     parser.add_argument("--cooldown-steps", type=int, metavar="N",
                         help="decay the learning rate linearly to 0 over the last N steps")
@@ -80,6 +85,8 @@ def run(args: argparse.Namespace) -> int:
         "out_dir": args.out,
         "steps": args.steps,
         "batch_size": args.batch_size,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "gradient_checkpointing": args.gradient_checkpointing or None,
         "lr": args.lr,
         "cooldown_steps": args.cooldown_steps,
         "ema_decay": args.ema_decay,

@@ -27,12 +27,19 @@ DEFAULT_SAMPLE_PROMPTS: tuple[str, ...] = (
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """One training run. ``batch_size`` is per process; the global batch is that × processes."""
+    """One training run. ``batch_size`` is per process; the global batch is that × processes
+    × ``gradient_accumulation_steps``."""
 
     out_dir: str = "runs/toile-mini"
     model: ToileModelConfig = field(default_factory=ToileModelConfig)
     steps: int = 2000
     batch_size: int = 32
+    # Micro-batches of ``batch_size`` per optimizer step (gradients summed). Micro-batch j of
+    # process r draws what process j·N + r of N·K processes would: K micro-batches on N
+    # processes train like N·K processes.
+    gradient_accumulation_steps: int = 1
+    # Recompute activations in the backward pass (less memory, more compute, same result).
+    gradient_checkpointing: bool = False
     lr: float = 5e-4
     # Linear warmup, then constant: a run stopped at any step has a usable model (the EMA
     # weights), which a decaying schedule tuned to a fixed length would not promise. Optionally
@@ -82,6 +89,8 @@ class TrainConfig:
         checks = {
             "steps": self.steps >= 1,
             "batch_size": self.batch_size >= 1,
+            "gradient_accumulation_steps": isinstance(self.gradient_accumulation_steps, int)
+            and self.gradient_accumulation_steps >= 1,
             "lr": self.lr > 0,
             "warmup_steps": self.warmup_steps >= 0,
             "cooldown_steps": 0 <= self.cooldown_steps <= self.steps,

@@ -38,6 +38,7 @@ import shutil
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -177,6 +178,8 @@ class Trainer:
         )
         unet = self.pipe.unet
         unet.train().requires_grad_(True)
+        if config.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
         # FSDP shards before the EMA and the optimizer exist, so both hold shards too.
         self.sharded = wants_fsdp(config.fsdp) and self.accelerator.num_processes > 1
         if self.sharded:
@@ -223,7 +226,8 @@ class Trainer:
                        mininterval=5.0)
         meter = _Meter()
         last_ckpt = time.monotonic()
-        images_per_step = config.batch_size * acc.num_processes
+        images_per_step = (config.batch_size * acc.num_processes
+                           * config.gradient_accumulation_steps)
         while self.step < config.steps:
             start = time.perf_counter()
             loss = self.train_step(empty)
@@ -259,7 +263,7 @@ class Trainer:
             config.data, batch_size=config.batch_size, image_size=config.model.packing.image_size,
             multiple=config.model.size_multiple, seed=config.seed, buckets=config.data_buckets,
         )
-        self._batches = self.data.batches(start=self.step)
+        self._batches = self.data.batches(start=self.step * config.gradient_accumulation_steps)
         if not set(config.sample_prompts) <= set(DEFAULT_SAMPLE_PROMPTS):
             return
         saved = self.out / "train_config.json"
@@ -272,41 +276,56 @@ class Trainer:
         if prompts:
             self.config = config.with_changes(sample_prompts=prompts)
 
-    def _next_batch(self) -> tuple[torch.Tensor, list[str]]:
-        """Images [B, 3, H, W] in [−1, 1] and captions for ``self.step``."""
+    def _next_batch(self, slot: int) -> tuple[torch.Tensor, list[str]]:
+        """Images [B, 3, H, W] in [−1, 1] and captions for ``self.step``: the scene batch of
+        ``slot`` (see :meth:`train_step`), or the stream's next batch."""
         config = self.config
         if self._batches is not None:
             batch = next(self._batches)
             return batch.pixels(), batch.captions
         scenes = make_batch(
             config.seed, self.step, config.batch_size, image_size=config.model.packing.image_size,
-            rank=self.rank, kinds=config.scene_kinds, allow_held_out=config.allow_held_out,
+            rank=slot, kinds=config.scene_kinds, allow_held_out=config.allow_held_out,
         )
         return scenes.images, scenes.captions
 
     def train_step(self, empty: TextCondition) -> float:
-        """One optimizer step on the batch for ``self.step``; returns the loss."""
+        """One optimizer step on the batches of ``self.step``; returns the mean loss.
+
+        Micro-batch j of process r is slot j·N + r (N processes): its scene batch and its
+        draws are those process j·N + r would make without accumulation, so K micro-batches
+        on N processes train like N·K processes (and K = 1 is the plain step).
+        """
         config, acc = self.config, self.accelerator
-        images, captions = self._next_batch()
-        generator = step_generator(config.seed, self.step, self.rank)
-        x0 = self.pipe.pack(images.to(self.device))  # [B, 3p², H/p, W/p]
-        cond = drop_captions(
-            self.pipe.encode_prompts(captions), empty, config.caption_dropout, generator
-        )
+        micros, procs = config.gradient_accumulation_steps, acc.num_processes
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate(self.step, config)
-        with acc.autocast():
-            loss = flow_matching_loss(
-                self.model, x0, cond, generator, t_mean=config.t_mean, t_std=config.t_std
+        total = torch.zeros((), device=self.device)
+        for micro in range(micros):
+            slot = micro * procs + self.rank
+            images, captions = self._next_batch(slot)
+            generator = step_generator(config.seed, self.step, slot)
+            x0 = self.pipe.pack(images.to(self.device))  # [B, 3p², H/p, W/p]
+            cond = drop_captions(
+                self.pipe.encode_prompts(captions), empty, config.caption_dropout, generator
             )
-        acc.backward(loss)
+            # DDP all-reduces in the last micro-batch's backward only; FSDP in each.
+            last = micro == micros - 1
+            syncing = nullcontext() if last or self.sharded else acc.no_sync(self.model)
+            with syncing:
+                with acc.autocast():
+                    loss = flow_matching_loss(
+                        self.model, x0, cond, generator, t_mean=config.t_mean, t_std=config.t_std
+                    )
+                acc.backward(loss / micros)
+            total += loss.detach().float()
         clip_gradients(acc, self.model.parameters(), config.grad_clip, self.sharded)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.ema.step(self.model.parameters())
         self.step += 1
-        value = loss.detach().float()
-        if acc.num_processes > 1:
+        value = total / micros
+        if procs > 1:
             value = acc.reduce(value, reduction="mean")
         return float(value)
 
