@@ -232,12 +232,56 @@ def test_base_to_refiner_handoff_parity(engine, sdxl_path, refiner_path):
     assert default.records[0].refiner_switch == 0.8
 
 
+def test_img2img_and_inpaint_hand_off_to_the_refiner(engine, sdxl_path, refiner_path):
+    """img2img and inpaint with a refiner, as diffusers documents them: the base's mode from
+    ``strength`` down to the switch, returning latents; the refiner's img2img (inpaint with
+    the mask) finishes them. Inpaint keeps the unmasked pixels; outpaint goes the same way."""
+    from diffusers import (
+        StableDiffusionXLImg2ImgPipeline,
+        StableDiffusionXLInpaintPipeline,
+    )
+
+    steps, switch, strength = 5, 0.6, 0.9
+    init, mask = gradient_image(32, 32, seed=2), center_mask(32, 32)
+    common = {"model": str(sdxl_path), "refiner": str(refiner_path), "refiner_switch": switch,
+              "steps": steps, "seed": 6, "image": init, "strength": strength}
+    varied = engine.run(GenerationRequest("a red cat", **common))
+    inpainted = engine.run(GenerationRequest("a red cat", mask=mask, **common))
+    base_cls = {False: StableDiffusionXLImg2ImgPipeline, True: StableDiffusionXLInpaintPipeline}
+    for ours, masked in ((varied, False), (inpainted, True)):
+        generator = seeded(6)
+        inputs = {"image": init, "strength": strength}
+        if masked:
+            inputs |= {"mask_image": mask, "width": 32, "height": 32}
+        latents = diffusers_pipe(base_cls[masked], sdxl_path)(
+            "a red cat", num_inference_steps=steps, guidance_scale=GUIDANCE,
+            denoising_end=switch, output_type="latent", generator=generator, **inputs).images
+        finish = {"image": latents}
+        if masked:
+            finish |= {"mask_image": mask, "width": 32, "height": 32}
+        ref = diffusers_pipe(base_cls[masked], refiner_path)(
+            "a red cat", num_inference_steps=steps, guidance_scale=GUIDANCE,
+            denoising_start=switch, generator=generator, **finish).images[0]
+        if masked:
+            assert unmasked_diff(ours.images[0], init, mask) == 0
+            ref = Image.composite(ref, init, mask.convert("L"))
+        assert_same_image(ours.images[0], ref)
+        record = ours.records[0]
+        assert (record.mode, record.refiner_id) == (
+            "inpaint" if masked else "img2img", str(refiner_path))
+    outpainted = engine.run(GenerationRequest(
+        "a red cat", **common | {"image": init.crop((0, 0, 24, 32))},
+        outpaint=Outpaint(left=8)))
+    assert outpainted.images[0].size == (32, 32) and outpainted.records[0].mode == "outpaint"
+
+
 def test_refiner_errors(engine, sdxl_path, refiner_path, tiny_models):
     init = gradient_image(32, 32, seed=1)
-    with pytest.raises(UnsupportedModeError, match="txt2img only, not img2img") as info:
+    # The base would start at 0.8 of the schedule, after the switch at 0.6: nothing to do.
+    with pytest.raises(RequestError, match="strength above 0.4") as info:
         engine.run(GenerationRequest("x", model=str(sdxl_path), refiner=str(refiner_path),
-                                     image=init, steps=2))
-    assert info.value.field == "refiner"
+                                     refiner_switch=0.6, image=init, strength=0.2, steps=2))
+    assert info.value.field == "refiner_switch"
     sd = str(tiny_models("sd"))
     with pytest.raises(RequestError, match="is a sd model; the refiner must be a sdxl model"):
         engine.run(GenerationRequest("x", model=str(sdxl_path), refiner=sd, steps=2))

@@ -259,12 +259,6 @@ def resolve(request: GenerationRequest, defaults: FamilyDefaults, family: str) -
         raise UnsupportedModeError(
             "mode", f"{mode.value} is not supported by the {family} family (it supports: {allowed})"
         )
-    if request.refiner is not None and mode is not Mode.TXT2IMG:
-        raise UnsupportedModeError(
-            "refiner",
-            f"a refiner hand-off applies to txt2img only, not {mode.value}; to polish an "
-            "image, run the refiner itself as the model",
-        )
     if request.image is not None and (request.width is not None or request.height is not None):
         # The output size follows the input image (plus outpaint margins); a different size
         # would silently resample the user's picture.
@@ -296,6 +290,17 @@ def resolve(request: GenerationRequest, defaults: FamilyDefaults, family: str) -
         strength = request.strength if request.strength is not None else defaults.strength
     elif mode in (Mode.INPAINT, Mode.OUTPAINT):
         strength = request.strength if request.strength is not None else defaults.inpaint_strength
+    switch = None if request.refiner is None else (
+        request.refiner_switch or defaults.refiner_switch)
+    if switch is not None and strength is not None and strength <= 1 - switch:
+        # The base denoises from `strength` of the schedule down to the switch; at or below it
+        # the base would hand over before its first step.
+        raise RequestError(
+            "refiner_switch",
+            f"with strength {strength:g} the base starts at {1 - strength:g} of the schedule, "
+            f"at or after the switch to the refiner ({switch:g}); use a strength above "
+            f"{1 - switch:g} or a refiner_switch above {1 - strength:g}",
+        )
     base_seed = request.seed if request.seed is not None else secrets.randbelow(2**32)
     seeds = tuple((base_seed + i) % (MAX_SEED + 1) for i in range(request.num_images))
     return ResolvedRequest(
@@ -307,8 +312,5 @@ def resolve(request: GenerationRequest, defaults: FamilyDefaults, family: str) -
         guidance=request.guidance if request.guidance is not None else defaults.guidance,
         strength=strength,
         seeds=seeds,
-        refiner_switch=(
-            None if request.refiner is None
-            else request.refiner_switch or defaults.refiner_switch
-        ),
+        refiner_switch=switch,
     )

@@ -136,13 +136,7 @@ class Engine:
             refiner = self._load_refiner(cached, request.refiner) if request.refiner else None
             ctx = RunContext(progress=progress, cancel=cancel, preview_every=preview_every)
             start = time.perf_counter()
-            if refiner is not None:  # txt2img only (resolve checked): no outpaint, no overlay
-                family = cached.family
-                assert isinstance(family, RefinerHandoff)
-                images = family.run_with_refiner(cached.loaded, refiner.loaded, resolved, ctx)
-                self._check_count(cached, images, resolved)
-            else:
-                images = self._run_mode(cached, resolved, ctx)
+            images = self._run_mode(cached, resolved, ctx, refiner)
             generate_s = time.perf_counter() - start
         timings = {"load_s": round(cached.load_s, 4), "generate_s": round(generate_s, 4)}
         records = [
@@ -150,7 +144,10 @@ class Engine:
         ]
         return GenerationResult(images=images, records=records, timings=timings)
 
-    def _run_mode(self, cached: _Cached, resolved: ResolvedRequest, ctx: RunContext) -> list:
+    def _run_mode(self, cached: _Cached, resolved: ResolvedRequest, ctx: RunContext,
+                  refiner: _Cached | None = None) -> list:
+        """Run the request's mode (outpaint as inpaint on the extended canvas; inpainting keeps
+        the unmasked pixels), on the model alone or handing off to ``refiner``."""
         from toile.engine.outpaint import composite, extend_canvas
 
         request = resolved.request
@@ -159,7 +156,12 @@ class Engine:
             canvas, mask = extend_canvas(request.image, request.outpaint)
             request = replace(request, image=canvas, mask=mask, outpaint=None)
             resolved = replace(resolved, request=request, mode=Mode.INPAINT)
-        images = cached.family.run(cached.loaded, resolved, ctx)
+        family = cached.family
+        if refiner is not None:
+            assert isinstance(family, RefinerHandoff)  # _load_refiner checked
+            images = family.run_with_refiner(cached.loaded, refiner.loaded, resolved, ctx)
+        else:
+            images = family.run(cached.loaded, resolved, ctx)
         if resolved.mode is Mode.INPAINT:
             assert request.image is not None and request.mask is not None
             images = [composite(image, request.image, request.mask) for image in images]

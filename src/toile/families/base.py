@@ -73,14 +73,15 @@ class Family(Protocol):
 
 @runtime_checkable
 class RefinerHandoff(Protocol):
-    """Optional: a family whose txt2img can hand its latents to a second model of the same
-    family part-way through the schedule (SDXL base -> refiner). The engine checks for it."""
+    """Optional: a family that can hand its latents to a second model of the same family
+    part-way through the schedule (SDXL base -> refiner). The engine checks for it."""
 
     def run_with_refiner(
         self, base: LoadedModel, refiner: LoadedModel, request: ResolvedRequest, ctx: RunContext
     ) -> list[Image.Image]:
-        """Run ``request`` (txt2img, ``request.refiner_switch`` set) on ``base`` up to the
-        switch and finish it on ``refiner``; same image contract as ``Family.run``."""
+        """Run ``request`` (txt2img, img2img or inpaint — outpaint arrives as inpaint;
+        ``request.refiner_switch`` set) on ``base`` up to the switch and finish it on
+        ``refiner``; same image contract as ``Family.run``."""
         ...
 
 

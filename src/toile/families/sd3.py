@@ -138,10 +138,16 @@ def folder_text_encoders(path: Path, config: Path, dtype: torch.dtype) -> dict[s
                 f"weights for it; put the encoder's model.safetensors there"
             )
         library, class_name = slot
-        cls = getattr(importlib.import_module(library), class_name)
-        found[component] = cls.from_pretrained(
-            str(folder), dtype=dtype, use_safetensors=True, local_files_only=True
-        )
+        try:
+            cls = getattr(importlib.import_module(library), class_name)
+            found[component] = cls.from_pretrained(
+                str(folder), dtype=dtype, use_safetensors=True, local_files_only=True
+            )
+        except (ImportError, AttributeError, OSError, ValueError) as exc:
+            raise ModelFormatError(
+                f"cannot load {component} of {path} from {folder}/ as {library}.{class_name}: "
+                f"{exc}"
+            ) from None
     return found
 
 

@@ -9,9 +9,9 @@ Three layouts share one family because they share one set of diffusers pipelines
   outpaint and txt2img is refused by its declared modes instead of producing mush;
 - **inpainting** (9-channel U-Net): inpaint and outpaint only, like SD's inpainting checkpoints.
 
-A txt2img request with a ``refiner`` runs SDXL's ensemble of expert denoisers: the base takes
-the high-noise part of the schedule and hands its latents to the refiner for the rest
-(:meth:`SDXLFamily.run_with_refiner`).
+A request with a ``refiner`` runs SDXL's ensemble of expert denoisers: the base takes the
+high-noise part of the schedule and hands its latents to the refiner for the rest
+(:meth:`SDXLFamily.run_with_refiner`), in txt2img, img2img, inpaint and outpaint.
 
 Besides diffusers folders, a single ``.safetensors`` file in the original Stability layout (the
 one A1111 and ComfyUI share: ``conditioner.embedders.*``, ``model.diffusion_model.*``,
@@ -31,6 +31,7 @@ from toile.families.diffusers_common import (
     derive,
     load_pipeline,
     loras_applied,
+    mode_kwargs,
     read_component_config,
     read_model_index,
     scheduler_name,
@@ -174,29 +175,41 @@ class SDXLFamily:
         still fixes the image. Both use ``request.steps`` as the full schedule's length, as in
         diffusers' example, so the two together run about ``steps`` steps. LoRAs apply to the
         base only (a base LoRA does not fit the refiner's U-Net).
+
+        img2img and inpaint hand off the same way, as diffusers documents them: the base runs
+        its mode from ``strength`` down to the switch (resolve() refused a strength that would
+        leave it no step), and the refiner's img2img (or inpaint, with the mask) finishes the
+        latents; strength then no longer applies to the refiner.
         """
         switch = request.refiner_switch
         assert switch is not None, "resolve() sets refiner_switch when a refiner is named"
-        refiner_pipe = refiner.pipelines.get("img2img")
+        second_role = "inpaint" if request.mode is Mode.INPAINT else "img2img"
+        refiner_pipe = refiner.pipelines.get(second_role)
         if refiner_pipe is None:
             raise RequestError(
                 "refiner",
                 f"{refiner.path} is an SDXL {refiner.variant or 'base'} checkpoint without "
-                "img2img; the refiner must be an SDXL refiner (or base) checkpoint",
+                f"{second_role}; the refiner must be an SDXL refiner (or base) checkpoint",
             )
-        base_pipe = base.pipelines["txt2img"]
+        first_role = {Mode.TXT2IMG: "txt2img", Mode.IMG2IMG: "img2img",
+                      Mode.INPAINT: "inpaint"}[request.mode]
+        base_pipe = base.pipelines[first_role]
         kwargs = base_kwargs(request)
+        inputs = mode_kwargs(request)
+        if request.mode is Mode.TXT2IMG:
+            inputs = {"width": request.width, "height": request.height}
         with loras_applied(base_pipe, request.request.loras):
             latents = base_pipe(
-                **kwargs | {"output_type": "latent"},
-                width=request.width,
-                height=request.height,
+                **kwargs | inputs | {"output_type": "latent"},
                 denoising_end=switch,
                 callback_on_step_end=step_callback(ctx, "base", preview=vae_preview),
             ).images
+        finish: dict[str, Any] = {"image": latents}
+        if request.mode is Mode.INPAINT:
+            finish |= {k: inputs[k] for k in ("mask_image", "width", "height")}
         output = refiner_pipe(
             **kwargs,  # the same generator objects continue where the base left them
-            image=latents,
+            **finish,
             denoising_start=switch,
             callback_on_step_end=step_callback(ctx, "refiner", preview=vae_preview),
         )

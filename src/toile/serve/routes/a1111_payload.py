@@ -14,7 +14,7 @@ Mapping (see README "Serve"):
 - The model: ``override_settings.sd_model_checkpoint``, else the one chosen with
   ``POST /sdapi/v1/options`` (kept in memory until restart), else the server's default.
   ``refiner_checkpoint`` (a title or id) with ``refiner_switch_at`` -> refiner and
-  refiner_switch: SDXL's base -> refiner hand-off (txt2img; img2img with a refiner is a 422).
+  refiner_switch: SDXL's base -> refiner hand-off (txt2img and img2img, as A1111).
 - ``sampler_name`` (or the deprecated ``sampler_index``): toile runs each model with the
   scheduler its checkpoint declares, so ``"Default"``, the empty string, and that scheduler's
   A1111 name (``DDIMScheduler`` -> ``"DDIM"``, ``EulerDiscreteScheduler`` -> ``"Euler"``...) or
