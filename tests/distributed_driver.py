@@ -56,7 +56,9 @@ def main(model: str, images: str, text: str, out: str, batch: int) -> None:
     # resumed sharded (the files are the same either way), and full fine-tuning, each against
     # the replicated run of the same 3 steps.
     finetune("lora-fsdp.safetensors", steps=2)
-    sharded = finetune("lora-fsdp.safetensors", fsdp=True, resume=True)
+    # (The resumed run also draws a validation grid: under FSDP every process takes part.)
+    sharded = finetune("lora-fsdp.safetensors", fsdp=True, resume=True,
+                       validation_prompts=("a sks square",))
     save_file(gathered(sharded.trainable), str(root / f"finetune-fsdp-rank{rank}-of-{world}"
                                                       ".safetensors"))
     for kind, fsdp in (("full-fsdp", True), ("full-ddp", False)):

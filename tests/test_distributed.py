@@ -82,6 +82,8 @@ def test_finetune_fsdp_matches_ddp(runs):
 
     from safetensors.torch import load_file
 
+    samples = runs / "two" / "lora-fsdp.safetensors.checkpoints" / "samples"
+    assert [p.name for p in samples.iterdir()] == ["step-000003.png"]  # drawn sharded
     info = json.loads((runs / "two" / "finetune-fsdp-rank1-of-2.json").read_text())
     assert info["sharded"] and info["local"] < 0.6 * info["total"], info
     pairs = (("finetune-fsdp", "finetune"), ("full-fsdp", "full-ddp"))

@@ -132,6 +132,39 @@ def test_gradient_accumulation_and_checkpointing_train_the_same_steps(setup):
         assert result.losses == pytest.approx(whole.losses, rel=1e-5)
 
 
+def test_validation_grids_show_training_without_changing_it(setup):
+    """``--validation-prompt`` twice with ``--validation-every 2`` over 3 steps: grids at
+    steps 2 and 3 (the end), one image per prompt, different as the LoRA trains; the trained
+    weights and losses are exactly those of the run without samples."""
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    model, images, root = setup
+    common = {"steps": 3, "batch_size": 2}
+    plain = train(model, images, root / "quiet.safetensors", **common)
+    sampled = train(model, images, root / "sampled.safetensors",
+                    validation_prompts=(PROMPT, "a red field"), validation_every=2, **common)
+    samples = root / "sampled.safetensors.checkpoints" / "samples"
+    assert sorted(p.name for p in samples.iterdir()) == ["step-000002.png", "step-000003.png"]
+    early, late = (Image.open(samples / f"step-00000{n}.png").convert("RGB") for n in (2, 3))
+    assert early.width == 2 * early.height  # two prompts side by side
+    assert max_abs_diff(early, late) > 0
+    assert sampled.losses == plain.losses
+    quiet, loud = (load_file(str(root / f"{n}.safetensors")) for n in ("quiet", "sampled"))
+    assert all(quiet[k].equal(loud[k]) for k in quiet)
+
+
+def test_validation_settings_are_checked():
+    from toile.errors import RequestError
+    from toile.train.finetune.config import FinetuneConfig
+
+    for bad in ({"validation_every": 5}, {"validation_prompts": ("",)},
+                {"validation_prompts": ("x",), "validation_every": -1}):
+        with pytest.raises(RequestError) as info:
+            FinetuneConfig(images="x", out="y.safetensors", **bad)
+        assert info.value.field in ("validation_prompts", "validation_every")
+
+
 def test_gradient_accumulation_must_be_a_positive_integer():
     from toile.errors import RequestError
     from toile.train.finetune.config import FinetuneConfig

@@ -4,7 +4,8 @@
                    [--prompt TEXT] [--method lora|full] [--steps N] [--rank R] [--lr F]
                    [--lora-layers NAMES] [--batch-size N] [--gradient-accumulation-steps N]
                    [--gradient-checkpointing] [--train-text-encoder] [--resume]
-                   [--checkpoint-every N] [--prior-preservation --class-prompt TEXT
+                   [--checkpoint-every N] [--validation-prompt TEXT --validation-every N]
+                   [--prior-preservation --class-prompt TEXT
                     --num-class-images N --prior-weight F --prior-loss images|distill]
                    [--class-data DIR] [--resolution N] [--buckets] [--stream] [--fsdp]
                    [--seed N]
@@ -91,6 +92,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stream", action="store_true",
                         help="stream --images instead of loading it (big folders; WebDataset "
                         ".tar shards, a glob or a folder of them, are always streamed)")
+    parser.add_argument("--validation-prompt", action="append", default=[], metavar="TEXT",
+                        help="draw this prompt with the model as trained so far (repeat for "
+                        "several): a grid in OUT.checkpoints/samples/ at the end and every "
+                        "--validation-every steps")
+    parser.add_argument("--validation-every", type=int, default=0, metavar="N",
+                        help="steps between validation grids (default: at the end only)")
     parser.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
                         help="steps between checkpoints in OUT.checkpoints/ (default: at the end)")
     parser.add_argument("--resume", action="store_true",
@@ -124,6 +131,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
         prior_loss=args.prior_loss,
         class_steps=args.class_steps,
         checkpoint_every=args.checkpoint_every, resume=args.resume, seed=args.seed,
+        validation_prompts=tuple(args.validation_prompt), validation_every=args.validation_every,
         resolution=args.resolution, buckets=args.buckets, stream=args.stream,
         mixed_precision=args.mixed_precision, fsdp=args.fsdp, device=args.device,
         threads=args.threads,

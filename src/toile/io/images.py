@@ -1,7 +1,9 @@
-"""Opening user images safely: size-capped, bomb-checked before decoding, fully loaded."""
+"""Opening user images safely (size-capped, bomb-checked before decoding, fully loaded), and
+tiling images into a grid."""
 
 from __future__ import annotations
 
+import math
 import os
 from typing import TYPE_CHECKING
 
@@ -81,3 +83,17 @@ def load_mask(source: str | bytes, *, field: str = "mask") -> Image.Image:
 
         return ImageOps.invert(image.getchannel("A"))
     return image.convert("L")
+
+
+def image_grid(images: list[Image.Image], columns: int, scale: int = 1) -> Image.Image:
+    """Tile equal-size PIL images into rows of ``columns``; nearest-neighbour ``scale``."""
+    from PIL import Image
+
+    w, h = images[0].size
+    rows = math.ceil(len(images) / columns)
+    grid = Image.new("RGB", (columns * w, rows * h), "gray")
+    for i, image in enumerate(images):
+        grid.paste(image, ((i % columns) * w, (i // columns) * h))
+    if scale != 1:
+        grid = grid.resize((grid.width * scale, grid.height * scale), Image.Resampling.NEAREST)
+    return grid

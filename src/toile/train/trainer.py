@@ -57,6 +57,7 @@ from toile.families.toile.sampling import (
     sample_logit_normal,
     velocity_target,
 )
+from toile.io.images import image_grid
 from toile.train.checkpoint_io import (
     complete_checkpoints,
     load_optimizer,
@@ -486,20 +487,6 @@ class Trainer:
         write_model_card(Path(out_dir), self.out, pipe, step=self.step,
                          train_seconds=self.train_seconds, eval_prompts=eval_prompts)
         return Path(out_dir)
-
-
-def image_grid(images: list, columns: int, scale: int = 1) -> Any:
-    """Tile equal-size PIL images into rows of ``columns``; nearest-neighbour ``scale``."""
-    from PIL import Image
-
-    w, h = images[0].size
-    rows = math.ceil(len(images) / columns)
-    grid = Image.new("RGB", (columns * w, rows * h), "gray")
-    for i, image in enumerate(images):
-        grid.paste(image, ((i % columns) * w, (i // columns) * h))
-    if scale != 1:
-        grid = grid.resize((grid.width * scale, grid.height * scale), Image.Resampling.NEAREST)
-    return grid
 
 
 def hardware_description(accelerator: Any = None) -> str:

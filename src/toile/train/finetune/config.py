@@ -74,6 +74,13 @@ class FinetuneConfig:
     prior_loss: str = "images"
     class_steps: int | None = None  # sampling steps for class images (None = model default)
     checkpoint_every: int = 0  # steps between checkpoints; 0 = only at the end
+    # Sample images while training (diffusers' --validation_prompt, kohya's --sample_prompts):
+    # a grid of these prompts drawn by the model as trained so far at the training resolution,
+    # seeds seed, seed + 1, ...
+    # (the same each time, so grids show what training changed), every ``validation_every``
+    # steps and at the end, in OUT.checkpoints/samples/step-N.png. 0 = at the end only.
+    validation_prompts: tuple[str, ...] = ()
+    validation_every: int = 0
     keep_checkpoints: int = 2
     resume: bool = False
     seed: int = 0
@@ -99,6 +106,7 @@ class FinetuneConfig:
         if self.lora_layers is not None:
             # JSON (a saved config) gives a list; keep one type so resume compares equal.
             object.__setattr__(self, "lora_layers", tuple(self.lora_layers))
+        object.__setattr__(self, "validation_prompts", tuple(self.validation_prompts))
         checks: dict[str, tuple[bool, str]] = {
             "images": (bool(self.images), "must name a folder of images"),
             "out": (bool(self.out), "must name the output path"),
@@ -118,6 +126,12 @@ class FinetuneConfig:
             "checkpoint_every": (_int(self.checkpoint_every) and self.checkpoint_every >= 0,
                                  "must be >= 0 (0 = only at the end)"),
             "keep_checkpoints": (self.keep_checkpoints >= 1, "must be >= 1"),
+            "validation_every": (_int(self.validation_every) and self.validation_every >= 0,
+                                 "must be >= 0 (0 = at the end only)"),
+            "validation_prompts": (
+                all(isinstance(p, str) and p.strip() for p in self.validation_prompts)
+                and (self.validation_prompts or not self.validation_every),
+                "must be non-empty prompts (validation_every needs at least one)"),
             "seed": (_int(self.seed) and self.seed >= 0, "must be a non-negative integer"),
             "warmup_steps": (self.warmup_steps >= 0, "must be >= 0"),
             "grad_clip": (self.grad_clip >= 0, "must be >= 0 (0 = no clipping)"),

@@ -151,7 +151,7 @@ class FinetuneRunner:
             mixed_precision=mixed, cpu=world > 1 and not torch.cuda.is_available()
         )
         self.entry = ModelRegistry().resolve(config.model)
-        family = detect_family(self.entry.path)
+        self.family = family = detect_family(self.entry.path)
         if family.name not in OBJECTIVES:
             raise RequestError(
                 "model", f"fine-tuning supports the {', '.join(OBJECTIVES)} families; "
@@ -350,6 +350,7 @@ class FinetuneRunner:
                 # with the new ones (and --resume could pick an old run's step).
                 for old in list_checkpoints(root):
                     shutil.rmtree(old, ignore_errors=True)
+                shutil.rmtree(root / "samples", ignore_errors=True)
                 (root / "log.jsonl").unlink(missing_ok=True)
             config.save(root / "finetune_config.json")
         result = FinetuneResult(
@@ -387,6 +388,8 @@ class FinetuneRunner:
                 if config.checkpoint_every and self.step % config.checkpoint_every == 0:
                     self.save_checkpoint()
                     saved_at = self.step
+                if config.validation_every and self.step % config.validation_every == 0:
+                    self.save_samples()
         except KeyboardInterrupt:
             # Keep what was trained (one process only: with several, a lone process could
             # wait forever at the checkpoint's barrier for the others).
@@ -399,6 +402,9 @@ class FinetuneRunner:
                 bar.close()
         if saved_at != self.step or not list_checkpoints(config.checkpoint_root):
             self.save_checkpoint()
+        if config.validation_prompts and not (
+                config.validation_every and self.step % config.validation_every == 0):
+            self.save_samples()
         self.save_output()
         result.skipped = self.skips.to_dict()  # a stream counts its skips as it reads
         result.steps = self.step
@@ -526,6 +532,36 @@ class FinetuneRunner:
             finally:
                 denoiser.enable_adapters()
         return mse_per_sample(pred, torch.cat([target[:b], base.to(target.dtype)]))
+
+    def save_samples(self) -> Path | None:
+        """Draw ``config.validation_prompts`` with the model as trained so far (adapters on)
+        through the family's own pipeline, at the training resolution, seeds ``seed + i``, into
+        ``OUT.checkpoints/samples/step-N.png``; returns the path (None on other processes).
+
+        Under FSDP every process runs the forward passes (each all-gathers its shards); with
+        DDP the main process alone draws, from the unwrapped modules the pipeline holds.
+        """
+        from toile.io.images import image_grid
+        from toile.progress import RunContext
+        from toile.request import GenerationRequest, resolve
+
+        config, acc = self.config, self.accelerator
+        if not (acc.is_main_process or self.sharded):
+            return None
+        loaded = self.objective.loaded
+        images = []
+        with torch.no_grad(), acc.autocast():
+            for i, prompt in enumerate(config.validation_prompts):
+                request = GenerationRequest(prompt, seed=config.seed + i,
+                                            width=self.resolution, height=self.resolution)
+                resolved = resolve(request, loaded.defaults, self.family.name)
+                images += self.family.run(loaded, resolved, RunContext())
+        if not acc.is_main_process:
+            return None
+        path = config.checkpoint_root / "samples" / f"step-{self.step:06d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image_grid(images, columns=min(4, len(images))).save(path)
+        return path
 
     def _log(self, record: dict[str, Any]) -> None:
         record["time"] = time.strftime("%Y-%m-%dT%H:%M:%S")
