@@ -91,7 +91,6 @@ def sample_generator(seed: int, step: int, position: int) -> torch.Generator:
     return torch.Generator("cpu").manual_seed(mixed)
 
 
-# --------------------------------------------------------------------------- checkpoints
 def enable_gradient_checkpointing(name: str, module: torch.nn.Module) -> None:
     """Recompute ``module``'s activations in the backward pass, through its library's switch
     (diffusers models and transformers text encoders both checkpoint non-reentrantly, so the
@@ -106,6 +105,7 @@ def enable_gradient_checkpointing(name: str, module: torch.nn.Module) -> None:
                            f"the {name} ({type(module).__name__}) cannot checkpoint activations")
 
 
+# --------------------------------------------------------------------------- checkpoints
 def list_checkpoints(root: Path) -> list[Path]:
     """Complete checkpoints under ``root``, oldest first."""
     return complete_checkpoints(root, CHECKPOINT_FILES)
@@ -510,8 +510,8 @@ class FinetuneRunner:
         after the whole instance batch, so their draws are the same for any number of
         processes and any split into micro-batches."""
         config = self.config
-        whole = config.batch_size * self.accelerator.num_processes * (
-            config.gradient_accumulation_steps)
+        micros = config.gradient_accumulation_steps
+        whole = config.batch_size * self.accelerator.num_processes * micros
         start = whole + self._offset(micro)
         return [sample_generator(config.seed, self.step, start + j)
                 for j in range(config.batch_size)]
