@@ -13,11 +13,10 @@ One :class:`FinetuneRunner` is one run of ``toile finetune``:
 4. checkpoints go to ``OUT.checkpoints/step-N/`` every ``checkpoint_every`` steps and at the
    end; the result is the LoRA file ``OUT`` (or the model folder ``OUT`` with ``--method full``).
 
-Exactness. The batch of step *k* (:class:`~toile.data.buckets.BucketBatchSampler`) and every
-random draw of sample *j* in it (t, noise, VAE sample: a generator seeded from (seed, k, j)) are
-pure functions of the seed, the step and the position in the *global* batch, and the learning
-rate is a function of the step. So a checkpoint needs only the trainable weights, the optimizer
-state and the step, and:
+Exactness. The images of step *k* and every random draw of a sample in it are pure functions
+of the seed, the step and the sample's position in the *global* batch
+(:mod:`toile.train.finetune.batches`), and the learning rate is a function of the step. So a
+checkpoint needs only the trainable weights, the optimizer state and the step, and:
 
 - ``--resume`` continues bit for bit (2 steps + resume 2 = 4 straight steps);
 - N processes with batch B compute the same step as one process with batch N·B, up to the
@@ -39,11 +38,9 @@ import gc
 import json
 import math
 import os
-import random
 import shutil
 import sys
 import time
-from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,8 +48,6 @@ from typing import Any
 
 import torch
 
-from toile.data.buckets import BucketBatch, BucketBatchSampler
-from toile.data.folders import SkipCounter
 from toile.errors import RequestError
 from toile.train.checkpoint_io import (
     complete_checkpoints,
@@ -60,8 +55,9 @@ from toile.train.checkpoint_io import (
     save_optimizer,
     written_atomically,
 )
+from toile.train.finetune.batches import FinetuneBatches
 from toile.train.finetune.config import FinetuneConfig
-from toile.train.finetune.dataset import ImageSet, index_images, load_image_set
+from toile.train.finetune.dataset import index_images
 from toile.train.finetune.lora import DENOISER_TARGETS, TEXT_ENCODER_TARGETS, add_lora, save_lora
 from toile.train.finetune.objectives import (
     OBJECTIVES,
@@ -80,15 +76,8 @@ from toile.train.sharding import (
     shard_model,
     wants_fsdp,
 )
-from toile.train.stream_data import StreamBatches
 
 CHECKPOINT_FILES = ("trainable.safetensors", "optimizer.safetensors", "state.json")
-
-
-def sample_generator(seed: int, step: int, position: int) -> torch.Generator:
-    """The CPU generator of the sample at ``position`` in the global batch of ``step``."""
-    mixed = random.Random(f"toile-finetune:{seed}:{step}:{position}").getrandbits(63)
-    return torch.Generator("cpu").manual_seed(mixed)
 
 
 def enable_gradient_checkpointing(name: str, module: torch.nn.Module) -> None:
@@ -187,28 +176,10 @@ class FinetuneRunner:
         loaded = family.load(self.entry.path, str(acc.device), self.weight_dtype)
         self.objective: Objective = objective_for(loaded)
         self.resolution = self._resolution(loaded.defaults)
-        self.multiple = loaded.defaults.size_multiple
-        self.data: ImageSet | None = None
-        self.stream: StreamBatches | None = None
-        self._batches: Iterator[BucketBatch] | None = None
-        if config.streamed:
-            self.stream = StreamBatches(
-                config.images, batch_size=config.batch_size, image_size=self.resolution,
-                multiple=self.multiple, seed=config.seed, buckets=config.buckets,
-                min_side=config.min_image_side, default_caption=config.prompt, field="images",
-            )
-            if self.accelerator.is_main_process:
-                self.echo(f"images: streamed from {config.images} (skips are counted per pass)")
-        else:
-            self.data = self._load_images()
-        self.prior = self._load_class_images() if config.prior_preservation else None
-        # One optimizer step's samples: every micro-batch of every process.
-        global_batch = config.batch_size * acc.num_processes * config.gradient_accumulation_steps
-        self.sampler = (BucketBatchSampler(self.data.bucket_of, global_batch, seed=config.seed)
-                        if self.data is not None else None)
-        self.prior_sampler = (
-            BucketBatchSampler([0] * len(self.prior), global_batch, seed=config.seed + 1)
-            if self.prior is not None else None
+        self.batches = FinetuneBatches(
+            config, resolution=self.resolution, multiple=loaded.defaults.size_multiple,
+            processes=acc.num_processes, rank=acc.process_index,
+            echo=self.echo if acc.is_main_process else lambda _message: None,
         )
         self.modules, self.trainable, self.text_params = self._setup_trainable()
         text_ids = {id(p) for p in self.text_params}
@@ -234,19 +205,6 @@ class FinetuneRunner:
             )
         return resolution
 
-    def _load_images(self) -> ImageSet:
-        config = self.config
-        data = load_image_set(
-            config.images, prompt=config.prompt, resolution=self.resolution,
-            multiple=self.multiple, buckets=config.buckets, min_side=config.min_image_side,
-        )
-        if self.accelerator.is_main_process:
-            sizes = sorted({f"{data.buckets[b][1]}x{data.buckets[b][0]}" for b in data.bucket_of})
-            self.echo(f"images: {len(data)} from {data.root} at {', '.join(sizes)}")
-            if data.skips.total:
-                self.echo(f"images: {data.skips.summary()}")
-        return data
-
     def _make_class_images(self) -> None:
         """Generate the class images on the main process while the others wait."""
         from toile.engine.engine import Engine
@@ -267,27 +225,6 @@ class FinetuneRunner:
             del engine  # free its copy of the model before training loads one
             gc.collect()
         acc.wait_for_everyone()
-
-    def _load_class_images(self) -> ImageSet:
-        from toile.train.finetune.prior import class_image_paths
-
-        config = self.config
-        if config.class_data:
-            # The user's own class images: checked like training images (counted skips).
-            prior = load_image_set(
-                config.class_data, prompt=config.class_prompt, resolution=self.resolution,
-                multiple=self.multiple, field_name="class_data", prompt_field="class_prompt",
-            )
-            if self.accelerator.is_main_process:
-                self.echo(f"class images: {len(prior)} from {prior.root}"
-                          + (f" ({prior.skips.summary()})" if prior.skips.total else ""))
-            return prior
-        folder = config.class_images_dir
-        return load_image_set(
-            folder, prompt=config.class_prompt, resolution=self.resolution,
-            multiple=self.multiple, min_side=1, field_name="class_images",
-            files=class_image_paths(folder, config.num_class_images),
-        )
 
     def _setup_trainable(
         self,
@@ -354,7 +291,7 @@ class FinetuneRunner:
                 (root / "log.jsonl").unlink(missing_ok=True)
             config.save(root / "finetune_config.json")
         result = FinetuneResult(
-            out=Path(config.out), steps=self.step, skipped=self.skips.to_dict(),
+            out=Path(config.out), steps=self.step, skipped=self.batches.skips.to_dict(),
             trainable_parameters=sum(p.numel() for p in self.trainable.values()),
         )
         if acc.is_main_process:
@@ -406,47 +343,10 @@ class FinetuneRunner:
                 config.validation_every and self.step % config.validation_every == 0):
             self.save_samples()
         self.save_output()
-        result.skipped = self.skips.to_dict()  # a stream counts its skips as it reads
+        result.skipped = self.batches.skips.to_dict()  # a stream counts its skips as it reads
         result.steps = self.step
         result.seconds = time.perf_counter() - start_all
         return result
-
-    @property
-    def skips(self) -> SkipCounter:
-        """Bad images skipped (loaded set) or skipped in one pass (stream)."""
-        if self.data is not None:
-            return self.data.skips
-        assert self.stream is not None
-        return self.stream.skips
-
-    def _fingerprint(self) -> str:
-        """The image set's content hash; a stream is known by its path (hashing it would
-        mean reading all of it)."""
-        return self.data.fingerprint() if self.data is not None else f"stream:{self.config.images}"
-
-    def _offset(self, micro: int) -> int:
-        """Where this process's samples of micro-batch ``micro`` start in the step's global
-        batch (micro-batches in order, processes in rank order within each)."""
-        b, acc = self.config.batch_size, self.accelerator
-        return (micro * acc.num_processes + acc.process_index) * b
-
-    def _instance_batch(self, micro: int) -> tuple[Any, torch.Tensor, list[str], list, list]:
-        """(bucket, pixels [b, 3, H, W], captions, original sizes, crops) of this process for
-        micro-batch ``micro`` of ``self.step``: its slice of the global batch, or its stream's
-        next batch."""
-        config = self.config
-        if self.stream is not None:
-            if self._batches is None:
-                self._batches = self.stream.batches(
-                    start=self.step * config.gradient_accumulation_steps)
-            batch = next(self._batches)
-            return (batch.bucket, batch.pixels(), batch.captions, batch.original_sizes,
-                    batch.crops_top_left)
-        assert self.data is not None and self.sampler is not None
-        start = self._offset(micro)
-        mine = self.sampler.batch(self.step)[start:start + config.batch_size]
-        bucket = self.data.buckets[self.data.examples[mine[0]].bucket]
-        return (bucket, *self.data.batch(mine))
 
     def train_step(self) -> float:
         """One optimizer step on the global batch of ``self.step`` (``gradient_accumulation_
@@ -480,41 +380,27 @@ class FinetuneRunner:
 
     def _micro_loss(self, micro: int) -> torch.Tensor:
         """The loss of this process's micro-batch ``micro`` of ``self.step``."""
-        config, acc = self.config, self.accelerator
-        b = config.batch_size
-        bucket, pix, captions, sizes, crops = self._instance_batch(micro)
-        start = self._offset(micro)
-        gens = [sample_generator(config.seed, self.step, start + j) for j in range(b)]
-        if self.prior is not None and self.prior_sampler is not None:
+        config, acc, batches = self.config, self.accelerator, self.batches
+        b, prior = config.batch_size, config.prior_preservation
+        bucket, pix, captions, sizes, crops = batches.instance(self.step, micro)
+        gens = batches.instance_generators(self.step, micro)
+        if prior:
             # Class images join the instance batch (one forward pass: DDP wants one per
-            # backward) at the instance bucket's size; their draws use the positions after
-            # the whole instance batch, so they are the same for any number of processes.
-            ids = self.prior_sampler.batch(self.step)[start:start + b]
-            ppix, pcaptions, psizes, pcrops = self.prior.batch(ids, bucket=bucket)
+            # backward) at the instance bucket's size.
+            ppix, pcaptions, psizes, pcrops = batches.classes(self.step, micro, bucket)
             pix = torch.cat([pix, ppix])
             captions, sizes, crops = captions + pcaptions, sizes + psizes, crops + pcrops
-            gens += self._prior_generators(micro)
+            gens += batches.class_generators(self.step, micro)
         batch = TrainBatch(pix.to(acc.device), captions, gens, sizes, crops)
         with acc.autocast():
-            if self.prior is not None and config.prior_loss == "distill":
+            if prior and config.prior_loss == "distill":
                 losses = self._distill_losses(batch, b, micro)
             else:
                 losses = self.objective.loss(self.model, batch)
         loss = losses[:b].mean()
-        if self.prior is not None:
+        if prior:
             loss = loss + config.prior_weight * losses[b:].mean()
         return loss
-
-    def _prior_generators(self, micro: int) -> list[torch.Generator]:
-        """This process's class samples' generators for micro-batch ``micro``: the positions
-        after the whole instance batch, so their draws are the same for any number of
-        processes and any split into micro-batches."""
-        config = self.config
-        micros = config.gradient_accumulation_steps
-        whole = config.batch_size * self.accelerator.num_processes * micros
-        start = whole + self._offset(micro)
-        return [sample_generator(config.seed, self.step, start + j)
-                for j in range(config.batch_size)]
 
     def _distill_losses(self, batch: TrainBatch, b: int, micro: int) -> torch.Tensor:
         """Per-sample losses [2b]: instance samples regress on their usual target, class
@@ -522,7 +408,8 @@ class FinetuneRunner:
         objective = self.objective
         pred, target = objective.predict(self.model, batch)
         # The class half again, with fresh generators of the same seeds: the same t and noise.
-        prior = TrainBatch(batch.pixels[b:], batch.captions[b:], self._prior_generators(micro),
+        prior = TrainBatch(batch.pixels[b:], batch.captions[b:],
+                           self.batches.class_generators(self.step, micro),
                            batch.original_sizes[b:], batch.crops_top_left[b:])
         denoiser = objective.denoiser
         with torch.no_grad():
@@ -587,9 +474,8 @@ class FinetuneRunner:
                 (tmp / "state.json").write_text(json.dumps({
                     "step": self.step,
                     "num_processes": acc.num_processes,
-                    "data_fingerprint": self._fingerprint(),
-                    "class_fingerprint": (self.prior.fingerprint() if self.prior is not None
-                                          else None),
+                    "data_fingerprint": self.batches.fingerprint(),
+                    "class_fingerprint": self.batches.class_fingerprint(),
                     "config": config.to_dict(),
                     "command": self.command,
                 }, indent=2) + "\n")
@@ -613,9 +499,9 @@ class FinetuneRunner:
         if state.get("num_processes") != acc.num_processes:
             changed.append(f"number of processes ({state.get('num_processes')} -> "
                            f"{acc.num_processes})")
-        if state.get("data_fingerprint") != self._fingerprint():
+        if state.get("data_fingerprint") != self.batches.fingerprint():
             changed.append("the images or captions")
-        prior = self.prior.fingerprint() if self.prior is not None else None
+        prior = self.batches.class_fingerprint()
         if state.get("class_fingerprint", prior) != prior:
             changed.append("the class images or their captions")
         if changed:
@@ -653,13 +539,13 @@ class FinetuneRunner:
             "lora_layers": list(config.lora_layers) if config.lora_layers else "attention",
             "steps": self.step,
             "lr": config.effective_lr,
-            "batch_size": config.batch_size * self.accelerator.num_processes,
+            "batch_size": self.batches.global_batch,
             "prompt": config.prompt,
             "class_prompt": config.class_prompt if config.prior_preservation else None,
-            "class_images": len(self.prior) if self.prior is not None else 0,
+            "class_images": len(self.batches.prior) if self.batches.prior is not None else 0,
             "resolution": self.resolution,
             "train_text_encoder": config.train_text_encoder,
-            "images": len(self.data) if self.data is not None else "streamed",
+            "images": len(self.batches.data) if self.batches.data is not None else "streamed",
             "toile_version": toile.__version__,
         }
 
