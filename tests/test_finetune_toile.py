@@ -4,6 +4,7 @@ the toile family, exact resume, and full fine-tuning saves a folder ``--model`` 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -276,6 +277,7 @@ def test_demonstration_runs_end_to_end_and_reuses_its_stages(setup, tmp_path, ca
     captions = sorted(p.read_text() for p in (out / "class-data").glob("class-*.txt"))
     assert len(captions) == 3 and all(c.strip() for c in captions)
     assert summary["finetune"]["steps"] == 2 and (out / "pink-star.safetensors").is_file()
+    assert (Path(summary["finetune"]["samples"]) / "step-000002.png").is_file()
     assert "--class-data" in summary["commands"]["finetune"]
     for name in ("held_out_base", "held_out_finetuned", "original_base", "original_finetuned"):
         assert summary[name]["total"] == 2 and 0.0 <= summary[name]["accuracy"] <= 1.0

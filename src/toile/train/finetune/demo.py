@@ -80,6 +80,15 @@ def render_images(folder: Path, *, size: int = 64, seed: int = 0) -> list[dict[s
     return made
 
 
+# Drawn by the LoRA'd model every 100 steps (``--validation-prompt``): the grids in
+# OUT/pink-star.safetensors.checkpoints/samples/ show the concept being learnt.
+VALIDATION_PROMPTS = (
+    "a large pink star on a white background",
+    "a small yellow star on a black background",
+    "a blue circle on a pink background",
+    "a pink square on a green background",
+)
+
 CLASS_SEED_OFFSET = 1_000  # class prompts come from their own stream: seed eval_seed + 1000
 
 
@@ -281,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
         "finetune", *model, "--images", str(out / "images"), "--out", str(lora),
         "--steps", str(args.steps), "--rank", str(args.rank), "--lr", str(args.lr),
         "--batch-size", str(len(images)), *layers, *prior, "--threads", str(args.threads),
+        *[arg for prompt in VALIDATION_PROMPTS for arg in ("--validation-prompt", prompt)],
+        "--validation-every", "100",
         "--no-progress", "--json",
     )
     # Every stage's key names the base model's hash: a retrained model is measured afresh.
@@ -345,7 +356,8 @@ def main(argv: list[str] | None = None) -> int:
                      "lora_layers": args.lora_layers or "attention",
                      "loss_first_10_mean": round(sum(losses[:10]) / len(losses[:10]), 4),
                      "loss_last_10_mean": round(sum(losses[-10:]) / len(losses[-10:]), 4),
-                     "seconds": round(finetune_s, 1), "lora": str(lora)},
+                     "seconds": round(finetune_s, 1), "lora": str(lora),
+                     "samples": str(Path(str(lora) + ".checkpoints") / "samples")},
         "eval_prompts": args.n,
         **results,
         "held_out_gain": round(results["held_out_finetuned"]["accuracy"]
