@@ -53,8 +53,6 @@ SD_SINGLE_FILE = SingleFileLayout(
     title="SD 1.x/2.x",
     required=("cond_stage_model.", "model.diffusion_model.input_blocks."),
     reference="stable-diffusion-v1-5",
-    components="model_index.json, unet/config.json, vae/config.json, "
-    "text_encoder/config.json, tokenizer/, scheduler/",
 )
 
 

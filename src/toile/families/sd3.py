@@ -63,8 +63,7 @@ SD3_SINGLE_FILE = SingleFileLayout(
     title="SD3",
     required=("model.diffusion_model.joint_blocks.",),
     reference="stable-diffusion-3-medium-diffusers",
-    components="model_index.json, transformer/config.json, vae/config.json, "
-    "text_encoder*/config.json, tokenizer*/, scheduler/",
+    denoiser="transformer",
 )
 # Where Stability's single files keep each text encoder, by diffusers component.
 TEXT_ENCODER_PREFIXES = {

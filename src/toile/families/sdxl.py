@@ -71,8 +71,6 @@ SDXL_SINGLE_FILE = SingleFileLayout(
     title="SDXL",
     required=("conditioner.embedders.", "model.diffusion_model."),
     reference="stable-diffusion-xl-base-1.0",
-    components="model_index.json, unet/config.json, vae/config.json, "
-    "text_encoder*/config.json, tokenizer*/, scheduler/",
 )
 
 

@@ -19,6 +19,7 @@ and loads through :func:`load_file_pipeline`; only the header of the file is rea
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,18 +37,31 @@ class SingleFileLayout:
     title: str  # the family as users call it, for messages: "SDXL"
     required: tuple[str, ...]  # key prefixes that must all occur
     reference: str  # the diffusers repository whose configs fit (named in the error)
-    components: str  # the config files the folder needs, for the error message
+    denoiser: str = "unet"  # the denoiser's component folder in that repository
 
 
-def tensor_names(path: Path) -> list[str]:
-    """Tensor names from a ``.safetensors`` header (no weights are read); [] if unreadable."""
+def tensor_names(path: Path) -> tuple[str, ...]:
+    """Tensor names from a ``.safetensors`` header (no weights are read); () if unreadable.
+
+    Detection asks every family and loading asks again, so the header of a file is read once
+    per version of it (path, size and modification time).
+    """
+    try:
+        stat = path.stat()
+    except OSError:
+        return ()
+    return _header_names(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=32)
+def _header_names(path: str, size: int, mtime_ns: int) -> tuple[str, ...]:
     from safetensors import safe_open
 
     try:
-        with safe_open(str(path), framework="pt") as handle:
-            return list(handle.keys())
+        with safe_open(path, framework="pt") as handle:
+            return tuple(handle.keys())
     except Exception:  # a malformed header is "not this family"; describe() reports it
-        return []
+        return ()
 
 
 def is_single_file(path: Path, layout: SingleFileLayout) -> bool:
@@ -67,7 +81,9 @@ def config_folder(path: Path, layout: SingleFileLayout) -> Path:
     raise ModelFormatError(
         f"{path} is an {layout.title} single-file checkpoint, which holds weights but no "
         f"configs or tokenizers; toile loads offline, so put a diffusers layout without "
-        f"weights ({layout.components}) in {candidates[0]}/ (or {candidates[1]}/). "
+        f"weights (model_index.json, {layout.denoiser}/config.json, vae/config.json, "
+        f"text_encoder*/config.json, tokenizer*/, scheduler/) in {candidates[0]}/ "
+        f"(or {candidates[1]}/). "
         f"Copying those files from the matching diffusers repository "
         f"(e.g. {layout.reference}) is enough."
     )

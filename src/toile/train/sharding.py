@@ -24,6 +24,7 @@ run's, and a run resumes under FSDP, DDP or one process alike (:func:`like`).
 from __future__ import annotations
 
 from collections.abc import Mapping
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
@@ -102,6 +103,16 @@ def prepare(accelerator: Any, model: torch.nn.Module, optimizer: torch.optim.Opt
     if sharded:
         return model, optimizer
     return accelerator.prepare(model, optimizer)
+
+
+def gradient_sync(accelerator: Any, model: torch.nn.Module, sharded: bool,
+                  last: bool) -> AbstractContextManager[Any]:
+    """The context of one micro-batch's backward under gradient accumulation: DDP all-reduces
+    only in the last one (``no_sync`` before it keeps the sums local); FSDP reduce-scatters
+    every backward into its sharded gradients, so it needs nothing."""
+    if last or sharded:
+        return nullcontext()
+    return accelerator.no_sync(model)
 
 
 def clip_gradients(accelerator: Any, params: Any, max_norm: float, sharded: bool) -> None:

@@ -38,7 +38,6 @@ import shutil
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,6 +69,7 @@ from toile.train.sharding import (
     clip_gradients,
     gathered,
     gathered_optimizer,
+    gradient_sync,
     like,
     optimizer_like,
     prepare,
@@ -310,10 +310,7 @@ class Trainer:
             cond = drop_captions(
                 self.pipe.encode_prompts(captions), empty, config.caption_dropout, generator
             )
-            # DDP all-reduces in the last micro-batch's backward only; FSDP in each.
-            last = micro == micros - 1
-            syncing = nullcontext() if last or self.sharded else acc.no_sync(self.model)
-            with syncing:
+            with gradient_sync(acc, self.model, self.sharded, last=micro == micros - 1):
                 with acc.autocast():
                     loss = flow_matching_loss(
                         self.model, x0, cond, generator, t_mean=config.t_mean, t_std=config.t_std

@@ -41,7 +41,6 @@ import os
 import shutil
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,6 +69,7 @@ from toile.train.sharding import (
     clip_gradients,
     gathered,
     gathered_optimizer,
+    gradient_sync,
     like,
     optimizer_like,
     prepare,
@@ -308,6 +308,7 @@ class FinetuneRunner:
         smooth = float("nan")
         start_all = time.perf_counter()
         saved_at = self.step
+        sampled_at = -1  # the step of the newest validation grid
         try:
             while self.step < config.steps:
                 start = time.perf_counter()
@@ -327,6 +328,7 @@ class FinetuneRunner:
                     saved_at = self.step
                 if config.validation_every and self.step % config.validation_every == 0:
                     self.save_samples()
+                    sampled_at = self.step
         except KeyboardInterrupt:
             # Keep what was trained (one process only: with several, a lone process could
             # wait forever at the checkpoint's barrier for the others).
@@ -339,8 +341,7 @@ class FinetuneRunner:
                 bar.close()
         if saved_at != self.step or not list_checkpoints(config.checkpoint_root):
             self.save_checkpoint()
-        if config.validation_prompts and not (
-                config.validation_every and self.step % config.validation_every == 0):
+        if config.validation_prompts and sampled_at != self.step:
             self.save_samples()
         self.save_output()
         result.skipped = self.batches.skips.to_dict()  # a stream counts its skips as it reads
@@ -357,11 +358,7 @@ class FinetuneRunner:
             group["lr"] = config.learning_rate(self.step, base)
         total = torch.zeros((), device=acc.device)
         for micro in range(micros):
-            # DDP all-reduces in the last micro-batch's backward only (the sums before it stay
-            # local); FSDP reduce-scatters each backward into its sharded gradients.
-            last = micro == micros - 1
-            syncing = nullcontext() if last or self.sharded else acc.no_sync(self.model)
-            with syncing:
+            with gradient_sync(acc, self.model, self.sharded, last=micro == micros - 1):
                 loss = self._micro_loss(micro)
                 acc.backward(loss / micros)
             total += loss.detach().float()
