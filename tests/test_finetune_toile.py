@@ -137,8 +137,11 @@ def test_validation_grids_show_training_without_changing_it(setup):
     """``--validation-prompt`` twice with ``--validation-every 2`` over 3 steps: grids at
     steps 2 and 3 (the end), one image per prompt, different as the LoRA trains; the trained
     weights and losses are exactly those of the run without samples."""
+    import numpy as np
     from PIL import Image
     from safetensors.torch import load_file
+
+    from toile.io.images import LABEL_WIDTH
 
     model, images, root = setup
     common = {"steps": 3, "batch_size": 2}
@@ -148,7 +151,13 @@ def test_validation_grids_show_training_without_changing_it(setup):
     samples = root / "sampled.safetensors.checkpoints" / "samples"
     assert sorted(p.name for p in samples.iterdir()) == ["step-000002.png", "step-000003.png"]
     early, late = (Image.open(samples / f"step-00000{n}.png").convert("RGB") for n in (2, 3))
-    assert early.width == 2 * early.height  # two prompts side by side
+    # one row per prompt: the prompt written in a strip on the left, then its image
+    side = early.width - LABEL_WIDTH
+    assert early.height == 2 * max(side, 24)
+    rows = [np.asarray(early)[r * early.height // 2 : (r + 1) * early.height // 2] for r in (0, 1)]
+    labels = [row[:, :LABEL_WIDTH].min(axis=2) for row in rows]
+    assert all((label < 128).sum() > 20 for label in labels)  # text drawn in each strip
+    assert not np.array_equal(labels[0], labels[1])  # ... and they say different prompts
     assert max_abs_diff(early, late) > 0
     assert sampled.losses == plain.losses
     quiet, loud = (load_file(str(root / f"{n}.safetensors")) for n in ("quiet", "sampled"))

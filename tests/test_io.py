@@ -76,7 +76,7 @@ def test_image_errors(tmp_path):
         open_image(str(tmp_path / "missing.png"), field="image")
     text = tmp_path / "text.png"
     text.write_text("not an image")
-    with pytest.raises(ImageInputError, match="image: .*is not a readable image"):
+    with pytest.raises(ImageInputError, match="image: .*text.png is not an image file"):
         open_image(str(text), field="image")
     good = tmp_path / "good.png"
     Image.new("RGB", (64, 64), "red").save(good)

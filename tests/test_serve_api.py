@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
@@ -73,6 +74,21 @@ def test_submit_poll_image_with_record(scripted, tmp_path):
         assert client.get("/v1/models").json()["models"][-1] == MODEL
         assert "/v1/jobs/{job_id}/events" in client.get("/openapi.json").json()["paths"]
         assert client.get("/docs").status_code == 200
+
+
+def test_api_docs_page_loads_only_local_assets(scripted, tmp_path):
+    """/docs must work offline: every script and stylesheet it names is served by toile."""
+    with serve(scripted, tmp_path / "data") as client:
+        page = client.get("/docs")
+        assert page.status_code == 200
+        urls = re.findall(r'(?:src|href)=["\']([^"\']+)["\']', page.text)
+        assets = [u for u in urls if u.endswith((".js", ".css"))]
+        assert len(assets) >= 2, urls
+        for url in assets:
+            assert url.startswith("/"), f"/docs loads {url} from outside the server"
+            response = client.get(url)
+            assert response.status_code == 200 and len(response.content) > 10_000, url
+        assert client.get("/openapi.json").json()["info"]["title"] == "toile"
 
 
 def test_idempotency_key_returns_the_same_job(scripted, tmp_path):

@@ -22,6 +22,22 @@ class UnsupportedModeError(RequestError):
 class ModelNotFoundError(ToileError, LookupError):
     """An unknown model id or a path that does not exist."""
 
+    @classmethod
+    def missing_path(cls, target: object) -> ModelNotFoundError:
+        """No such file or folder; a Hugging Face Hub id (``owner/name``) is told where models
+        come from, since toile loads from disk and fetches nothing by itself."""
+        import re
+
+        text = str(target)
+        if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", text) and ".." not in text:
+            return cls(
+                f"no such file or folder: {text}; if {text!r} is a Hugging Face Hub id, note "
+                "that toile loads models from disk only: download it first (`hf download "
+                f"{text} --local-dir DIR`) and pass DIR, or register it with "
+                "`toile models add ID DIR`"
+            )
+        return cls(f"no such file or folder: {text}")
+
 
 class ModelFormatError(ToileError):
     """A checkpoint whose layout toile cannot identify, or that is malformed or incomplete."""

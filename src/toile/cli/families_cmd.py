@@ -41,6 +41,11 @@ def run(args: argparse.Namespace) -> int:
     if args.markdown:
         print(markdown_table())
         return 0
-    for name, title, variant, modes, lora in capability_rows():
-        print(f"{name:<6} {variant:<11} {modes:<36} lora={lora:<4} {title}")
+    from toile.cli.text import table
+
+    rows = [
+        (name, variant, modes, lora, title)
+        for name, title, variant, modes, lora in capability_rows()
+    ]
+    print(table(("FAMILY", "VARIANT", "MODES", "LORA", "TITLE"), rows))
     return 0

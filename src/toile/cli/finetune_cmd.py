@@ -33,12 +33,14 @@ import shlex
 import sys
 from typing import Any
 
+from toile.cli.text import plain
+
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "finetune",
         help="fine-tune a model on a folder of images (LoRA or full)",
-        description=__doc__,
+        description=plain(__doc__),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_arguments(parser)
@@ -169,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m toile.cli.finetune_cmd ...`` (e.g. under ``accelerate launch``)."""
     from toile.errors import ToileError
 
-    parser = argparse.ArgumentParser(prog="toile finetune", description=__doc__,
+    parser = argparse.ArgumentParser(prog="toile finetune", description=plain(__doc__),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
     args = parser.parse_args(argv)

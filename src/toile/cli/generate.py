@@ -11,7 +11,13 @@ from toile.errors import RequestError
 
 
 def add_parser(subparsers: Any) -> None:
-    p = subparsers.add_parser("generate", help="generate images from a prompt")
+    p = subparsers.add_parser(
+        "generate",
+        help="generate images from a prompt",
+        description="Generate images from a prompt (txt2img), or from --image (img2img, with "
+        "--mask inpaint, with --outpaint outpaint). Options left out take the model's own "
+        "defaults (toile-mini: 64x64, 16 steps, guidance 4.0).",
+    )
     p.add_argument("prompt")
     p.add_argument(
         "-o",
@@ -19,16 +25,26 @@ def add_parser(subparsers: Any) -> None:
         help="output PNG (default toile-<timestamp>.png; "
         "several images: NAME-0.png, NAME-1.png, ...)",
     )
-    p.add_argument("--model", help="model id from `toile models` or a path (default: built-in)")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--steps", type=int)
-    p.add_argument("--guidance", type=float)
-    p.add_argument("--width", type=int)
-    p.add_argument("--height", type=int)
-    p.add_argument("--negative", default="", help="negative prompt")
-    p.add_argument("-n", "--num-images", type=int, default=1)
+    p.add_argument(
+        "--model",
+        help="model id from `toile models`, or a checkpoint folder or .safetensors file on disk "
+        "(default: the default model, toile-mini unless `toile models` says otherwise)",
+    )
+    p.add_argument("--seed", type=int, help="random seed (default: a random one, printed)")
+    p.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
+    p.add_argument("--guidance", type=float, help="guidance scale (default: the model's)")
+    p.add_argument("--width", type=int, help="pixels (default: the model's, or --image's)")
+    p.add_argument("--height", type=int, help="pixels (default: the model's, or --image's)")
+    p.add_argument("--negative", default="", help="negative prompt (default: none)")
+    p.add_argument(
+        "-n", "--num-images", type=int, default=1, help="images, seeds seed, seed+1... (default 1)"
+    )
     p.add_argument("--image", help="input image (img2img; with --mask inpaint; with --outpaint)")
-    p.add_argument("--strength", type=float, help="how much of --image to change, (0, 1]")
+    p.add_argument(
+        "--strength",
+        type=float,
+        help="how much of --image to change, (0, 1] (default: the model's; 1.0 to inpaint)",
+    )
     p.add_argument("--mask", help="inpainting mask, same size as --image; white = repaint")
     p.add_argument(
         "--outpaint", metavar="LEFT,TOP,RIGHT,BOTTOM", help="pixels to add on each side of --image"
@@ -38,12 +54,13 @@ def add_parser(subparsers: Any) -> None:
         action="append",
         default=[],
         metavar="PATH[:SCALE]",
-        help="LoRA .safetensors file with optional scale; repeatable",
+        help="LoRA .safetensors file with optional scale (default scale 1.0); repeatable",
     )
     p.add_argument(
         "--refiner",
         metavar="MODEL",
-        help="SDXL refiner (id or path) that finishes the last part of the schedule (txt2img)",
+        help="SDXL refiner (id or path) that finishes the last part of the schedule, in every "
+        "mode (txt2img, img2img, inpaint, outpaint); default: none",
     )
     p.add_argument(
         "--refiner-switch",
@@ -51,8 +68,14 @@ def add_parser(subparsers: Any) -> None:
         metavar="F",
         help="fraction of the schedule the base runs before the refiner takes over (default 0.8)",
     )
-    p.add_argument("--device", choices=("cpu", "cuda", "mps"))
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
+    p.add_argument(
+        "--device", choices=("cpu", "cuda", "mps"), help="default: cuda, else mps, else cpu"
+    )
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        help="default: float32 on cpu; on a GPU the family's half type (bfloat16 for FLUX.1)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object with the results")
     p.set_defaults(run=run)
 

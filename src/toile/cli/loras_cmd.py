@@ -14,10 +14,12 @@ import argparse
 import json
 from typing import Any
 
+from toile.cli.text import plain
+
 
 def add_parser(subparsers: Any) -> None:
     p = subparsers.add_parser("loras", help="list, add or remove registered LoRA files",
-                              description=__doc__,
+                              description=plain(__doc__),
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=run_list)

@@ -54,11 +54,20 @@ def run_list(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"default": default, "models": rows}, indent=2))
         return 0
-    for row in rows:
-        mark = "*" if row["id"] == default else " "
-        family = row["family"] or "?"
-        detail = ",".join(row.get("modes", [])) or row.get("error", "")
-        print(f"{mark} {row['id']:<24} {family:<7} {detail}  {row['path']}")
+    from toile.cli.text import table
+
+    lines = [
+        (
+            "*" if row["id"] == default else "",
+            row["id"],
+            row["family"] or "?",
+            row.get("variant") or "—" if row["family"] else "?",
+            ",".join(row.get("modes", [])) or row.get("error", ""),
+            row["path"],
+        )
+        for row in rows
+    ]
+    print(table(("DEFAULT", "ID", "FAMILY", "VARIANT", "MODES", "PATH"), lines))
     return 0
 
 
@@ -75,6 +84,6 @@ def run_add(args: argparse.Namespace) -> int:
 def run_remove(args: argparse.Namespace) -> int:
     from toile.engine.models import ModelRegistry
 
-    ModelRegistry().remove(args.id)
+    ModelRegistry().remove(args.id)  # the built-in model is refused there, with the reason
     print(f"removed {args.id}")
     return 0

@@ -11,6 +11,8 @@ from typing import Any
 
 
 def add_parser(subparsers: Any) -> None:
+    from toile.serve.config import default_data_dir
+
     p = subparsers.add_parser(
         "serve",
         help="run the HTTP server (jobs API, SSE progress, durable queue)",
@@ -25,7 +27,13 @@ def add_parser(subparsers: Any) -> None:
         metavar="T",
         help="require 'Authorization: Bearer T' (default: $TOILE_API_TOKEN)",
     )
-    p.add_argument("--data-dir", metavar="PATH", help="jobs.sqlite3, images/, uploads/")
+    p.add_argument(
+        "--data-dir",
+        metavar="PATH",
+        help="folder for jobs.sqlite3, images/, uploads/ (default: <toile home>/serve, "
+        f"here {default_data_dir()}; <toile home> is $TOILE_HOME, else "
+        "$XDG_CONFIG_HOME/toile, else ~/.config/toile)",
+    )
     p.add_argument("--device", choices=("cpu", "cuda", "mps"))
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))

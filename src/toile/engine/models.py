@@ -89,6 +89,12 @@ class ModelRegistry:
         return ModelEntry(model_id, target)
 
     def remove(self, model_id: str) -> None:
+        if model_id == BUILTIN_MODEL:
+            raise RequestError(
+                "id",
+                f"{BUILTIN_MODEL!r} is the built-in model: it ships with toile and cannot be "
+                "removed (to use another model by default, pass --model)",
+            )
         data = self._read()
         if model_id not in data["models"]:
             raise ModelNotFoundError(f"unknown model id {model_id!r}")
@@ -104,7 +110,7 @@ class ModelRegistry:
         if allow_paths and (os.sep in model or Path(model).exists()):
             target = Path(model).expanduser()
             if not target.exists():
-                raise ModelNotFoundError(f"no such file or folder: {target}")
+                raise ModelNotFoundError.missing_path(target)
             return ModelEntry(str(target), target.resolve())
         return self.get(model)
 

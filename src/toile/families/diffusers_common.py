@@ -191,4 +191,7 @@ def vae_preview(pipe: Any, latents: torch.Tensor) -> Image.Image | None:
 
 
 def scheduler_name(pipe: Any) -> str:
-    return type(pipe.scheduler).__name__
+    """The pipeline's sampler under its one user-facing name (``toile.samplers``)."""
+    from toile.samplers import sampler_name
+
+    return sampler_name(type(pipe.scheduler).__name__)

@@ -57,7 +57,7 @@ def detect_family(path: str | Path) -> Family:
     """The family of the checkpoint at ``path``; a clear error says what was found otherwise."""
     target = Path(path)
     if not target.exists():
-        raise ModelNotFoundError(f"no such file or folder: {target}")
+        raise ModelNotFoundError.missing_path(target)
     if target.is_file():
         refuse_pickle(target)
     for name in available_families():

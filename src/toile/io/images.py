@@ -1,9 +1,8 @@
 """Opening user images safely (size-capped, bomb-checked before decoding, fully loaded), and
-tiling images into a grid."""
+labelled grids of images."""
 
 from __future__ import annotations
 
-import math
 import os
 from typing import TYPE_CHECKING
 
@@ -62,8 +61,11 @@ def open_image(
             f"{name} is refused as a decompression bomb ({exc}); at most {max_pixels} "
             "pixels are allowed",
         ) from None
-    except UnidentifiedImageError as exc:
-        raise ImageInputError(field, f"{name} is not a readable image ({exc})") from None
+    except UnidentifiedImageError:
+        # Pillow's own message names its BytesIO, not the user's file: say it in our words.
+        raise ImageInputError(
+            field, f"{name} is not an image file (PNG, JPEG, WebP, BMP, GIF, TIFF...)"
+        ) from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageInputError(field, f"{name} is truncated or corrupt ({exc})") from None
     return image
@@ -85,15 +87,46 @@ def load_mask(source: str | bytes, *, field: str = "mask") -> Image.Image:
     return image.convert("L")
 
 
-def image_grid(images: list[Image.Image], columns: int, scale: int = 1) -> Image.Image:
-    """Tile equal-size PIL images into rows of ``columns``; nearest-neighbour ``scale``."""
-    from PIL import Image
+LABEL_WIDTH = 256  # pixels of the text strip left of each row in labelled grids
 
-    w, h = images[0].size
-    rows = math.ceil(len(images) / columns)
-    grid = Image.new("RGB", (columns * w, rows * h), "gray")
-    for i, image in enumerate(images):
-        grid.paste(image, ((i % columns) * w, (i // columns) * h))
-    if scale != 1:
-        grid = grid.resize((grid.width * scale, grid.height * scale), Image.Resampling.NEAREST)
+
+def labelled_rows(
+    rows: list[tuple[str, list[Image.Image]]], *, scale: int = 1, label_width: int = LABEL_WIDTH
+) -> Image.Image:
+    """One row per label: the label's text (wrapped) in a white strip on the left, then that
+    row's images (equal size, nearest-neighbour ``scale``). Validation grids use it so each
+    row says which prompt it shows."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    w, h = rows[0][1][0].size
+    w, h = w * scale, h * scale
+    columns = max(len(images) for _, images in rows)
+    font = ImageFont.load_default(size=13)
+    row_height = max(h, 24)
+    grid = Image.new("RGB", (label_width + columns * w, len(rows) * row_height), "white")
+    draw = ImageDraw.Draw(grid)
+    for r, (label, images) in enumerate(rows):
+        top = r * row_height
+        lines = _wrap(label, font, draw, label_width - 12)
+        line_height = 16
+        max_lines = max(1, (row_height - 8) // line_height)
+        if len(lines) > max_lines:
+            lines = [*lines[: max_lines - 1], lines[max_lines - 1] + " …"]
+        for i, line in enumerate(lines[:max_lines]):
+            draw.text((6, top + 4 + i * line_height), line, fill="black", font=font)
+        for c, image in enumerate(images):
+            if scale != 1:
+                image = image.resize((w, h), Image.Resampling.NEAREST)
+            grid.paste(image, (label_width + c * w, top))
     return grid
+
+
+def _wrap(text: str, font: object, draw: object, width: int) -> list[str]:
+    """Greedy word wrap to ``width`` pixels as ``font`` draws the text."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and draw.textlength(f"{lines[-1]} {word}", font=font) <= width:  # type: ignore[attr-defined]
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(word)
+    return lines or [""]

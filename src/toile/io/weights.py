@@ -70,7 +70,7 @@ def model_hash(path: str | Path) -> str:
     """
     target = Path(path)
     if not target.exists():
-        raise ModelNotFoundError(f"no such file or folder: {target}")
+        raise ModelNotFoundError.missing_path(target)
     files = (
         [target]
         if target.is_file()

@@ -20,6 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
@@ -31,6 +32,7 @@ from toile.serve.store import QueueFullError
 
 LOCATIONS = ("body", "query", "header", "path", "cookie")
 WEB_DIR = Path(__file__).parent / "web"
+DOCS_ASSETS_URL = "/static/swagger"
 
 
 def web_page() -> FileResponse:
@@ -114,7 +116,11 @@ def create_app(config: ServeConfig | None = None, *, engine: Any = None) -> Fast
         finally:
             await run_in_threadpool(service.close)
 
-    app = FastAPI(
+    # FastAPIOffline: FastAPI with Swagger UI's files served from the package (fastapi-offline
+    # ships them) instead of a public CDN, so /docs works on a machine without internet. Under
+    # /static/ so the page's assets follow the web page's auth rule (public files, no data).
+    app = FastAPIOffline(
+        static_url=DOCS_ASSETS_URL,
         title="toile",
         version=__version__,
         description=(

@@ -56,7 +56,7 @@ from toile.families.toile.sampling import (
     sample_logit_normal,
     velocity_target,
 )
-from toile.io.images import image_grid
+from toile.io.images import labelled_rows
 from toile.train.checkpoint_io import (
     complete_checkpoints,
     load_optimizer,
@@ -467,7 +467,9 @@ class Trainer:
         images = pipe(prompts, seeds=list(range(len(prompts))), steps=self.config.sample_steps,
                       guidance=self.config.sample_guidance)
         path.parent.mkdir(parents=True, exist_ok=True)
-        image_grid(images, columns=4, scale=2).save(path)
+        # One row per prompt, labelled with it, so a grid says what each image was asked for.
+        labelled_rows([(p, [image]) for p, image in zip(prompts, images, strict=True)],
+                      scale=2).save(path)
         return path
 
     def export(self, out_dir: Path, *, weights_dtype: torch.dtype | None = torch.float16,

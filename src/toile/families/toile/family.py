@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 from toile.families.base import LoadedModel, cpu_generators
 from toile.request import FamilyDefaults, Mode
+from toile.samplers import sampler_name
 
 if TYPE_CHECKING:
     import torch
@@ -71,7 +72,9 @@ class ToileFamily:
             device=device,
             dtype=dtype,
             pipelines={"txt2img": pipe},
-            scheduler=f"rectified-flow euler (shift {config.sampler.shift})",
+            # toile's sampler is the rectified-flow Euler method its scheduler config declares
+            # (FlowMatchEulerDiscreteScheduler): "Euler", as /sdapi/v1/samplers lists it.
+            scheduler=sampler_name("FlowMatchEulerDiscreteScheduler"),
             supports_lora=self.lora,
         )
 

@@ -24,18 +24,17 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from toile.errors import RequestError
+from toile.samplers import DEFAULT_SAMPLER, sampler_name
 from toile.serve import schemas
 from toile.serve.jobs import JobService
 from toile.serve.routes.a1111_payload import (
     A1111_NAMES,
-    DEFAULT_SAMPLER,
     Img2ImgBody,
     Processing,
     Txt2ImgBody,
     img2img_inputs,
     request_fields,
     resolve_model,
-    sampler_title,
     scheduler_class,
 )
 from toile.serve.routes.deps import jobs
@@ -157,7 +156,7 @@ async def _generate(request: Request, service: JobService, body: Processing) -> 
         with state.lock:
             checkpoint = state.checkpoint
         fields = request_fields(service, checkpoint, body)
-        sampler = sampler_title(scheduler_class(service.registry.get(fields["model"]).path))
+        sampler = sampler_name(scheduler_class(service.registry.get(fields["model"]).path))
         if isinstance(body, Img2ImgBody):
             image, mask = img2img_inputs(service, body)
             fields.update(
@@ -289,7 +288,7 @@ def samplers(service: Service) -> list[dict[str, Any]]:
     for entry in service.registry.entries():
         own = scheduler_class(entry.path)
         if own is not None:
-            found.setdefault(sampler_title(own), set()).add(own)
+            found.setdefault(sampler_name(own), set()).add(own)
     listing = [{"name": DEFAULT_SAMPLER, "aliases": ["default"], "options": {}}]
     listing += [
         {"name": name, "aliases": sorted(classes), "options": {}}

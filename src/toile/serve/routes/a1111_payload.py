@@ -46,6 +46,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from toile.errors import ModelNotFoundError, RequestError
 from toile.request import MAX_GUIDANCE, MAX_IMAGES, MAX_PROMPT_CHARS, MAX_SEED, MAX_SIDE, MAX_STEPS
+from toile.samplers import DEFAULT_SAMPLER, sampler_name
 from toile.serve.jobs import JobService
 from toile.serve.routes.openai import encode_png_b64
 
@@ -63,24 +64,6 @@ A1111_NAMES = {
     "refiner": "refiner_checkpoint",
     "refiner_switch": "refiner_switch_at",
 }
-# diffusers scheduler class -> the name A1111 gives the same sampler.
-A1111_SAMPLERS = {
-    "EulerDiscreteScheduler": "Euler",
-    "FlowMatchEulerDiscreteScheduler": "Euler",
-    "EulerAncestralDiscreteScheduler": "Euler a",
-    "DPMSolverMultistepScheduler": "DPM++ 2M",
-    "DPMSolverSinglestepScheduler": "DPM++ SDE",
-    "KDPM2DiscreteScheduler": "DPM2",
-    "KDPM2AncestralDiscreteScheduler": "DPM2 a",
-    "HeunDiscreteScheduler": "Heun",
-    "LMSDiscreteScheduler": "LMS",
-    "DDIMScheduler": "DDIM",
-    "PNDMScheduler": "PLMS",
-    "UniPCMultistepScheduler": "UniPC",
-    "LCMScheduler": "LCM",
-    "DDPMScheduler": "DDPM",
-}
-DEFAULT_SAMPLER = "Default"
 LORA_TAG = re.compile(r"<lora:([^:>]+)(?::([^>]*))?>")
 TITLE_HASH = re.compile(r"\s*\[[0-9a-fA-F]{6,64}\]$")
 
@@ -170,10 +153,6 @@ def scheduler_class(path: Path) -> str | None:
     return None
 
 
-def sampler_title(scheduler: str | None) -> str:
-    return A1111_SAMPLERS.get(scheduler or "", scheduler or DEFAULT_SAMPLER)
-
-
 def _model_id(title: str) -> str:
     """An A1111 checkpoint title (``"name [hash]"``) or a toile id -> the id."""
     return TITLE_HASH.sub("", title.strip())
@@ -191,7 +170,7 @@ def resolve_model(service: JobService, title: str, field: str) -> Any:
 def _check_sampler(body: Processing, path: Path, model: str) -> str:
     """The request's sampler must be the model's own; returns its A1111 name."""
     own = scheduler_class(path)
-    title = sampler_title(own)
+    title = sampler_name(own)
     name = (body.sampler_name or body.sampler_index or "").strip()
     accepted = {"", DEFAULT_SAMPLER.lower(), title.lower(), (own or "").lower()}
     if name.lower() not in accepted:

@@ -425,7 +425,7 @@ class FinetuneRunner:
         Under FSDP every process runs the forward passes (each all-gathers its shards); with
         DDP the main process alone draws, from the unwrapped modules the pipeline holds.
         """
-        from toile.io.images import image_grid
+        from toile.io.images import labelled_rows
         from toile.progress import RunContext
         from toile.request import GenerationRequest, resolve
 
@@ -433,18 +433,18 @@ class FinetuneRunner:
         if not (acc.is_main_process or self.sharded):
             return None
         loaded = self.objective.loaded
-        images = []
+        rows = []
         with torch.no_grad(), acc.autocast():
             for i, prompt in enumerate(config.validation_prompts):
                 request = GenerationRequest(prompt, seed=config.seed + i,
                                             width=self.resolution, height=self.resolution)
                 resolved = resolve(request, loaded.defaults, self.family.name)
-                images += self.family.run(loaded, resolved, RunContext())
+                rows.append((prompt, self.family.run(loaded, resolved, RunContext())))
         if not acc.is_main_process:
             return None
         path = config.checkpoint_root / "samples" / f"step-{self.step:06d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
-        image_grid(images, columns=min(4, len(images))).save(path)
+        labelled_rows(rows).save(path)  # one row per prompt, labelled with it
         return path
 
     def _log(self, record: dict[str, Any]) -> None:
@@ -562,7 +562,6 @@ class FinetuneRunner:
             else:
                 self.objective.save_full(out, denoiser_state=full)
                 (out / "finetune.json").write_text(json.dumps(self.lora_info(), indent=2) + "\n")
-            self.echo(f"saved {out}")
         acc.wait_for_everyone()
         return out
 
