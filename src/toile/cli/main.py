@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # command name -> module; each module has add_parser(subparsers) and run(args) -> int.
@@ -47,9 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    from toile.compat import check_versions
     from toile.errors import ToileError
 
     try:
+        check_versions()
         return int(args.run(args) or 0)
     except ToileError as exc:
         print(f"toile {args.command}: error: {exc}", file=sys.stderr)
@@ -57,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"toile {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `toile families | head`: the reader left; not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -83,6 +83,9 @@ class Engine:
         cache_size: int = 1,
         allow_paths: bool = True,
     ) -> None:
+        from toile.compat import check_versions
+
+        check_versions()  # an upgraded library is one clear line here, not a traceback later
         self.registry = registry if registry is not None else ModelRegistry()
         self.device = pick_device(device)
         self.dtype_name = dtype

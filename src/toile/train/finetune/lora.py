@@ -28,7 +28,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from toile.errors import ModelFormatError, RequestError
+from toile.errors import ModelFormatError, RequestError, ToileError
 from toile.io.lora_info import METADATA_PREFIX, read_lora_info
 
 if TYPE_CHECKING:
@@ -75,7 +75,18 @@ def add_lora(
     config = LoraConfig(
         r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=present
     )
-    module.add_adapter(config)
+    try:
+        module.add_adapter(config)
+    except ValueError as exc:
+        if "version of PEFT" not in str(exc):
+            raise
+        # transformers refuses a peft older than it supports; say which pair, in one line.
+        from importlib.metadata import version
+
+        raise ToileError(
+            f"transformers {version('transformers')} and peft {version('peft')} do not work "
+            f"together ({exc}); install the tested versions: pip install -r requirements.lock"
+        ) from None
     added = [p for n, p in module.named_parameters() if "lora_" in n]
     for param in added:
         param.requires_grad_(True)
