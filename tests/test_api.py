@@ -26,8 +26,10 @@ def test_load_generate_with_fields(tiny_models):
     )
     assert out.images[0].size == (32, 48)
     assert np.array_equal(np.asarray(out.images[0])[8:40], np.asarray(gradient_image(32, 32)))
-    with pytest.raises(RequestError, match="sampler: unknown field"):
-        gen.generate("a cat", sampler="euler")
+    euler = gen.generate("a cat", seed=4, steps=2, sampler="euler", schedule="Karras")
+    assert (euler.records[0].sampler, euler.records[0].schedule) == ("Euler", "karras")
+    with pytest.raises(RequestError, match="sampler_name: unknown field"):
+        gen.generate("a cat", sampler_name="euler")
 
 
 def test_lazy_import_does_no_work():
@@ -51,3 +53,11 @@ def test_readme_first_commands_and_family_table():
     assert table == markdown_table(), (
         "README's family table is stale: run toile families --markdown"
     )
+
+
+def test_readme_sampler_table_is_the_code():
+    from toile.cli.samplers_cmd import markdown_table
+
+    text = README.read_text()
+    table = text.split("<!-- samplers:start -->")[1].split("<!-- samplers:end -->")[0].strip()
+    assert table == markdown_table(), "README's sampler table is stale: toile samplers --markdown"

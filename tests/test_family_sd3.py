@@ -70,7 +70,7 @@ def test_txt2img_parity(engine, sd3_path):
     assert (record.family, record.mode, record.seed, record.steps, record.guidance) == (
         "sd3", "txt2img", 7, STEPS, GUIDANCE
     )
-    assert record.scheduler == "Euler"  # one sampler name everywhere (toile.samplers)
+    assert (record.sampler, record.schedule) == ("Euler", "automatic")  # toile.samplers
 
 
 def test_img2img_parity_keeps_input_size(engine, sd3_path):

@@ -32,13 +32,16 @@ def test_loss_goes_down_and_lora_loads_back(setup):
     """... and a validation prompt is drawn at the end by the family's own pipeline."""
     from PIL import Image
 
+    from toile.io.images import LABEL_WIDTH
+
     model, images, root, size = setup
     lora = root / "lora.safetensors"
     sized = {"resolution": size} if size else {}
     check_loss_goes_down(model, images, lora, validation_prompts=("a photo",), **sized)
     check_lora_changes_output(model, lora, size=size)
     grid = Image.open(root / "lora.safetensors.checkpoints" / "samples" / "step-000030.png")
-    assert grid.width == grid.height and (size is None or grid.width == size)
+    # one labelled row: the prompt's strip, then the image at the training resolution
+    assert grid.width == LABEL_WIDTH + grid.height and (size is None or grid.height == size)
 
 
 def test_resume_is_exact(setup):

@@ -119,7 +119,9 @@ def test_record_round_trip_and_a1111_text(tmp_path):
         seed=42,
         strength=0.6,
         loras=({"name": "style", "hash": "1234", "scale": 0.8},),
-        scheduler="EulerDiscreteScheduler",
+        sampler="Euler",
+        schedule="karras",
+        prompt_weights=(("a ", 1.0), ("cat", 1.2)),
         software={"toile": "0.1.0"},
         timings={"generate_s": 1.5},
     )
@@ -130,7 +132,7 @@ def test_record_round_trip_and_a1111_text(tmp_path):
     assert text.splitlines()[0] == "a cat"
     assert text.splitlines()[1] == "Negative prompt: blurry"
     assert (
-        "Steps: 20, Sampler: EulerDiscreteScheduler, CFG scale: 7.5, Seed: 42, Size: 64x48, "
+        "Steps: 20, Sampler: Euler, Schedule type: Karras, CFG scale: 7.5, Seed: 42, Size: 64x48, "
         "Model hash: abcdef0123, Model: m, Denoising strength: 0.6" in text
     )
     with Image.open(path) as image:

@@ -26,7 +26,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 BLOCK = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
 # Commands run for real: cheap with the built-in model (training, serving and benchmarks are
 # long-running and parsed only).
-RUNNABLE = {"generate", "models", "families", "info", "loras"}
+RUNNABLE = {"generate", "models", "families", "info", "loras", "samplers"}
 
 
 def blocks(lang: str) -> list[str]:

@@ -41,6 +41,7 @@ def b64_png(image) -> str:
 
 
 def test_txt2img_img2img_models_samplers_options(scripted, tmp_path):
+    import requests
     from PIL import Image
 
     from helpers import gradient_image
@@ -52,7 +53,13 @@ def test_txt2img_img2img_models_samplers_options(scripted, tmp_path):
         samplers = api.get_samplers()
         by_name = {sampler["name"]: sampler for sampler in samplers}
         assert samplers[0]["name"] == "Default" and by_name["DDIM"]["aliases"] == ["DDIMScheduler"]
-        assert by_name["Euler"]["aliases"] == ["FlowMatchEulerDiscreteScheduler"]  # toile-mini
+        # one name for the ε and flow-matching Euler (tiny SD, toile-mini), classes as aliases
+        assert {"EulerDiscreteScheduler", "FlowMatchEulerDiscreteScheduler"} <= set(
+            by_name["Euler"]["aliases"])
+        assert {"Euler a", "DPM++ 2M", "UniPC", "Heun"} <= set(by_name)
+        schedules = [s["name"] for s in requests.get(
+            f"http://127.0.0.1:{port}/sdapi/v1/schedulers", timeout=9).json()]
+        assert schedules[0] == "automatic" and {"karras", "exponential"} <= set(schedules)
         api.util_set_model(MODEL)  # POST /options {"sd_model_checkpoint": ...}
         assert api.util_get_current_model() == MODEL
 
@@ -67,6 +74,18 @@ def test_txt2img_img2img_models_samplers_options(scripted, tmp_path):
         assert "Seed: 5" in info["infotexts"][0]
         assert result.parameters["prompt"] == "a red circle"
         assert "Seed: 5" in result.images[0].info["parameters"]  # the PNG's own record
+        # other samplers and schedules, as A1111's own test payloads send them
+        for sampler, scheduler in (("Euler a", None), ("DPM++ 2M", "Karras"), ("UniPC", None)):
+            other = api.txt2img(prompt="a red circle", seed=5, width=32, height=32,
+                                sampler_name=sampler, scheduler=scheduler)
+            assert other.info["sampler_name"] == sampler
+            assert other.info["toile_records"][0]["sampler"] == sampler
+            assert f"Sampler: {sampler}" in other.info["infotexts"][0]
+            if scheduler:
+                assert "Schedule type: Karras" in other.info["infotexts"][0]
+        legacy = api.txt2img(prompt="x", seed=1, width=32, height=32,
+                             sampler_name="DPM++ 2M Karras")  # A1111 < 1.9's combined name
+        assert legacy.info["toile_records"][0]["schedule"] == "karras"
 
         # inpaint: init image + mask (white = repaint), sized by width/height like A1111
         init = gradient_image(32, 32)
@@ -105,8 +124,10 @@ def test_txt2img_img2img_models_samplers_options(scripted, tmp_path):
 
 
 ERROR_CASES = [
-    ({"sampler_name": "Euler a"}, "sampler_name"),
-    ({"scheduler": "Karras"}, "scheduler"),
+    ({"sampler_name": "Eulr"}, "sampler_name"),
+    ({"scheduler": "polyexponential"}, "scheduler"),
+    # a real schedule the sampler cannot use (DPM-Solver single-step has no timestep spacing)
+    ({"sampler_name": "DPM++ SDE", "scheduler": "sgm_uniform"}, "scheduler"),
     ({"steps": 0}, "steps"),
     ({"steps": 500}, "steps"),  # the server's cap
     ({"cfg_scale": -1}, "cfg_scale"),

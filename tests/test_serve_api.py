@@ -122,7 +122,10 @@ def test_idempotency_key_returns_the_same_job(scripted, tmp_path):
         ({"refiner": "tiny-sd"}, "refiner"),  # the tiny SD model has no refiner hand-off
         ({"refiner": "tiny-sd", "refiner_switch": 1.0}, "refiner_switch"),
         ({"refiner_switch": 0.5}, "refiner_switch"),  # a switch without a refiner
-        ({"sampler": "euler"}, "sampler"),
+        ({"sampler": "eulr"}, "sampler"),
+        ({"schedule": "polyexponential"}, "schedule"),
+        ({"sampler": "DDIM", "schedule": "karras"}, "schedule"),  # DDIM has no sigma schedule
+        ({"sampler_name": "Euler"}, "sampler_name"),  # A1111's spelling is for /sdapi only
         ({"prompt": None}, "prompt"),
         ({"guidance": -1}, "guidance"),
         ({"num_images": 99}, "num_images"),

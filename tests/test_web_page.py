@@ -1,17 +1,21 @@
 """The web page in headless Chromium (Debian's ``/usr/bin/chromium`` driven by Playwright's
 Python package; ``playwright install`` is never used) against a real uvicorn server with the
 tiny SD model: generate and see the image, watch live progress with a preview, cancel, paint a
-mask and inpaint, "use these settings", and the token prompt."""
+mask and inpaint, "use these settings", the token prompt; the header's live counts from the
+server's event stream; Generate, progress and errors on screen at desktop and phone sizes; the
+refiner list; the LoRA control; the Jobs list and the gallery from one source, in batch
+order across a reload."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
-from serve_helpers import MODEL, ScriptedEngine, live_server
+from serve_helpers import MODEL, ScriptedEngine, live_server, wait_until
 
 pytest.importorskip("fastapi")
 CHROMIUM = Path("/usr/bin/chromium")
@@ -35,12 +39,25 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def engine(tiny_models, tmp_path_factory):
+    """The tiny SD model (the default, which the tests run), and an SDXL base and refiner that
+    are only listed: the refiner list is decided from their configs."""
     from serve_helpers import tiny_engine
 
     engine = tiny_engine(tiny_models("sd"), tmp_path_factory.mktemp("web-registry"))
+    engine.registry.add("tiny-sdxl", tiny_models("sdxl"))
+    engine.registry.add("tiny-sdxl-refiner", tiny_models("sdxl_refiner"))
     path = engine.registry.path
     path.write_text(json.dumps({**json.loads(path.read_text()), "default": MODEL}))
     return engine
+
+
+@pytest.fixture(scope="module")
+def lora_files(tiny_models, tmp_path_factory):
+    from test_lora import make_sd_lora
+
+    root = tmp_path_factory.mktemp("web-loras")
+    base = tiny_models("sd")
+    return make_sd_lora(base, root / "a", 1), make_sd_lora(base, root / "b", 2)
 
 
 @pytest.fixture(scope="module")
@@ -58,14 +75,48 @@ def browser():
             browser.close()
 
 
-def open_page(browser: Any, url: str) -> tuple[Any, list[str]]:
-    page = browser.new_page(viewport={"width": 1280, "height": 960})
+def open_page(
+    browser: Any,
+    url: str,
+    viewport: tuple[int, int] = (1280, 960),
+    requested: list[str] | None = None,
+) -> tuple[Any, list[str]]:
+    """A page at ``url``; console errors are collected, and with ``requested`` the path of
+    every request the page makes, from the first."""
+    width, height = viewport
+    page = browser.new_page(viewport={"width": width, "height": height})
     page.set_default_timeout(TIMEOUT_MS)
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
     page.on("console", lambda msg: msg.type == "error" and errors.append(msg.text))
+    if requested is not None:
+        page.on("request", lambda request: requested.append(urlsplit(request.url).path))
     page.goto(url)
     return page, errors
+
+
+def option_values(select: Any) -> list[str]:
+    return select.locator("option").evaluate_all("options => options.map(o => o.value)")
+
+
+def dataset(locator: Any, key: str) -> list[str]:
+    return locator.evaluate_all(f"elements => elements.map(e => e.dataset.{key})")
+
+
+def api_job(url: str, job_id: str) -> dict:
+    import requests
+
+    return requests.get(f"{url}/v1/jobs/{job_id}", timeout=30).json()
+
+
+def wait_succeeded(url: str, job_id: str) -> dict:
+    def ended() -> dict | None:
+        job = api_job(url, job_id)
+        return job if job["status"] not in ("queued", "running") else None
+
+    job = wait_until(ended, 60, f"job {job_id} to end")
+    assert job["status"] == "succeeded", job
+    return job
 
 
 def test_generate_progress_cancel_and_inpaint(engine, browser, tmp_path):
@@ -123,15 +174,15 @@ def test_generate_progress_cancel_and_inpaint(engine, browser, tmp_path):
         expect(page.get_by_label("Seed", exact=True)).to_have_value("7")
         expect(page.get_by_label("Steps", exact=True)).to_have_value("3")
 
-        # 3b. a refiner the model cannot hand off to: the server's 422 names the field
-        refiner = page.get_by_label("Refiner", exact=True)
-        expect(refiner).to_have_value("")  # the record had no refiner
-        refiner.select_option(MODEL)
-        page.get_by_label("Switch at", exact=True).fill("0.7")
+        # 3b. a value the server refuses: its 422 names the field, which is marked and focused
+        expect(page.get_by_label("Refiner", exact=True)).to_have_value("")  # no refiner in it
+        seed = page.get_by_label("Seed", exact=True)
+        seed.fill("-1")
         page.get_by_role("button", name="Generate").click()
-        expect(page.locator("#form-error")).to_contain_text("has no refiner hand-off")
-        expect(refiner).to_have_attribute("aria-invalid", "true")
-        refiner.select_option("")
+        expect(page.locator("#form-error")).to_contain_text("seed")
+        expect(seed).to_have_attribute("aria-invalid", "true")
+        expect(seed).to_be_focused()
+        seed.fill("7")
 
         # 4. paint a mask on the uploaded image and inpaint
         source = tmp_path / "input.png"
@@ -191,3 +242,238 @@ def test_token_is_asked_for_and_sent(engine, browser, tmp_path):
         page.close()
         # the 401 answers to the wrong token are the only console errors
         assert all("401" in error for error in errors), errors
+
+
+def test_header_follows_the_server_event_stream(engine, browser, tmp_path):
+    """The header's counts come from ``/v1/events`` as jobs are queued, start and end, also
+    for another client's job, and /health is never polled while the stream is up. (A keepalive
+    far beyond the test's waits: only job changes can have updated the header.)"""
+    import requests
+    from playwright.sync_api import expect
+
+    scripted = ScriptedEngine(engine)
+    scripted.gate_at = 1
+    requested: list[str] = []
+    with live_server(scripted, tmp_path / "data", sse_keepalive_s=600) as port:
+        url = f"http://127.0.0.1:{port}"
+        page, errors = open_page(browser, url, requested=requested)
+        expect(page.locator("body")).to_have_attribute("data-ready", "true")
+        header = page.locator("#server-status")
+        expect(header).to_have_text("Ready · 0 running · 0 queued")
+
+        page.get_by_label("Prompt", exact=True).fill("held")
+        page.get_by_label("Steps", exact=True).fill("2")
+        page.get_by_role("button", name="Generate").click()
+        expect(header).to_have_text("Ready · 1 running · 0 queued")
+        assert scripted.reached.wait(30)
+        body = {"prompt": "from another client", "model": MODEL, "steps": 2, "seed": 1}
+        other = requests.post(f"{url}/v1/jobs", json=body, timeout=30)
+        assert other.status_code == 202, other.text
+        expect(header).to_have_text("Ready · 1 running · 1 queued")
+
+        scripted.release()
+        expect(header).to_have_text("Ready · 0 running · 0 queued")
+        wait_succeeded(url, other.json()["id"])
+        assert "/v1/events" in requested
+        assert "/health" not in requested, requested
+        assert errors == []
+        page.close()
+
+
+def test_generate_and_feedback_stay_on_screen_and_a_phone_never_scrolls_sideways(
+    engine, browser, tmp_path
+):
+    """1280x900: Generate is visible without scrolling, and a refused field's error is on
+    screen after the click. 390 px wide: the new job's progress is scrolled into view after
+    the click, and once it is done (long prompt, image, record) nothing overflows sideways."""
+    from playwright.sync_api import expect
+
+    with live_server(ScriptedEngine(engine), tmp_path / "data") as port:
+        url = f"http://127.0.0.1:{port}"
+        page, errors = open_page(browser, url, viewport=(1280, 900))
+        expect(page.locator("body")).to_have_attribute("data-ready", "true")
+        generate = page.get_by_role("button", name="Generate")
+        expect(generate).to_be_in_viewport(ratio=1)
+        assert page.evaluate("window.scrollY") == 0
+        page.get_by_label("Prompt", exact=True).fill("a red circle")
+        seed = page.get_by_label("Seed", exact=True)
+        seed.fill("-1")
+        generate.click()
+        error = page.locator("#form-error")
+        expect(error).to_contain_text("seed")
+        expect(error).to_be_in_viewport(ratio=1)
+        expect(seed).to_be_focused()
+        page.close()
+
+        page, errors = open_page(browser, url, viewport=(390, 844))
+        expect(page.locator("body")).to_have_attribute("data-ready", "true")
+        generate = page.get_by_role("button", name="Generate")
+        expect(generate).to_be_in_viewport(ratio=1)
+        prompt = "a small red circle above a large blue square beside a green triangle " * 3
+        page.get_by_label("Prompt", exact=True).fill(prompt)
+        page.get_by_label("Steps", exact=True).fill("2")
+        page.get_by_label("Seed", exact=True).fill("3")
+        assert page.evaluate("window.scrollY") == 0  # the form's top: the Jobs list is below
+        generate.click()
+        job = page.locator("#jobs .job").first
+        expect(job).to_be_in_viewport()
+        expect(job.locator(".job-status")).to_have_text("Done · 1 image")
+        expect(page.locator("#gallery .card")).to_have_count(1)
+        page.wait_for_function(
+            "() => { const img = document.querySelector('#gallery img');"
+            " return img && img.complete && img.naturalWidth > 0; }"
+        )
+        page.locator("#gallery .card summary").click()  # the record's JSON, opened
+        width = page.evaluate(
+            "() => { const s = document.scrollingElement;"
+            " return {scroll: s.scrollWidth, client: s.clientWidth}; }"
+        )
+        assert width["scroll"] <= width["client"], width
+        # nor sideways inside a panel (a list that scrolls, or a box past its panel's edge)
+        sticking_out = page.evaluate(
+            """() => [...document.querySelectorAll(".panel *")]
+                .filter((e) => e.getBoundingClientRect().right
+                               > e.closest(".panel").getBoundingClientRect().right + 0.5)
+                .map((e) => `${e.tagName}.${e.className}`)"""
+        )
+        assert sticking_out == []
+        assert errors == []
+        page.close()
+
+
+def test_refiner_list_offers_only_models_that_can_refine_the_chosen_one(
+    engine, browser, tmp_path
+):
+    from playwright.sync_api import expect
+
+    with live_server(ScriptedEngine(engine), tmp_path / "data") as port:
+        page, errors = open_page(browser, f"http://127.0.0.1:{port}")
+        expect(page.locator("body")).to_have_attribute("data-ready", "true")
+        model = page.get_by_label("Model", exact=True)
+        refiner = page.get_by_label("Refiner", exact=True)
+        expect(model).to_have_value(MODEL)
+        assert option_values(model) == ["toile-mini", MODEL, "tiny-sdxl", "tiny-sdxl-refiner"]
+        assert option_values(refiner) == [""]  # SD has no refiner hand-off
+        expect(refiner).to_be_disabled()
+        expect(page.get_by_label("Switch at", exact=True)).to_be_disabled()
+
+        model.select_option("tiny-sdxl")
+        expect(refiner).to_be_enabled()
+        assert option_values(refiner) == ["", "tiny-sdxl-refiner"]
+        refiner.select_option("tiny-sdxl-refiner")
+        model.select_option(MODEL)  # a refiner that no longer fits is dropped
+        expect(refiner).to_have_value("")
+        expect(refiner).to_be_disabled()
+        assert errors == []
+        page.close()
+
+
+def test_lora_control_sends_ids_and_scales(engine, browser, lora_files, tmp_path):
+    """Each LoRA id of the server with a checkbox and a scale (1.0 by default); the chosen
+    ones go in the request as ``loras: [{id, scale}]``, are applied, shown on the card, and
+    come back with "use these settings"."""
+    from playwright.sync_api import expect
+
+    first, second = lora_files
+    loras = {"sks": first, "zeta": second}
+    with live_server(ScriptedEngine(engine), tmp_path / "data", loras=loras) as port:
+        url = f"http://127.0.0.1:{port}"
+        page, errors = open_page(browser, url)
+        expect(page.locator("body")).to_have_attribute("data-ready", "true")
+        expect(page.locator("#loras-empty")).to_be_hidden()
+        assert dataset(page.locator("#loras .lora"), "lora") == ["sks", "zeta"]
+        use_sks = page.get_by_label("sks", exact=True)
+        sks_scale = page.get_by_label("Scale of sks", exact=True)
+        zeta_scale = page.get_by_label("Scale of zeta", exact=True)
+        expect(use_sks).not_to_be_checked()
+        expect(sks_scale).to_have_value("1.0")
+        expect(sks_scale).to_be_disabled()
+
+        def generate(prompt: str) -> dict:
+            page.get_by_label("Prompt", exact=True).fill(prompt)
+            page.get_by_label("Steps", exact=True).fill("2")
+            page.get_by_label("Seed", exact=True).fill("5")
+            with page.expect_request(
+                lambda r: r.method == "POST" and urlsplit(r.url).path == "/v1/jobs"
+            ) as sent:
+                page.get_by_role("button", name="Generate").click()
+            expect(page.locator("#jobs .job").first.locator(".job-status")).to_have_text(
+                "Done · 1 image"
+            )
+            return sent.value.post_data_json
+
+        use_sks.check()
+        sks_scale.fill("0.5")
+        page.get_by_label("zeta", exact=True).check()
+        expect(zeta_scale).to_be_enabled()
+        payload = generate("styled")
+        assert payload["loras"] == [{"id": "sks", "scale": 0.5}, {"id": "zeta", "scale": 1.0}]
+        job_id = page.locator("#jobs .job").first.get_attribute("data-job")
+        job = wait_succeeded(url, job_id)
+        assert job["request"]["loras"] == payload["loras"]
+        assert [lora["scale"] for lora in job["images"][0]["record"]["loras"]] == [0.5, 1.0]
+        styled_card = page.locator(f'#gallery .card[data-job="{job_id}"]')
+        expect(styled_card.locator("dl")).to_contain_text("sks × 0.5, zeta × 1")
+
+        use_sks.uncheck()
+        page.get_by_label("zeta", exact=True).uncheck()
+        assert "loras" not in generate("plain")
+
+        styled_card.get_by_role("button", name="Use the settings").click()
+        expect(use_sks).to_be_checked()
+        expect(sks_scale).to_have_value("0.5")
+        expect(page.get_by_label("zeta", exact=True)).to_be_checked()
+        expect(zeta_scale).to_have_value("1")
+        assert errors == []
+        page.close()
+
+
+def test_jobs_and_gallery_agree_and_keep_batch_order_across_a_reload(engine, browser, tmp_path):
+    """Both panels show the same jobs (one made by another client before the page opened
+    included), and a batch's images stay in index order in the gallery, before and after a
+    reload."""
+    import requests
+    from playwright.sync_api import expect
+
+    with live_server(ScriptedEngine(engine), tmp_path / "data") as port:
+        url = f"http://127.0.0.1:{port}"
+        body = {"prompt": "from elsewhere", "model": MODEL, "steps": 2, "seed": 11}
+        other = requests.post(f"{url}/v1/jobs", json=body, timeout=30).json()["id"]
+        other_images = [image["id"] for image in wait_succeeded(url, other)["images"]]
+
+        page, errors = open_page(browser, url)
+        expect(page.locator("body")).to_have_attribute("data-ready", "true")
+        jobs, cards = page.locator("#jobs .job"), page.locator("#gallery .card")
+        expect(jobs).to_have_count(1)
+        expect(page.locator("#jobs-empty")).to_be_hidden()
+        expect(jobs.first.locator(".job-status")).to_have_text("Done · 1 image")
+        expect(cards).to_have_count(1)
+        assert dataset(cards, "job") == [other]
+
+        page.get_by_label("Prompt", exact=True).fill("a pair")
+        page.get_by_label("Steps", exact=True).fill("2")
+        page.get_by_label("Seed", exact=True).fill("3")
+        page.get_by_label("Images", exact=True).fill("2")
+        page.get_by_role("button", name="Generate").click()
+        expect(jobs.first.locator(".job-status")).to_have_text("Done · 2 images")
+        pair = jobs.first.get_attribute("data-job")
+        pair_images = [image["id"] for image in api_job(url, pair)["images"]]
+        expect(cards).to_have_count(3)
+
+        def shown() -> tuple[list[str], list[str]]:
+            return dataset(jobs, "job"), dataset(cards, "image")
+
+        expected = ([pair, other], pair_images + other_images)
+        assert shown() == expected
+        seeds = page.locator("#gallery .card dl").evaluate_all(
+            "lists => lists.map(l => l.textContent)"
+        )
+        assert "Seed3" in seeds[0] and "Seed4" in seeds[1]  # a batch's seeds count up
+
+        page.reload()
+        expect(page.locator("body")).to_have_attribute("data-ready", "true")
+        expect(cards).to_have_count(3)
+        assert shown() == expected
+        expect(jobs.first.locator(".job-status")).to_have_text("Done · 2 images")
+        assert errors == []
+        page.close()

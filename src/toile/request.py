@@ -13,6 +13,8 @@ from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any
 
 from toile.errors import ImageInputError, RequestError, UnsupportedModeError
+from toile.prompt_syntax import check_supported
+from toile.samplers import Choice, SamplerMenu, check_sampler_name, parse_schedule
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -141,6 +143,10 @@ class GenerationRequest:
     # hand-off; A1111's "Refiner" / "Switch at"): the fraction of the schedule the base runs.
     refiner: str | None = None
     refiner_switch: float | None = None
+    # The sampler (A1111's name, or a diffusers scheduler class name) and schedule (A1111's
+    # "Schedule type"); None = the checkpoint's own (toile.samplers).
+    sampler: str | None = None
+    schedule: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.prompt, str):
@@ -164,6 +170,14 @@ class GenerationRequest:
             _check_float("refiner_switch", self.refiner_switch, 0.0, 1.0, open_low=True)
             if self.refiner_switch == 1.0:
                 raise RequestError("refiner_switch", "must be below 1 (the refiner needs steps)")
+        check_supported(self.prompt, "prompt")
+        check_supported(self.negative_prompt, "negative_prompt")
+        for name in ("sampler", "schedule"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or len(value) > 64):
+                raise RequestError(name, "must be a name (a string of at most 64 characters)")
+        check_sampler_name(self.sampler)
+        parse_schedule(self.schedule)
         if not isinstance(self.loras, tuple) or not all(
             isinstance(lora, LoraSpec) for lora in self.loras
         ):
@@ -241,6 +255,7 @@ class ResolvedRequest:
     strength: float | None
     seeds: tuple[int, ...] = field(default_factory=tuple)
     refiner_switch: float | None = None  # set exactly when request.refiner is
+    sampler: Choice | None = None  # what samples (None: a model with one fixed sampler)
 
     @property
     def prompt(self) -> str:
@@ -251,9 +266,24 @@ class ResolvedRequest:
         return self.request.negative_prompt
 
 
-def resolve(request: GenerationRequest, defaults: FamilyDefaults, family: str) -> ResolvedRequest:
-    """Check ``request`` against what the family can do and fill in its defaults."""
+def resolve(
+    request: GenerationRequest,
+    defaults: FamilyDefaults,
+    family: str,
+    samplers: SamplerMenu | None = None,
+) -> ResolvedRequest:
+    """Check ``request`` against what the family can do and fill in its defaults
+    (``samplers``: what the loaded checkpoint can sample with)."""
     mode = request.mode
+    if samplers is not None:
+        choice: Choice | None = samplers.choose(request.sampler, request.schedule)
+    elif request.sampler is not None or request.schedule is not None:
+        raise RequestError(
+            "sampler" if request.sampler is not None else "schedule",
+            f"the {family} family runs one fixed sampler; leave sampler and schedule unset",
+        )
+    else:
+        choice = None
     if mode not in defaults.modes:
         allowed = ", ".join(sorted(m.value for m in defaults.modes))
         raise UnsupportedModeError(
@@ -313,4 +343,5 @@ def resolve(request: GenerationRequest, defaults: FamilyDefaults, family: str) -
         strength=strength,
         seeds=seeds,
         refiner_switch=switch,
+        sampler=choice,
     )

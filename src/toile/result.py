@@ -23,7 +23,7 @@ class ImageRecord:
     family: str
     model_hash: str
     mode: str
-    prompt: str
+    prompt: str  # as written, A1111 syntax included
     negative_prompt: str
     width: int
     height: int
@@ -37,7 +37,13 @@ class ImageRecord:
     refiner_id: str | None = None  # the second model of a base -> refiner hand-off
     refiner_hash: str | None = None
     refiner_switch: float | None = None
-    scheduler: str = ""
+    # The prompt's parsed A1111 emphasis, (text, weight) pieces (BREAK as weight -1), when the
+    # model applied weights; or a note saying what the model saw instead (encoders without
+    # weights get the plain words).
+    prompt_weights: tuple[tuple[str, float], ...] = ()
+    prompt_note: str = ""
+    sampler: str = ""  # toile.samplers' name (A1111's), e.g. "Euler", "DPM++ 2M"
+    schedule: str = ""  # "automatic" (the checkpoint's own spacing), "karras", ...
     device: str = "cpu"
     dtype: str = "float32"
     software: dict[str, str] = field(default_factory=dict)
@@ -48,6 +54,7 @@ class ImageRecord:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["loras"] = [dict(lora) for lora in self.loras]
+        data["prompt_weights"] = [list(piece) for piece in self.prompt_weights]
         data["outpaint"] = list(self.outpaint) if self.outpaint is not None else None
         return data
 
@@ -58,7 +65,12 @@ class ImageRecord:
     def from_dict(cls, data: dict[str, Any]) -> ImageRecord:
         known = set(cls.__dataclass_fields__)
         values = {k: v for k, v in data.items() if k in known}
+        if "scheduler" in data and "sampler" not in data:  # records written before 0.2
+            values["sampler"] = data["scheduler"]
         values["loras"] = tuple(dict(lora) for lora in values.get("loras", ()))
+        values["prompt_weights"] = tuple(
+            (str(text), float(weight)) for text, weight in values.get("prompt_weights", ())
+        )
         if values.get("outpaint") is not None:
             values["outpaint"] = tuple(values["outpaint"])
         return cls(**values)

@@ -57,6 +57,18 @@ def add_parser(subparsers: Any) -> None:
         help="LoRA .safetensors file with optional scale (default scale 1.0); repeatable",
     )
     p.add_argument(
+        "--sampler",
+        metavar="NAME",
+        help="sampler by A1111's name (Euler, Euler a, DPM++ 2M, UniPC, ...) or diffusers "
+        "class name; `toile samplers MODEL` lists what a model can use (default: the model's)",
+    )
+    p.add_argument(
+        "--schedule",
+        metavar="NAME",
+        help="noise schedule: automatic, karras, exponential, beta, sgm_uniform "
+        "(default: automatic, the model's own)",
+    )
+    p.add_argument(
         "--refiner",
         metavar="MODEL",
         help="SDXL refiner (id or path) that finishes the last part of the schedule, in every "
@@ -91,7 +103,8 @@ def request_fields(args: argparse.Namespace) -> dict[str, Any]:
         "loras": tuple(LoraSpec.parse(text) for text in args.lora),
     }
     for name in (
-        "seed", "steps", "guidance", "width", "height", "strength", "refiner", "refiner_switch"
+        "seed", "steps", "guidance", "width", "height", "strength", "refiner", "refiner_switch",
+        "sampler", "schedule",
     ):
         value = getattr(args, name)
         if value is not None:

@@ -13,6 +13,7 @@ COMMANDS = {
     "models": "toile.cli.models",
     "info": "toile.cli.info",
     "families": "toile.cli.families_cmd",
+    "samplers": "toile.cli.samplers_cmd",
     "train": "toile.cli.train_cmd",
     "eval": "toile.cli.eval_cmd",
     "bench": "toile.cli.bench",

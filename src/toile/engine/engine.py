@@ -7,6 +7,7 @@ with one reproducible record each.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import OrderedDict
@@ -21,6 +22,7 @@ from toile.families.registry import detect_family
 from toile.progress import ProgressCallback, RunContext
 from toile.request import GenerationRequest, Mode, ResolvedRequest, resolve
 from toile.result import GenerationResult, ImageRecord
+from toile.samplers import DEFAULT_SAMPLER, scheduler_swapped
 
 if TYPE_CHECKING:
     import torch
@@ -123,7 +125,9 @@ class Engine:
 
     def resolve(self, request: GenerationRequest) -> tuple[_Cached, ResolvedRequest]:
         cached = self.load(request.model)
-        return cached, resolve(request, cached.loaded.defaults, cached.family.name)
+        return cached, resolve(
+            request, cached.loaded.defaults, cached.family.name, cached.loaded.samplers
+        )
 
     def run(
         self,
@@ -154,17 +158,30 @@ class Engine:
         from toile.engine.outpaint import composite, extend_canvas
 
         request = resolved.request
+        syntax = prompt_syntax(cached.family, request)
+        if syntax.plain is not None:  # an encoder without weights sees the plain words
+            request = replace(request, prompt=syntax.plain[0], negative_prompt=syntax.plain[1])
+            resolved = replace(resolved, request=request)
         if resolved.mode is Mode.OUTPAINT:
             assert request.image is not None and request.outpaint is not None
             canvas, mask = extend_canvas(request.image, request.outpaint)
             request = replace(request, image=canvas, mask=mask, outpaint=None)
             resolved = replace(resolved, request=request, mode=Mode.INPAINT)
         family = cached.family
-        if refiner is not None:
-            assert isinstance(family, RefinerHandoff)  # _load_refiner checked
-            images = family.run_with_refiner(cached.loaded, refiner.loaded, resolved, ctx)
-        else:
-            images = family.run(cached.loaded, resolved, ctx)
+        # The request's sampler on the base's pipelines (and the refiner's: A1111 samples both
+        # with the one sampler chosen), for this run only.
+        with contextlib.ExitStack() as stack:
+            for model in (cached, refiner):
+                if model is not None:
+                    loaded = model.loaded
+                    stack.enter_context(
+                        scheduler_swapped(loaded.pipelines, loaded.samplers, resolved.sampler)
+                    )
+            if refiner is not None:
+                assert isinstance(family, RefinerHandoff)  # _load_refiner checked
+                images = family.run_with_refiner(cached.loaded, refiner.loaded, resolved, ctx)
+            else:
+                images = family.run(cached.loaded, resolved, ctx)
         if resolved.mode is Mode.INPAINT:
             assert request.image is not None and request.mask is not None
             images = [composite(image, request.image, request.mask) for image in images]
@@ -215,6 +232,7 @@ class Engine:
 
         request = resolved.request
         outpaint = request.outpaint
+        syntax = prompt_syntax(cached.family, request)
         return ImageRecord(
             model_id=cached.entry.id,
             family=cached.family.name,
@@ -239,12 +257,45 @@ class Engine:
             refiner_id=refiner.entry.id if refiner is not None else None,
             refiner_hash=refiner.model_hash if refiner is not None else None,
             refiner_switch=resolved.refiner_switch,
-            scheduler=cached.loaded.scheduler,
+            prompt_weights=syntax.weights,
+            prompt_note=syntax.note,
+            sampler=resolved.sampler.name if resolved.sampler is not None else DEFAULT_SAMPLER,
+            schedule=resolved.sampler.schedule.value if resolved.sampler is not None else "",
             device=cached.loaded.device,
             dtype=str(cached.loaded.dtype).removeprefix("torch."),
             software=software_versions(),
             timings=timings,
         )
+
+
+@dataclass(frozen=True)
+class PromptSyntax:
+    """What became of a prompt's A1111 syntax: ``weights`` (the parsed pieces, for a family that
+    applies them), or ``plain`` (prompt, negative) words for one that cannot, with ``note``."""
+
+    weights: tuple[tuple[str, float], ...] = ()
+    plain: tuple[str, str] | None = None
+    note: str = ""
+
+
+def prompt_syntax(family: Family, request: GenerationRequest) -> PromptSyntax:
+    """Families whose text encoders are CLIP (``prompt_weights = True``: SD, SDXL) weight the
+    tokens; the others (T5, toile's sentence encoder) get the words without the syntax, never
+    literal brackets, and the record says so."""
+    from toile import prompt_syntax as syntax
+
+    prompt, negative = request.prompt, request.negative_prompt
+    if not (syntax.has_syntax(prompt) or syntax.has_syntax(negative)):
+        return PromptSyntax()
+    if getattr(family, "prompt_weights", False):
+        pieces = syntax.parse(prompt)
+        return PromptSyntax(weights=tuple((p.text, p.weight) for p in pieces))
+    plain = (syntax.plain_text(prompt), syntax.plain_text(negative))
+    return PromptSyntax(
+        plain=plain,
+        note=f"A1111 emphasis syntax removed: the {family.name} family's text encoders take no "
+        f"weights; the model was given the prompt {plain[0]!r}",
+    )
 
 
 def check_refiner(base: Family, refiner: Family, refiner_name: str) -> None:

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 
     from toile.progress import RunContext
     from toile.request import FamilyDefaults, Mode, ResolvedRequest
+    from toile.samplers import SamplerMenu
 
 
 @dataclass
@@ -29,7 +30,8 @@ class LoadedModel:
     device: str
     dtype: torch.dtype
     pipelines: dict[str, Any] = field(default_factory=dict)
-    scheduler: str = ""
+    # The samplers and schedules this checkpoint can use (None: one fixed sampler).
+    samplers: SamplerMenu | None = None
     supports_lora: bool = False
     variant: str = ""
 

@@ -63,7 +63,7 @@ from toile.families.diffusers_common import (
     load_pipeline,
     pipeline_class_name,
     read_component_config,
-    scheduler_name,
+    sampler_menu,
     vae_preview,
 )
 from toile.request import FamilyDefaults, Mode
@@ -205,6 +205,9 @@ def stage_callback(
 
 class IFFamily:
     name = "if"
+    typical_scheduler = "DDPMScheduler"  # what its published checkpoints declare
+    # Each stage keeps its own scheduler (DDPM with learned variance): no sampler choice.
+    fixed_sampler = True
     title = "DeepFloyd IF"
     # Variants name how many stages the folder holds; every cascade runs every mode.
     capabilities: ClassVar[dict[str, frozenset[Mode]]] = {
@@ -276,7 +279,7 @@ class IFFamily:
             device=device,
             dtype=dtype,
             pipelines=pipelines,
-            scheduler=scheduler_name(stage1),
+samplers=sampler_menu(stage1, self),
             supports_lora=self.lora,
             variant=f"{len(folders)}-stage",
         )

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
     from toile.progress import RunContext
     from toile.request import LoraSpec, ResolvedRequest
+    from toile.samplers import SamplerMenu
 
 
 def read_model_index(path: Path) -> dict[str, Any] | None:
@@ -190,8 +191,25 @@ def vae_preview(pipe: Any, latents: torch.Tensor) -> Image.Image | None:
     return pipe.image_processor.postprocess(image, output_type="pil")[0]
 
 
-def scheduler_name(pipe: Any) -> str:
-    """The pipeline's sampler under its one user-facing name (``toile.samplers``)."""
-    from toile.samplers import sampler_name
+def sampler_menu(pipe: Any, family: Any) -> SamplerMenu:
+    """The samplers the pipeline's checkpoint can use (``toile.samplers.menu_for``)."""
+    from toile.samplers import menu_for
 
-    return sampler_name(type(pipe.scheduler).__name__)
+    return menu_for(family, type(pipe.scheduler).__name__)
+
+
+def declared_scheduler_class(path: Path) -> str | None:
+    """The diffusers scheduler class a model folder declares (read from its config, so no
+    model is loaded to list samplers). None for single files or unknown layouts."""
+    if not path.is_dir():
+        return None
+    candidates = [path / "scheduler", *sorted(path.glob("*/scheduler"))]
+    for folder in candidates:
+        config = folder / "scheduler_config.json"
+        try:
+            name = json.loads(config.read_text()).get("_class_name")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(name, str):
+            return name
+    return None

@@ -57,7 +57,7 @@ from toile.families.diffusers_common import (
     mode_kwargs,
     pipeline_class_name,
     read_component_config,
-    scheduler_name,
+    sampler_menu,
     step_callback,
 )
 from toile.request import FamilyDefaults, Mode
@@ -138,6 +138,9 @@ def packed_preview(width: int, height: int) -> Callable[[Any, torch.Tensor], Ima
 
 class FluxFamily:
     name = "flux"
+    typical_scheduler = "FlowMatchEulerDiscreteScheduler"  # what its published checkpoints declare
+    # Its pipelines hand their own sigmas to set_timesteps: only schedulers taking them apply.
+    pipeline_passes_sigmas = True
     title = "FLUX.1"
     capabilities: ClassVar[dict[str, frozenset[Mode]]] = {
         name: settings.modes for name, settings in VARIANTS.items()
@@ -192,7 +195,7 @@ class FluxFamily:
             device=device,
             dtype=dtype,
             pipelines=pipelines,
-            scheduler=scheduler_name(base),
+samplers=sampler_menu(base, self),
             supports_lora=self.lora,
             variant=variant,
         )

@@ -11,10 +11,14 @@ import importlib.util
 import json
 from functools import cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from toile.errors import ModelFormatError, ModelNotFoundError
 from toile.families.base import Family
 from toile.io.weights import refuse_pickle
+
+if TYPE_CHECKING:
+    from toile.samplers import SamplerMenu
 
 # Order matters: the first family whose detect() accepts a checkpoint wins, so more specific
 # layouts (SDXL refiner, Flux Fill) are checked by their family before more general ones.
@@ -92,3 +96,14 @@ def describe(target: Path) -> str:
         return f"a .safetensors file that cannot be read ({exc})"
     prefixes = sorted({k.split(".")[0] for k in keys})[:8]
     return f"a .safetensors file with {len(keys)} tensors, top-level keys: {', '.join(prefixes)}"
+
+
+def checkpoint_samplers(path: str | Path) -> SamplerMenu | None:
+    """The samplers the checkpoint at ``path`` can use, from its configs (nothing is loaded);
+    None when its scheduler is not declared on disk (a single file: load it to know)."""
+    from toile.families.diffusers_common import declared_scheduler_class
+    from toile.samplers import menu_for
+
+    family = detect_family(path)
+    own = declared_scheduler_class(Path(path))
+    return menu_for(family, own) if own is not None else None

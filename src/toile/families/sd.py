@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from toile.families.base import LoadedModel
+from toile.families.clip_prompts import with_weighted_prompts
 from toile.families.diffusers_common import (
     base_kwargs,
     derive,
@@ -23,7 +24,7 @@ from toile.families.diffusers_common import (
     mode_kwargs,
     pipeline_class_name,
     read_component_config,
-    scheduler_name,
+    sampler_menu,
     step_callback,
     vae_preview,
 )
@@ -78,6 +79,9 @@ def unet_defaults(
 
 class StableDiffusionFamily:
     name = "sd"
+    # CLIP text encoders: A1111 emphasis weights and long prompts apply (clip_prompts).
+    prompt_weights = True
+    typical_scheduler = "PNDMScheduler"  # what its published checkpoints declare
     title = "Stable Diffusion 1.x / 2.x"
     capabilities: ClassVar[dict[str, frozenset[Mode]]] = {
         "": ALL_MODES,
@@ -123,7 +127,7 @@ class StableDiffusionFamily:
             device=device,
             dtype=dtype,
             pipelines=pipelines,
-            scheduler=scheduler_name(base),
+            samplers=sampler_menu(base, self),
             supports_lora=True,
             variant=variant,
         )
@@ -140,7 +144,7 @@ def run_unet_pipeline(
     """Run the pipeline for the request's mode (shared by SD and SDXL)."""
     role = {Mode.TXT2IMG: "txt2img", Mode.IMG2IMG: "img2img", Mode.INPAINT: "inpaint"}[request.mode]
     pipe = loaded.pipelines[role]
-    kwargs = base_kwargs(request) | mode_kwargs(request) | extra
+    kwargs = with_weighted_prompts(pipe, base_kwargs(request) | mode_kwargs(request) | extra)
     if request.mode is Mode.TXT2IMG:
         kwargs["width"], kwargs["height"] = request.width, request.height
     with loras_applied(pipe, request.request.loras):

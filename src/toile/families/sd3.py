@@ -30,7 +30,7 @@ from toile.families.diffusers_common import (
     pipeline_class_name,
     read_component_config,
     read_model_index,
-    scheduler_name,
+    sampler_menu,
 )
 from toile.families.sd import ALL_MODES, INPAINT_MODES, run_unet_pipeline
 from toile.families.single_file import (
@@ -152,6 +152,7 @@ def folder_text_encoders(path: Path, config: Path, dtype: torch.dtype) -> dict[s
 
 class SD3Family:
     name = "sd3"
+    typical_scheduler = "FlowMatchEulerDiscreteScheduler"  # what its published checkpoints declare
     title = "Stable Diffusion 3 / 3.5"
     # Without T5 the model runs the same modes; the variant is recorded because it changes the
     # images (zeros stand in for the T5 tokens).
@@ -213,7 +214,7 @@ class SD3Family:
             device=device,
             dtype=dtype,
             pipelines=pipelines,
-            scheduler=scheduler_name(base),
+            samplers=sampler_menu(base, self),
             supports_lora=True,
             variant=variant,
         )

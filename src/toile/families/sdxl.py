@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from toile.errors import RequestError
 from toile.families.base import LoadedModel
+from toile.families.clip_prompts import with_weighted_prompts
 from toile.families.diffusers_common import (
     base_kwargs,
     derive,
@@ -34,7 +35,7 @@ from toile.families.diffusers_common import (
     mode_kwargs,
     read_component_config,
     read_model_index,
-    scheduler_name,
+    sampler_menu,
     step_callback,
     vae_preview,
 )
@@ -93,6 +94,9 @@ def checkpoint_kind(config_folder: Path) -> str:
 
 class SDXLFamily:
     name = "sdxl"
+    # CLIP text encoders: A1111 emphasis weights and long prompts apply (clip_prompts).
+    prompt_weights = True
+    typical_scheduler = "EulerDiscreteScheduler"  # what its published checkpoints declare
     title = "Stable Diffusion XL"
     capabilities: ClassVar[dict[str, frozenset[Mode]]] = {
         "": ALL_MODES,
@@ -152,7 +156,7 @@ class SDXLFamily:
             device=device,
             dtype=dtype,
             pipelines=pipelines,
-            scheduler=scheduler_name(base),
+            samplers=sampler_menu(base, self),
             supports_lora=True,
             variant=kind,
         )
@@ -198,7 +202,7 @@ class SDXLFamily:
             inputs = {"width": request.width, "height": request.height}
         with loras_applied(base_pipe, request.request.loras):
             latents = base_pipe(
-                **kwargs | inputs | {"output_type": "latent"},
+                **with_weighted_prompts(base_pipe, kwargs) | inputs | {"output_type": "latent"},
                 denoising_end=switch,
                 callback_on_step_end=step_callback(ctx, "base", preview=vae_preview),
             ).images
@@ -206,7 +210,9 @@ class SDXLFamily:
         if request.mode is Mode.INPAINT:
             finish |= {k: inputs[k] for k in ("mask_image", "width", "height")}
         output = refiner_pipe(
-            **kwargs,  # the same generator objects continue where the base left them
+            # the same generator objects continue where the base left them; the prompt is
+            # encoded again by the refiner's own encoder
+            **with_weighted_prompts(refiner_pipe, kwargs),
             **finish,
             denoising_start=switch,
             callback_on_step_end=step_callback(ctx, "refiner", preview=vae_preview),

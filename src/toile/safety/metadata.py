@@ -26,7 +26,14 @@ def a1111_parameters(record: ImageRecord) -> str:
         lines.append(f"Negative prompt: {record.negative_prompt}")
     items = [
         ("Steps", str(record.steps)),
-        ("Sampler", record.scheduler or "default"),
+        ("Sampler", record.sampler or "Default"),
+    ]
+    if record.schedule and record.schedule != "automatic":
+        # A1111 1.9+ writes the schedule apart from the sampler, by its label.
+        from toile.samplers import SCHEDULE_LABELS, Schedule
+
+        items.append(("Schedule type", SCHEDULE_LABELS[Schedule(record.schedule)]))
+    items += [
         ("CFG scale", f"{record.guidance:g}"),
         ("Seed", str(record.seed)),
         ("Size", f"{record.width}x{record.height}"),

@@ -8,6 +8,9 @@ dropped when the job ends (the durable state is in the store, not here).
 
 Event types: ``queued``, ``started``, ``progress`` (step, total, stage, optional
 ``preview_png`` base64), ``finished``, ``failed``, ``cancelled``. The last three end a stream.
+
+Besides per-job subscribers, a :class:`Watch` is told that *some* job changed state (any event
+but ``progress``), for views of the whole server such as the queue counts.
 """
 
 from __future__ import annotations
@@ -92,6 +95,35 @@ class Subscription:
         self.hub.unsubscribe(self)
 
 
+class Watch:
+    """Told whenever any job is queued, starts or ends. Changes close together coalesce into
+    one wake-up: a watcher re-reads the state it shows rather than replaying events."""
+
+    def __init__(self, hub: EventHub, loop: asyncio.AbstractEventLoop) -> None:
+        self.hub = hub
+        self.loop = loop
+        self._changed = asyncio.Event()
+
+    def notify(self) -> None:
+        """Thread-safe: mark a change on the watcher's loop."""
+        try:
+            self.loop.call_soon_threadsafe(self._changed.set)
+        except RuntimeError:  # the loop is closed: the watcher is gone
+            self.hub.unwatch(self)
+
+    async def changed(self, timeout: float | None = None) -> bool:
+        """Wait for a change since the last call: True, or False after ``timeout`` seconds."""
+        try:
+            await asyncio.wait_for(self._changed.wait(), timeout)
+        except TimeoutError:
+            return False
+        self._changed.clear()
+        return True
+
+    def close(self) -> None:
+        self.hub.unwatch(self)
+
+
 @dataclass
 class EventHub:
     """Fan-out of job events; thread-safe."""
@@ -100,6 +132,7 @@ class EventHub:
     _lock: Any = field(default_factory=threading.RLock)
     _subscribers: dict[str, set[Subscription]] = field(default_factory=dict)
     _live: dict[str, _Live] = field(default_factory=dict)
+    _watches: set[Watch] = field(default_factory=set)
     _ids: itertools.count = field(default_factory=lambda: itertools.count(1))
 
     def publish(self, job_id: str, kind: str, data: dict[str, Any]) -> JobEvent:
@@ -112,8 +145,11 @@ class EventHub:
             elif kind in TERMINAL_EVENTS:
                 self._live.pop(job_id, None)
             subscribers = list(self._subscribers.get(job_id, ()))
+            watches = list(self._watches) if kind != "progress" else []
         for subscriber in subscribers:
             subscriber.push(event)
+        for watch in watches:
+            watch.notify()
         return event
 
     def progress(self, job_id: str) -> dict[str, Any] | None:
@@ -152,6 +188,17 @@ class EventHub:
                 found.discard(subscription)
                 if not found:
                     del self._subscribers[subscription.job_id]
+
+    def watch(self, loop: asyncio.AbstractEventLoop) -> Watch:
+        """A :class:`Watch` on every job's state changes, woken on ``loop``."""
+        watch = Watch(self, loop)
+        with self._lock:
+            self._watches.add(watch)
+        return watch
+
+    def unwatch(self, watch: Watch) -> None:
+        with self._lock:
+            self._watches.discard(watch)
 
     def subscriber_count(self) -> int:
         with self._lock:

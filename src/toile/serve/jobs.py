@@ -6,7 +6,8 @@ goes through these methods and nothing else touches the store, the worker or the
 - ``get(id)``, ``list(statuses, limit)``, ``cancel(id)``: the job as :class:`schemas.Job`.
 - ``events(id)``: an async iterator of :class:`events.JobEvent`, current state first.
 - ``image(id)``: the PNG's path inside the images folder, and its record.
-- ``health()``, ``models()``.
+- ``health()``, ``status_events()`` (``health()`` again whenever a job changes state),
+  ``models()``.
 
 Validation errors are :class:`~toile.errors.RequestError` with ``field`` set; the app turns
 them into 422 responses naming the field.
@@ -232,6 +233,14 @@ class JobService:
 
             families = {name: detect_family(entry.path) for name, entry in entries.items()}
             check_refiner(families["model"], families["refiner"], body.refiner)
+        if body.sampler is not None or body.schedule is not None:
+            # Refuse a sampler the model cannot use before queueing, from its configs (nothing
+            # is loaded; a single file's menu is known once the worker has loaded it).
+            from toile.families.registry import checkpoint_samplers
+
+            menu = checkpoint_samplers(entries["model"].path)
+            if menu is not None:
+                menu.choose(body.sampler, body.schedule)
         loras = []
         for index, lora in enumerate(body.loras):
             path = self.loras.path(lora.id, f"loras[{index}].id")
@@ -265,6 +274,8 @@ class JobService:
             "model": model,
             "refiner": body.refiner,
             "refiner_switch": body.refiner_switch,
+            "sampler": body.sampler,
+            "schedule": body.schedule,
         }
         outpaint = body.outpaint.model_dump() if body.outpaint is not None else None
         request = GenerationRequest(
@@ -408,14 +419,49 @@ class JobService:
             ok=alive, queue_length=counts[QUEUED], running=counts[RUNNING], worker_alive=alive
         )
 
+    async def status_events(
+        self, keepalive_s: float | None = None
+    ) -> AsyncIterator[schemas.Health]:
+        """``health()`` now, then again after every change of any job's state (queued,
+        started, ended; bursts coalesce into one) and after ``keepalive_s`` idle seconds, so a
+        worker that died is noticed too. Never ends by itself."""
+        watch = self.hub.watch(asyncio.get_running_loop())
+        try:
+            while True:
+                yield await asyncio.to_thread(self.health)
+                await watch.changed(keepalive_s)
+        finally:
+            watch.close()
+
     def models(self) -> schemas.ModelList:
         entries = self.registry.entries()
         return schemas.ModelList(
-            data=[schemas.ModelCard(id=e.id, created=_mtime(e.path)) for e in entries],
+            data=[_model_card(entry.id, entry.path) for entry in entries],
             default=self.registry.default_id,
             models=[entry.id for entry in entries],
             loras=self.loras.ids(),
         )
+
+
+def _model_card(model_id: str, path: Path) -> schemas.ModelCard:
+    """The model's card with its family, and whether it can be a ``refiner``: what the engine
+    needs to hand a txt2img schedule over to it (``check_refiner``, then the family's img2img
+    finish) is a family with a refiner hand-off and a checkpoint variant that runs img2img (an
+    SDXL refiner or base; not an SDXL inpainting checkpoint). Cheap: configs only, nothing is
+    loaded. A checkpoint that cannot be read is listed without a family, not left out."""
+    from toile.families.base import RefinerHandoff
+    from toile.families.registry import detect_family
+    from toile.request import Mode
+
+    card = schemas.ModelCard(id=model_id, created=_mtime(path))
+    try:
+        family = detect_family(path)
+        modes = family.capabilities.get(family.variant(path), frozenset())
+    except (ToileError, OSError, ValueError):
+        return card
+    card.family = family.name
+    card.refiner = isinstance(family, RefinerHandoff) and Mode.IMG2IMG in modes
+    return card
 
 
 def _mtime(path: Path) -> int:

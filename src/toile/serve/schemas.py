@@ -67,6 +67,13 @@ class JobCreate(BaseModel):
     refiner_switch: float | None = Field(
         None, gt=0.0, lt=1.0, description="fraction of the schedule the base runs (0.8)"
     )
+    sampler: str | None = Field(
+        None, max_length=64, description="A1111's sampler name (Euler, DPM++ 2M, ...); null = "
+        "the model's own; GET /sdapi/v1/samplers lists them"
+    )
+    schedule: str | None = Field(
+        None, max_length=64, description="automatic (null), karras, exponential, beta, sgm_uniform"
+    )
     webhook: str | None = Field(
         None, max_length=2048, description="http(s) URL called with the job as JSON when it ends"
     )
@@ -104,7 +111,7 @@ class Job(BaseModel):
     queue_position: int | None = Field(None, description="1 = next to run; only while queued")
     progress: Progress | None = None
     attempts: int = 0
-    images: list[ImageOut] = Field(default_factory=list)
+    images: list[ImageOut] = Field(default_factory=list, description="in batch order")
     error: ErrorInfo | None = None
     request: dict[str, Any] = Field(
         default_factory=dict, description="the stored request (image inputs shown as true)"
@@ -124,6 +131,12 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int = Field(0, description="Unix time the model's files were last changed")
     owned_by: str = "toile"
+    family: str | None = Field(
+        None, description="toile's model family (sd, sdxl, ...); null if it cannot be read"
+    )
+    refiner: bool = Field(
+        False, description="can be a job's `refiner` (for a model of the same family)"
+    )
 
 
 class ModelList(BaseModel):

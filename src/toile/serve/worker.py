@@ -117,7 +117,8 @@ class Worker:
         self.engine = engine
         self.ended = ended
         # model id -> (FamilyDefaults, family name), learnt from loads, so submit can check sizes
-        self.known_defaults: dict[str, tuple[Any, str]] = {}
+        # model id -> resolve()'s arguments after the request (defaults, family, samplers)
+        self.known_defaults: dict[str, tuple[Any, str, Any]] = {}
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -238,7 +239,9 @@ class Worker:
         if load is None or model is None or model in self.known_defaults:
             return
         cached = load(model)
-        self.known_defaults[model] = (cached.loaded.defaults, cached.family.name)
+        self.known_defaults[model] = (
+            cached.loaded.defaults, cached.family.name, cached.loaded.samplers
+        )
 
     def _progress(self, job_id: str, event: ProgressEvent) -> None:
         data: dict[str, Any] = {"step": event.step, "total": event.total, "stage": event.stage}

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 from toile.families.base import LoadedModel, cpu_generators
 from toile.request import FamilyDefaults, Mode
-from toile.samplers import sampler_name
+from toile.samplers import menu_for
 
 if TYPE_CHECKING:
     import torch
@@ -30,6 +30,9 @@ class ToileFamily:
     """Folders saved by ``ToilePipeline.save_pretrained`` (``_class_name`` ToilePipeline)."""
 
     name = "toile"
+    typical_scheduler = "FlowMatchEulerDiscreteScheduler"  # what its published checkpoints declare
+    # The samplers toile's own sampling code implements (families.toile.sampling.SAMPLERS).
+    own_samplers = ("Euler", "Heun")
     title = "toile (built-in, pixel-space rectified flow)"
     capabilities: ClassVar[dict[str, frozenset[Mode]]] = {"": ALL_MODES}
     lora = True  # peft adapters on the U-Net for one run: see families/toile/lora.py
@@ -72,9 +75,9 @@ class ToileFamily:
             device=device,
             dtype=dtype,
             pipelines={"txt2img": pipe},
-            # toile's sampler is the rectified-flow Euler method its scheduler config declares
-            # (FlowMatchEulerDiscreteScheduler): "Euler", as /sdapi/v1/samplers lists it.
-            scheduler=sampler_name("FlowMatchEulerDiscreteScheduler"),
+            # toile samples with its own code (families.toile.sampling): Euler, as its scheduler
+            # config declares (FlowMatchEulerDiscreteScheduler), and Heun.
+            samplers=menu_for(self, "FlowMatchEulerDiscreteScheduler"),
             supports_lora=self.lora,
         )
 
@@ -106,4 +109,5 @@ class ToileFamily:
                 strength=request.strength if image is not None else None,
                 negative_prompt=request.negative_prompt,
                 callback=on_step,
+                sampler=request.sampler.name if request.sampler is not None else "Euler",
             )

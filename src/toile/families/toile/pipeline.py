@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from toile.errors import ImageInputError, ModelFormatError, RequestError
 from toile.families.toile.config import ToileModelConfig
 from toile.families.toile.denoiser import TextCondition, build_unet, predict_velocity
-from toile.families.toile.sampling import euler_sample, time_schedule
+from toile.families.toile.sampling import SAMPLERS, sample, time_schedule
 from toile.families.toile.text import TextEncoder
 
 if TYPE_CHECKING:
@@ -203,6 +203,7 @@ class ToilePipeline:
         strength: float | None = None,
         negative_prompt: str = "",
         callback: Callback | None = None,
+        sampler: str = "Euler",
     ) -> list[Image.Image]:
         """Generate one image per prompt.
 
@@ -210,6 +211,7 @@ class ToilePipeline:
         0.8), ``image`` + ``mask`` inpainting (white = repaint; unmasked pixels are kept
         exactly; ``strength`` default 1.0). Image ``i`` takes its noise from ``generators[i]``
         or ``torch.Generator("cpu").manual_seed(seeds[i])``, so a batch equals singles.
+        ``sampler``: ``"Euler"`` or ``"Heun"`` (``sampling.SAMPLERS``).
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         gens = self._generators(len(prompts), seeds, generators)
@@ -228,6 +230,8 @@ class ToilePipeline:
             raise RequestError("mask", "inpainting needs an input image: set image as well")
         if strength is not None and image is None:
             raise RequestError("strength", "only applies with an input image (img2img/inpaint)")
+        if sampler not in SAMPLERS:
+            raise RequestError("sampler", f"must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
         if strength is None:
             strength = 1.0 if mask is not None else 0.8
         if not isinstance(strength, int | float) or not 0.0 < strength <= 1.0:
@@ -256,9 +260,10 @@ class ToilePipeline:
         times = time_schedule(
             steps, shift=self.config.sampler.shift, start=1.0 if image is None else strength
         )
-        x = euler_sample(
+        x = sample(
             self.velocity, noise, cond, times=times, uncond=uncond, guidance=float(guidance),
             cat=TextCondition.cat, x0_known=x0_known, keep_mask=keep, callback=callback,
+            method=SAMPLERS[sampler],
         )
         out = self.unpack(x).float().cpu().clamp(-1.0, 1.0)  # [B, 3, H, W]
         images = tensor_to_images(out)

@@ -1,4 +1,4 @@
-"""Rectified flow: the training target, the timestep sampling and the Euler sampler.
+"""Rectified flow: the training target, the timestep sampling and the samplers (Euler, Heun).
 
 Rectified flow (Liu, Gong & Liu 2022, "Flow Straight and Fast"; also Lipman et al. 2022, flow
 matching) joins data x0 and Gaussian noise ε by a straight line
@@ -6,7 +6,9 @@ matching) joins data x0 and Gaussian noise ε by a straight line
     x_t = (1 − t)·x0 + t·ε,      t ∈ [0, 1]   (t = 1 is pure noise)
 
 and trains a network v(x_t, t, c) to predict the constant velocity dx_t/dt = ε − x0. Sampling
-integrates dx/dt = v from t = 1 to t = 0 with Euler steps, x_{t'} = x_t + (t' − t)·v.
+integrates dx/dt = v from t = 1 to t = 0 with Euler steps, x_{t'} = x_t + (t' − t)·v, or with
+Heun's second-order method (Karras et al. 2022, "Elucidating the Design Space of Diffusion-Based
+Generative Models", Algorithm 1): an Euler step, then the average of the slopes at both ends.
 
 Training draws t from a logit-normal distribution (Esser et al. 2024, "Scaling Rectified Flow
 Transformers", SD3), which puts more samples at mid-range t where the velocity is hardest to
@@ -27,8 +29,10 @@ import torch
 
 # v = velocity(x_t, t, cond): the one model contract (see denoiser.predict_velocity).
 Velocity = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
-# step_callback(step, total, x) after each Euler step; raising stops sampling (cancellation).
+# step_callback(step, total, x) after each step; raising stops sampling (cancellation).
 StepCallback = Callable[[int, int, torch.Tensor], None]
+# The integration methods ``sample`` implements, by toile.samplers' names.
+SAMPLERS = {"Euler": "euler", "Heun": "heun"}
 
 
 def forward_noise(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -92,7 +96,7 @@ def guided_velocity(
     return v_uncond + guidance * (v_cond - v_uncond)
 
 
-def euler_sample(
+def sample(
     velocity: Velocity,
     noise: torch.Tensor,
     cond: Any,
@@ -104,8 +108,11 @@ def euler_sample(
     x0_known: torch.Tensor | None = None,
     keep_mask: torch.Tensor | None = None,
     callback: StepCallback | None = None,
+    method: str = "euler",
 ) -> torch.Tensor:
-    """Integrate dx/dt = v from ``times[0]`` to ``times[-1]`` = 0 with Euler steps.
+    """Integrate dx/dt = v from ``times[0]`` to ``times[-1]`` = 0 with ``method``'s steps
+    (``"euler"``, or ``"heun"``: two model calls per step but the last, as in Karras et al.'s
+    Algorithm 1, whose final step to t = 0 is Euler's).
 
     - txt2img: ``times[0]`` = 1, x starts as ``noise``.
     - img2img: ``x0_known`` is the encoded input image; x starts at
@@ -118,6 +125,8 @@ def euler_sample(
     Returns x at t = 0, [B, C, h, w], in float32. Noise and the integration run in float32
     whatever the model's dtype, so low-precision models only round their own predictions.
     """
+    if method not in SAMPLERS.values():
+        raise ValueError(f"method must be one of {', '.join(SAMPLERS.values())}, got {method!r}")
     times = times.to(torch.float64)
     x = noise.float()
     if x0_known is not None:
@@ -133,7 +142,13 @@ def euler_sample(
         t_now, t_next = float(times[i]), float(times[i + 1])
         t_vec = torch.full((batch,), t_now, dtype=torch.float32, device=x.device)
         v = guided_velocity(velocity, x, t_vec, cond, uncond, guidance, cat).float()
-        x = x + (t_next - t_now) * v
+        x_euler = x + (t_next - t_now) * v
+        if method == "heun" and t_next > 0:
+            t_vec = torch.full((batch,), t_next, dtype=torch.float32, device=x.device)
+            v_next = guided_velocity(velocity, x_euler, t_vec, cond, uncond, guidance, cat)
+            x = x + (t_next - t_now) * 0.5 * (v + v_next.float())
+        else:
+            x = x_euler
         if keep_mask is not None:
             known = forward_noise(x0_known, noise.float(), torch.tensor(t_next))
             x = keep_mask * known + (1.0 - keep_mask) * x

@@ -24,7 +24,7 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from toile.errors import RequestError
-from toile.samplers import DEFAULT_SAMPLER, sampler_name
+from toile.samplers import ALL_NAMES, DEFAULT_SAMPLER, SCHEDULE_LABELS, SamplerMenu, Schedule
 from toile.serve import schemas
 from toile.serve.jobs import JobService
 from toile.serve.routes.a1111_payload import (
@@ -35,7 +35,6 @@ from toile.serve.routes.a1111_payload import (
     img2img_inputs,
     request_fields,
     resolve_model,
-    scheduler_class,
 )
 from toile.serve.routes.deps import jobs
 from toile.serve.routes.openai import job_body, read_png_b64, run_to_end
@@ -80,7 +79,7 @@ class A1111Response(BaseModel):
 
 
 # --------------------------------------------------------------------------- running
-def _answer(service: JobService, body: Processing, job: schemas.Job, sampler: str) -> Any:
+def _answer(service: JobService, body: Processing, job: schemas.Job) -> Any:
     """A1111's response for a finished job, or toile's error body for one that did not."""
     from toile.result import ImageRecord
     from toile.safety.metadata import a1111_parameters
@@ -120,7 +119,8 @@ def _answer(service: JobService, body: Processing, job: schemas.Job, sampler: st
         "subseed_strength": 0,
         "width": first.get("width"),
         "height": first.get("height"),
-        "sampler_name": sampler,
+        "sampler_name": first.get("sampler") or DEFAULT_SAMPLER,  # what ran, by its one name
+        "scheduler": SCHEDULE_LABELS.get(first.get("schedule") or "automatic", "Automatic"),
         "cfg_scale": first.get("guidance"),
         "steps": first.get("steps"),
         "batch_size": body.batch_size,
@@ -156,17 +156,16 @@ async def _generate(request: Request, service: JobService, body: Processing) -> 
         with state.lock:
             checkpoint = state.checkpoint
         fields = request_fields(service, checkpoint, body)
-        sampler = sampler_name(scheduler_class(service.registry.get(fields["model"]).path))
         if isinstance(body, Img2ImgBody):
             image, mask = img2img_inputs(service, body)
             fields.update(
                 image=image, mask=mask, width=None, height=None, strength=body.denoising_strength
             )
-        return job_body(fields, A1111_NAMES), sampler
+        return job_body(fields, A1111_NAMES)
 
-    job_create, sampler = await run_in_threadpool(prepare)
+    job_create = await run_in_threadpool(prepare)
     job = await run_to_end(service, job_create, request, A1111_NAMES)
-    return await run_in_threadpool(_answer, service, body, job, sampler)
+    return await run_in_threadpool(_answer, service, body, job)
 
 
 @router.post("/txt2img", response_model=A1111Response, responses=ERRORS)
@@ -282,33 +281,58 @@ def sd_models(service: Service) -> list[dict[str, Any]]:
 
 @router.get("/samplers")
 def samplers(service: Service) -> list[dict[str, Any]]:
-    """The schedulers toile's registered models use, by A1111 name (aliases: the diffusers
-    class names), plus ``Default`` (whatever the model declares)."""
+    """Every sampler a registered model can use, by its one name (aliases: the diffusers class
+    names and A1111's old ``k_`` names), after ``Default`` (each model's own)."""
     found: dict[str, set[str]] = {}
-    for entry in service.registry.entries():
-        own = scheduler_class(entry.path)
-        if own is not None:
-            found.setdefault(sampler_name(own), set()).add(own)
+    for menu in _menus(service):
+        for sampler in menu.samplers() or (menu.own(),):
+            found.setdefault(sampler.name, set()).update(
+                {sampler.scheduler_class, *sampler.aliases}
+            )
     listing = [{"name": DEFAULT_SAMPLER, "aliases": ["default"], "options": {}}]
+    order = {name: i for i, name in enumerate(ALL_NAMES)}
     listing += [
-        {"name": name, "aliases": sorted(classes), "options": {}}
-        for name, classes in sorted(found.items())
+        {"name": name, "aliases": sorted(aliases), "options": {}}
+        for name, aliases in sorted(found.items(), key=lambda item: order.get(item[0], 99))
     ]
     return listing
 
 
 @router.get("/schedulers")
-def schedulers() -> list[dict[str, Any]]:
-    """Only ``automatic``: the noise schedule is the checkpoint's own."""
+def schedulers(service: Service) -> list[dict[str, Any]]:
+    """The schedule types any registered model can use (``automatic``: the checkpoint's own)."""
+    found = {Schedule.AUTOMATIC}
+    for menu in _menus(service):
+        for sampler in menu.samplers():
+            found.update(menu.schedules(sampler))
     return [
         {
-            "name": "automatic",
-            "label": "Automatic",
+            "name": schedule.value,
+            "label": SCHEDULE_LABELS[schedule],
             "aliases": None,
             "default_rho": -1,
             "need_inner_model": False,
         }
+        for schedule in Schedule
+        if schedule in found
     ]
+
+
+def _menus(service: JobService) -> list[SamplerMenu]:
+    """The sampler menus of the registered models, from their configs (nothing is loaded; a
+    model that cannot be identified, or a single file, is left out)."""
+    from toile.errors import ToileError
+    from toile.families.registry import checkpoint_samplers
+
+    menus = []
+    for entry in service.registry.entries():
+        try:
+            menu = checkpoint_samplers(entry.path)
+        except ToileError:
+            continue
+        if menu is not None:
+            menus.append(menu)
+    return menus
 
 
 @router.get("/loras")

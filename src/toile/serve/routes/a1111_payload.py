@@ -37,16 +37,14 @@ routes answer it).
 
 from __future__ import annotations
 
-import json
 import re
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from toile.errors import ModelNotFoundError, RequestError
 from toile.request import MAX_GUIDANCE, MAX_IMAGES, MAX_PROMPT_CHARS, MAX_SEED, MAX_SIDE, MAX_STEPS
-from toile.samplers import DEFAULT_SAMPLER, sampler_name
+from toile.samplers import DEFAULT_SAMPLER, check_sampler_name, parse_schedule
 from toile.serve.jobs import JobService
 from toile.serve.routes.openai import encode_png_b64
 
@@ -63,6 +61,8 @@ A1111_NAMES = {
     "loras": "prompt",
     "refiner": "refiner_checkpoint",
     "refiner_switch": "refiner_switch_at",
+    "sampler": "sampler_name",
+    "schedule": "scheduler",
 }
 LORA_TAG = re.compile(r"<lora:([^:>]+)(?::([^>]*))?>")
 TITLE_HASH = re.compile(r"\s*\[[0-9a-fA-F]{6,64}\]$")
@@ -84,7 +84,8 @@ class Processing(BaseModel):
     seed_resize_from_w: int = Field(-1, description="ignored")
     sampler_name: str | None = Field(None, max_length=64)
     sampler_index: str | None = Field(None, max_length=64, description="deprecated alias")
-    scheduler: str | None = Field(None, max_length=64, description='"automatic" only')
+    scheduler: str | None = Field(None, max_length=64, description="schedule type: automatic, "
+                                  "karras, exponential, beta, sgm_uniform")
     batch_size: int = Field(1, ge=1, le=MAX_IMAGES)
     n_iter: int = Field(1, ge=1, le=MAX_IMAGES)
     steps: int = Field(50, ge=1, le=MAX_STEPS)
@@ -136,23 +137,6 @@ class Img2ImgBody(Processing):
 
 
 # --------------------------------------------------------------------------- models
-def scheduler_class(path: Path) -> str | None:
-    """The diffusers scheduler class a model folder declares (read from its config, so no
-    model is loaded to list samplers). None for single files or unknown layouts."""
-    if not path.is_dir():
-        return None
-    candidates = [path / "scheduler", *sorted(path.glob("*/scheduler"))]
-    for folder in candidates:
-        config = folder / "scheduler_config.json"
-        try:
-            name = json.loads(config.read_text()).get("_class_name")
-        except (OSError, ValueError, AttributeError):
-            continue
-        if isinstance(name, str):
-            return name
-    return None
-
-
 def _model_id(title: str) -> str:
     """An A1111 checkpoint title (``"name [hash]"``) or a toile id -> the id."""
     return TITLE_HASH.sub("", title.strip())
@@ -167,21 +151,18 @@ def resolve_model(service: JobService, title: str, field: str) -> Any:
         raise RequestError(field, str(exc)) from None
 
 
-def _check_sampler(body: Processing, path: Path, model: str) -> str:
-    """The request's sampler must be the model's own; returns its A1111 name."""
-    own = scheduler_class(path)
-    title = sampler_name(own)
+def _sampler_fields(body: Processing) -> dict[str, str | None]:
+    """A1111's ``sampler_name`` (or its deprecated ``sampler_index``) and ``scheduler`` as the
+    job's ``sampler`` and ``schedule``; ``Default`` / ``automatic`` / empty mean the model's
+    own. Whether the model can use them is checked with the model (422 listing what it can)."""
     name = (body.sampler_name or body.sampler_index or "").strip()
-    accepted = {"", DEFAULT_SAMPLER.lower(), title.lower(), (own or "").lower()}
-    if name.lower() not in accepted:
-        raise RequestError(
-            "sampler_name",
-            f"{name!r} is not available: toile runs {model} with the scheduler its checkpoint "
-            f"declares ({title}); send {title!r} or {DEFAULT_SAMPLER!r}",
-        )
-    if (body.scheduler or "automatic").lower() != "automatic":
-        raise RequestError("scheduler", f"must be 'automatic', got {body.scheduler!r}")
-    return title
+    schedule = (body.scheduler or "").strip()
+    check_sampler_name(name or None, "sampler_name")
+    parse_schedule(schedule or None, "scheduler")
+    return {
+        "sampler": None if name.lower() in ("", DEFAULT_SAMPLER.lower()) else name,
+        "schedule": None if schedule.lower() in ("", "automatic") else schedule,
+    }
 
 
 def _check_off(body: Processing) -> None:
@@ -230,7 +211,6 @@ def request_fields(service: JobService, checkpoint: str | None, body: Processing
     else:
         default = checkpoint or service.registry.default_id
         entry = resolve_model(service, default, "sd_model_checkpoint")
-    _check_sampler(body, entry.path, entry.id)
     num_images = body.batch_size * body.n_iter
     if num_images > service.config.max_images:
         raise RequestError(
@@ -255,6 +235,7 @@ def request_fields(service: JobService, checkpoint: str | None, body: Processing
         "seed": None if body.seed == -1 else body.seed,
         "num_images": num_images,
         "loras": loras,
+        **_sampler_fields(body),
     }
 
 

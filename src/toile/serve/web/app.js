@@ -1,5 +1,5 @@
 // toile's web page: one ES module, no build step, talking to the native API only
-// (/v1/models, /v1/jobs, /v1/jobs/{id}/events, /v1/images/{id}).
+// (/v1/models, /v1/events, /v1/jobs, /v1/jobs/{id}/events, /v1/images/{id}).
 //
 // Why fetch() everywhere, even for the event stream and images: with an API token every call
 // needs an Authorization header, which EventSource and <img src> cannot send. Events are read
@@ -8,6 +8,12 @@
 const $ = (selector, root = document) => root.querySelector(selector);
 const TOKEN_KEY = "toile.token";
 const TERMINAL = new Set(["finished", "failed", "cancelled"]);
+const ENDED = new Set(["succeeded", "failed", "cancelled"]);
+// The newest jobs the page shows, in the Jobs list and (their images) in the gallery.
+const MAX_JOBS = 20;
+// Job event streams open at once: a browser allows six connections per server, and the
+// server's own stream, image downloads and new submissions need some of them.
+const MAX_JOB_STREAMS = 3;
 const FIELD_INPUTS = {
   num_images: "num_images",
   image: "image-file",
@@ -130,9 +136,12 @@ function short(text, length = 60) {
   return text.length > length ? `${text.slice(0, length - 1)}…` : text;
 }
 
-// ------------------------------------------------------------------ models and status
+// ------------------------------------------------------------------ models, LoRAs and status
+const models = { cards: new Map() };
+
 async function loadModels() {
   const listing = await getJSON("/v1/models");
+  models.cards = new Map(listing.data.map((card) => [card.id, card]));
   const select = $("#model");
   const current = select.value;
   select.replaceChildren(
@@ -142,20 +151,97 @@ async function loadModels() {
       return option;
     }),
   );
+  updateRefiners();
+  showLoras(listing.loras);
+}
+
+/** Offer as refiners only the models the server says can refine the chosen one: refiner
+ * checkpoints (or bases) of its own family, not the model itself. */
+function updateRefiners() {
+  const base = models.cards.get($("#model").value);
+  const candidates = [...models.cards.values()].filter(
+    (card) => base?.family && card.refiner && card.family === base.family && card.id !== base.id,
+  );
   const refiner = $("#refiner");
   const chosen = refiner.value;
-  refiner.replaceChildren(new Option("None", ""), ...listing.models.map((id) => new Option(id, id)));
-  refiner.value = listing.models.includes(chosen) ? chosen : "";
+  refiner.replaceChildren(new Option("None", ""), ...candidates.map((card) => new Option(card.id, card.id)));
+  refiner.value = candidates.some((card) => card.id === chosen) ? chosen : "";
+  refiner.disabled = candidates.length === 0;
+  $("#refiner_switch").disabled = candidates.length === 0;
+}
+
+/** One row per LoRA id of the server: a checkbox to use it, and its scale. */
+function showLoras(ids) {
+  $("#loras").replaceChildren(
+    ...ids.map((id, index) => {
+      const item = document.createElement("li");
+      item.className = "lora";
+      item.dataset.lora = id;
+      const use = document.createElement("label");
+      const box = document.createElement("input");
+      box.type = "checkbox";
+      box.className = "lora-use";
+      use.append(box, ` ${id}`);
+      const scale = document.createElement("input");
+      Object.assign(scale, {
+        type: "number", className: "lora-scale", id: `lora-scale-${index}`,
+        min: "-10", max: "10", step: "0.05", value: "1.0",
+      });
+      scale.setAttribute("aria-label", `Scale of ${id}`);
+      const scaleLabel = document.createElement("label");
+      scaleLabel.htmlFor = scale.id;
+      scaleLabel.textContent = "Scale";
+      scale.disabled = true;
+      box.addEventListener("change", () => {
+        scale.disabled = !box.checked;
+      });
+      item.append(use, scaleLabel, scale);
+      return item;
+    }),
+  );
+  $("#loras-empty").hidden = ids.length > 0;
+}
+
+function loraRows() {
+  return [...document.querySelectorAll("#loras .lora")].map((item) => ({
+    id: item.dataset.lora,
+    use: $(".lora-use", item),
+    scale: $(".lora-scale", item),
+  }));
+}
+
+function showStatus(health) {
+  $("#server-status").textContent = health.ok
+    ? `Ready · ${health.running} running · ${health.queue_length} queued`
+    : "The worker is not running";
 }
 
 async function refreshStatus() {
   try {
-    const health = await getJSON("/health");
-    $("#server-status").textContent = health.ok
-      ? `Ready · ${health.running} running · ${health.queue_length} queued`
-      : "The worker is not running";
+    showStatus(await getJSON("/health"));
   } catch {
     $("#server-status").textContent = "Server unreachable";
+  }
+}
+
+/** The header follows the server's event stream: a status at once, then one whenever a job is
+ * queued, starts or ends. Only while the stream is down is /health read instead, once per
+ * attempt to reconnect (1 s, doubling up to 15 s). */
+async function watchServer() {
+  let wait = 1000;
+  for (;;) {
+    try {
+      for await (const { type, data } of events("/v1/events")) {
+        if (type !== "status") continue;
+        showStatus(data);
+        wait = 1000;
+      }
+    } catch {
+      /* the stream broke or could not open: fall back and reconnect below */
+    }
+    await refreshStatus();
+    await sleep(wait);
+    wait = Math.min(wait * 2, 15000);
   }
 }
 
@@ -363,6 +449,13 @@ function buildBody() {
     const value = numberValue(id);
     if (value !== undefined) body[id] = value;
   }
+  const loras = loraRows().filter((row) => row.use.checked);
+  if (loras.length) {
+    body.loras = loras.map((row) => {
+      const text = row.scale.value.trim();
+      return { id: row.id, scale: text === "" ? 1.0 : Number(text) };
+    });
+  }
   if (canvas.dataUrl === null) {
     for (const id of ["width", "height"]) {
       const value = numberValue(id);
@@ -396,12 +489,23 @@ function clearErrors() {
 
 function showError(message, field) {
   $("#form-error").textContent = message;
-  const id = FIELD_INPUTS[field] || field;
-  const input = id ? document.getElementById(id) : null;
+  const input = fieldInput(field);
   if (input) {
     input.setAttribute("aria-invalid", "true");
     input.focus();
   }
+  $("#form-error").scrollIntoView({ block: "nearest" });
+}
+
+/** The input a field error names: "loras[1].scale" is the second chosen LoRA's scale. */
+function fieldInput(field) {
+  const lora = /^loras\[(\d+)\]\.(id|scale)$/.exec(field || "");
+  if (lora) {
+    const row = loraRows().filter((r) => r.use.checked)[Number(lora[1])];
+    return row ? (lora[2] === "id" ? row.use : row.scale) : null;
+  }
+  const id = FIELD_INPUTS[field] || field;
+  return id ? document.getElementById(id) : null;
 }
 
 async function submit(event) {
@@ -416,7 +520,10 @@ async function submit(event) {
   try {
     const body = buildBody();
     const accepted = await (await api("/v1/jobs", { method: "POST", json: body })).json();
-    trackJob(accepted.id, body);
+    const job = { id: accepted.id, status: accepted.status, request: body, images: [] };
+    addJob(job);
+    announce(`Job submitted: “${jobTitle(job)}”.`);
+    job.item.scrollIntoView({ block: "nearest" }); // its progress, wherever the page was
   } catch (error) {
     showError(error.message, error.field);
   } finally {
@@ -424,7 +531,16 @@ async function submit(event) {
   }
 }
 
-// ------------------------------------------------------------------ jobs and progress
+// ------------------------------------------------------------------ jobs: one list for both panels
+// The page's jobs, newest first: {id, status, request, images, error, queue_position, progress,
+// item, done}. The Jobs list and the gallery are both drawn from it, so they always agree; on
+// load it is filled from GET /v1/jobs, so they agree after a reload too.
+const jobs = [];
+
+function jobTitle(job) {
+  return short(job.request?.prompt || "(no prompt)");
+}
+
 const jobTemplate = () => {
   const item = document.createElement("li");
   item.className = "job";
@@ -443,93 +559,169 @@ const jobTemplate = () => {
   return item;
 };
 
-function trackJob(id, body) {
+function jobElement(job) {
   const item = jobTemplate();
-  item.dataset.job = id;
-  const title = short(body.prompt || "(no prompt)");
+  item.dataset.job = job.id;
+  const title = jobTitle(job);
   $(".job-title", item).textContent = title;
+  $(".job-title", item).title = job.request?.prompt || "";
   $("progress", item).setAttribute("aria-label", `Progress of “${title}”`);
   $(".preview", item).alt = `Preview of “${title}”`;
   $(".cancel", item).setAttribute("aria-label", `Cancel “${title}”`);
   $(".cancel", item).addEventListener("click", async () => {
     $(".job-status", item).textContent = "Cancelling…";
     try {
-      await api(`/v1/jobs/${id}/cancel`, { method: "POST" });
+      const after = await (await api(`/v1/jobs/${job.id}/cancel`, { method: "POST" })).json();
+      if (ENDED.has(after.status)) jobEnded(job, after); // a queued job ends at once
     } catch (error) {
       announce(`Could not cancel: ${error.message}`);
     }
   });
-  const list = $("#jobs");
-  list.prepend(item);
-  while (list.children.length > 12) list.lastElementChild.remove();
-  announce(`Job submitted: “${title}”.`);
-  follow(id, item, title);
+  return item;
 }
 
-async function follow(id, item, title) {
-  const status = $(".job-status", item);
-  const meter = $("progress", item);
-  const preview = $(".preview", item);
+/** Add a job to both panels: a new submission on top, or (``older``) a listed one below. */
+function addJob(job, { older = false } = {}) {
+  if (jobs.some((known) => known.id === job.id)) return;
+  job.item = jobElement(job);
+  const list = $("#jobs");
+  if (older) {
+    jobs.push(job);
+    list.append(job.item);
+  } else {
+    jobs.unshift(job);
+    list.prepend(job.item);
+  }
+  for (const dropped of jobs.splice(MAX_JOBS)) dropped.item.remove();
+  $("#jobs-empty").hidden = true;
+  if (ENDED.has(job.status)) {
+    job.done = true;
+    showEnded(job);
+  } else {
+    follow(job);
+  }
+  renderGallery();
+}
+
+async function loadJobs() {
+  const listing = await getJSON(`/v1/jobs?limit=${MAX_JOBS}`);
+  for (const job of listing.jobs.reverse()) addJob(job, { older: true }); // newest first
+  await renderGallery();
+}
+
+const streams = { free: MAX_JOB_STREAMS, waiting: [] };
+
+async function streamSlot() {
+  if (streams.free > 0) {
+    streams.free--;
+    return;
+  }
+  await new Promise((resolve) => streams.waiting.push(resolve));
+}
+
+function releaseStreamSlot() {
+  const next = streams.waiting.shift();
+  if (next) next();
+  else streams.free++;
+}
+
+function showQueued(job, position) {
+  $(".job-status", job.item).textContent = position == null ? "Queued" : `Queued · position ${position}`;
+}
+
+function showProgress(job, progress) {
+  const meter = $("progress", job.item);
+  meter.max = progress.total;
+  meter.value = progress.step;
+  $(".job-status", job.item).textContent = `Step ${progress.step} of ${progress.total}`;
+}
+
+async function follow(job) {
+  const status = $(".job-status", job.item);
+  const preview = $(".preview", job.item);
+  const title = jobTitle(job);
+  if (job.status === "queued") showQueued(job, job.queue_position);
+  else if (job.progress) showProgress(job, job.progress);
+  else if (job.status === "running") status.textContent = "Running";
   let lastQuarter = -1;
-  for (let attempt = 0; attempt < 30; attempt++) {
-    try {
-      for await (const { type, data } of events(`/v1/jobs/${id}/events`)) {
-        if (type === "queued") {
-          status.textContent = `Queued · position ${data.position ?? "?"}`;
-        } else if (type === "started") {
-          status.textContent = "Running";
-          announce(`“${title}” started.`);
-        } else if (type === "progress") {
-          meter.max = data.total;
-          meter.value = data.step;
-          status.textContent = `Step ${data.step} of ${data.total}`;
-          const quarter = Math.floor((4 * data.step) / data.total);
-          if (quarter !== lastQuarter) {
-            lastQuarter = quarter;
-            announce(`“${title}”: step ${data.step} of ${data.total}.`);
+  await streamSlot();
+  try {
+    for (let attempt = 0; attempt < 30; attempt++) {
+      if (job.done) return; // ended meanwhile (cancelled while queued)
+      try {
+        for await (const { type, data } of events(`/v1/jobs/${job.id}/events`)) {
+          if (type === "queued") {
+            showQueued(job, data.position);
+          } else if (type === "started") {
+            status.textContent = "Running";
+            announce(`“${title}” started.`);
+          } else if (type === "progress") {
+            showProgress(job, data);
+            const quarter = Math.floor((4 * data.step) / data.total);
+            if (quarter !== lastQuarter) {
+              lastQuarter = quarter;
+              announce(`“${title}”: step ${data.step} of ${data.total}.`);
+            }
+            if (data.preview_png) {
+              preview.src = `data:image/png;base64,${data.preview_png}`;
+              preview.hidden = false;
+            }
+          } else if (TERMINAL.has(type)) {
+            jobEnded(job, data);
+            return;
           }
-          if (data.preview_png) {
-            preview.src = `data:image/png;base64,${data.preview_png}`;
-            preview.hidden = false;
-          }
-        } else if (TERMINAL.has(type)) {
-          return finish(item, title, type, data);
+        }
+      } catch (error) {
+        if (error instanceof ApiError && error.status === 404) {
+          status.textContent = "Gone";
+          return;
         }
       }
-    } catch (error) {
-      if (error instanceof ApiError && error.status === 404) {
-        status.textContent = "Gone";
-        return;
-      }
+      await sleep(1000); // the stream broke: reconnect; the server sends the current state first
     }
-    await sleep(1000); // the stream broke: reconnect; the server sends the current state first
+    status.textContent = "Lost track of this job; reload the page";
+  } finally {
+    releaseStreamSlot();
   }
-  status.textContent = "Lost track of this job; reload the page";
 }
 
-async function finish(item, title, type, job) {
+/** A followed job ended (``data`` is the job as the API shows it): say so, once. */
+function jobEnded(job, data) {
+  if (job.done) return;
+  job.done = true;
+  Object.assign(job, { status: data.status, images: data.images || [], error: data.error });
+  showEnded(job);
+  const title = jobTitle(job);
+  if (job.status === "succeeded") {
+    const count = job.images.length;
+    announce(`“${title}” finished: ${count} image${count === 1 ? "" : "s"}.`);
+  } else if (job.status === "cancelled") {
+    announce(`“${title}” was cancelled.`);
+  } else {
+    announce(`“${title}” failed: ${job.error?.message || "unknown error"}.`);
+  }
+  renderGallery();
+}
+
+function showEnded(job) {
+  const item = job.item;
   const status = $(".job-status", item);
   item.classList.add(`is-${job.status}`);
-  $(".cancel", item).remove();
+  $(".cancel", item)?.remove();
   const meter = $("progress", item);
-  if (type === "finished") {
+  if (job.status === "succeeded") {
     meter.value = meter.max;
     const count = job.images.length;
     status.textContent = `Done · ${count} image${count === 1 ? "" : "s"}`;
-    announce(`“${title}” finished: ${count} image${count === 1 ? "" : "s"}.`);
-    await addToGallery(job);
-  } else if (type === "cancelled") {
+  } else if (job.status === "cancelled") {
     status.textContent = "Cancelled";
-    announce(`“${title}” was cancelled.`);
   } else {
     status.textContent = `Failed: ${job.error?.message || "unknown error"}`;
-    announce(`“${title}” failed: ${job.error?.message || "unknown error"}.`);
   }
-  refreshStatus();
 }
 
 // ------------------------------------------------------------------ gallery
-function recordSummary(record) {
+function recordSummary(record, request) {
   const rows = [
     ["Model", record.model_id],
     ["Mode", record.mode],
@@ -539,6 +731,9 @@ function recordSummary(record) {
     ["Seed", record.seed],
   ];
   if (record.strength != null && record.mode !== "txt2img") rows.push(["Strength", record.strength]);
+  if (record.refiner_id) rows.push(["Refiner", `${record.refiner_id} from ${record.refiner_switch}`]);
+  const loras = request?.loras || [];
+  if (loras.length) rows.push(["LoRAs", loras.map((lora) => `${lora.id} × ${lora.scale}`).join(", ")]);
   const list = document.createElement("dl");
   for (const [key, value] of rows) {
     const term = document.createElement("dt");
@@ -581,38 +776,63 @@ async function galleryCard(image, job) {
   use.className = "secondary use-settings";
   use.textContent = "Use these settings";
   use.setAttribute("aria-label", `Use the settings of “${short(record.prompt || "image")}”, seed ${record.seed}`);
-  use.addEventListener("click", () => useSettings(record));
+  use.addEventListener("click", () => useSettings(record, job.request));
   const download = document.createElement("a");
   download.href = img.src;
   download.download = `toile-${record.seed}.png`;
   download.textContent = "Download";
   actions.append(use, download);
-  caption.append(prompt, recordSummary(record), details, actions);
+  caption.append(prompt, recordSummary(record, job.request), details, actions);
   figure.append(img, caption);
   card.append(figure);
   return card;
 }
 
-async function addToGallery(job, { append = false } = {}) {
-  const gallery = $("#gallery");
-  for (const image of job.images) {
-    if (gallery.querySelector(`[data-image="${image.id}"]`)) continue;
+const cards = new Map(); // image id -> Promise of its card
+let galleryQueue = Promise.resolve();
+
+/** Redraw the gallery from the jobs list: newest job first, each job's images in batch order
+ * (the API lists them by index). Draws run one after another; cards are made once. */
+function renderGallery() {
+  galleryQueue = galleryQueue.then(drawGallery, drawGallery);
+  return galleryQueue;
+}
+
+async function drawGallery() {
+  const wanted = jobs
+    .filter((job) => job.status === "succeeded")
+    .flatMap((job) => job.images.map((image) => ({ job, image })));
+  const drawn = [];
+  for (const { job, image } of wanted) {
+    if (!cards.has(image.id)) cards.set(image.id, galleryCard(image, job));
     try {
-      const card = await galleryCard(image, job);
-      if (append) gallery.append(card);
-      else gallery.prepend(card);
+      drawn.push(await cards.get(image.id));
     } catch (error) {
+      cards.delete(image.id); // try again at the next draw
       announce(`Could not load an image: ${error.message}`);
     }
   }
-  $("#gallery-empty").hidden = gallery.children.length > 0;
+  const gallery = $("#gallery");
+  drawn.forEach((card, index) => {
+    if (gallery.children[index] !== card) gallery.insertBefore(card, gallery.children[index] ?? null);
+  });
+  while (gallery.children.length > drawn.length) gallery.lastElementChild.remove();
+  const kept = new Set(wanted.map(({ image }) => image.id));
+  for (const id of [...cards.keys()]) {
+    if (kept.has(id)) continue;
+    cards.delete(id);
+    if (imageUrls.has(id)) URL.revokeObjectURL(imageUrls.get(id));
+    imageUrls.delete(id);
+  }
+  $("#gallery-empty").hidden = drawn.length > 0;
 }
 
-function useSettings(record) {
+function useSettings(record, request) {
   $("#prompt").value = record.prompt || "";
   $("#negative_prompt").value = record.negative_prompt || "";
   const select = $("#model");
   if ([...select.options].some((option) => option.value === record.model_id)) select.value = record.model_id;
+  updateRefiners();
   const refiner = $("#refiner");
   refiner.value = [...refiner.options].some((option) => option.value === record.refiner_id) ? record.refiner_id : "";
   const values = {
@@ -620,18 +840,21 @@ function useSettings(record) {
     refiner_switch: record.refiner_switch,
   };
   for (const [id, value] of Object.entries(values)) $(`#${id}`).value = value ?? "";
+  // The record names LoRA files; the job's request names the ids this server knows them by.
+  const used = new Map((request?.loras || []).map((lora) => [lora.id, lora.scale]));
+  for (const row of loraRows()) {
+    row.use.checked = used.has(row.id);
+    row.scale.value = used.has(row.id) ? String(used.get(row.id)) : "1.0";
+    row.scale.disabled = !row.use.checked;
+  }
   $("#prompt").focus();
   announce(`Settings loaded from the image with seed ${record.seed}.`);
-}
-
-async function loadGallery() {
-  const listing = await getJSON("/v1/jobs?status=succeeded&limit=24");
-  for (const job of listing.jobs.reverse()) await addToGallery(job, { append: true });
 }
 
 // ------------------------------------------------------------------ start
 function bind() {
   $("#generate-form").addEventListener("submit", submit);
+  $("#model").addEventListener("change", updateRefiners);
   $("#image-file").addEventListener("change", (event) => chooseImage(event.target.files[0]));
   $("#remove-image").addEventListener("click", removeImage);
   $("#clear-mask").addEventListener("click", () => {
@@ -655,10 +878,9 @@ async function start() {
   bind();
   try {
     await loadModels();
-    await refreshStatus();
-    await loadGallery();
+    watchServer();
+    await loadJobs();
     document.body.dataset.ready = "true";
-    setInterval(refreshStatus, 15000);
   } catch (error) {
     $("#server-status").textContent = `Could not reach the server: ${error.message}`;
   }
