@@ -40,6 +40,28 @@ def test_folder_with_pickle_weights_refused(tiny_models, tmp_path):
         Engine(device="cpu").run(GenerationRequest("a", model=str(folder), steps=1))
 
 
+def test_model_folders_with_code_are_refused_before_anything_runs(tiny_models, tmp_path):
+    """A folder's own .py (a custom pipeline) never runs and a library a folder names is never
+    imported, whatever the diffusers version: both are refused before loading."""
+    import json
+    import shutil
+
+    folder = tmp_path / "sd"
+    shutil.copytree(tiny_models("sd"), folder)
+    marker = tmp_path / "ran.txt"
+    (folder / "unet" / "pipeline.py").write_text(f"open({str(marker)!r}, 'w').write('x')\n")
+    engine = Engine(device="cpu")
+    with pytest.raises(UnsafeFileError, match=r"contains code \(unet/pipeline.py\)"):
+        engine.run(GenerationRequest("a", model=str(folder), steps=1))
+    (folder / "unet" / "pipeline.py").unlink()
+    index = json.loads((folder / "model_index.json").read_text())
+    index["unet"] = ["my_evil_module", "UNet2DConditionModel"]
+    (folder / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(UnsafeFileError, match="names library 'my_evil_module' for 'unet'"):
+        engine.run(GenerationRequest("a", model=str(folder), steps=1))
+    assert not marker.exists()
+
+
 def test_unknown_layouts_say_what_was_found(tmp_path):
     (tmp_path / "weird").mkdir()
     (tmp_path / "weird" / "notes.txt").write_text("hi")
@@ -137,3 +159,25 @@ def test_record_round_trip_and_a1111_text(tmp_path):
     )
     with Image.open(path) as image:
         assert image.info["parameters"] == text
+
+
+def test_a_jpeg_with_thousands_of_scans_is_refused_before_decoding(tmp_path):
+    """A small progressive JPEG made of many (empty) scans would hold the decoder for minutes;
+    its start-of-scan markers are counted first."""
+    import io
+
+    from toile.io.images import MAX_JPEG_SCANS, open_image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), "red").save(buffer, "JPEG", progressive=True)
+    normal = buffer.getvalue()
+    assert open_image(normal, field="image").size == (64, 64)  # a real progressive JPEG is fine
+    empty_scan = b"\xff\xda\x00\x08\x01\x01\x00\x00\x3f\x00"
+    hostile = normal[:-2] + empty_scan * 5000 + b"\xff\xd9"
+    assert len(hostile) < 1_000_000
+    with pytest.raises(ImageInputError, match=f"scans; at most {MAX_JPEG_SCANS}"):
+        open_image(hostile, field="image")
+    path = tmp_path / "scans.jpg"
+    path.write_bytes(hostile)
+    with pytest.raises(ImageInputError, match="scans.jpg is a JPEG with 50"):
+        open_image(str(path), field="image")

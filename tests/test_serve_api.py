@@ -8,6 +8,7 @@ import io
 import json
 import re
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
@@ -66,7 +67,8 @@ def test_submit_poll_image_with_record(scripted, tmp_path):
         job = wait_job(client, response.json()["id"])
         assert job["status"] == "succeeded", job
         assert job["request"]["image"] is True and job["images"][0]["record"]["mode"] == "img2img"
-        assert len(list((tmp_path / "data" / "uploads").iterdir())) == 1
+        # the upload was stored for the job, and is deleted once the job has ended
+        wait_until(lambda: not list((tmp_path / "data" / "uploads").iterdir()), what="cleanup")
         listed = client.get("/v1/jobs").json()
         assert [j["status"] for j in listed["jobs"]] == ["succeeded", "succeeded"]
         health = client.get("/health").json()
@@ -285,6 +287,45 @@ def test_events_stream_in_order_and_late_subscriber(scripted, tmp_path):
         assert client.get("/v1/jobs/ffffffffffffffffffffffffffffffff/events").status_code == 404
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1/hook", "http://2130706433/", "http://0x7f.1/", "http://127.1/",
+        "http://[::1]/", "http://[::ffff:127.0.0.1]/", "http://[::ffff:a00:1]/",
+        "http://10.1.2.3/", "http://172.16.0.1/", "http://192.168.1.1/",
+        "http://169.254.169.254/latest/meta-data", "http://[fe80::1]/", "http://0.0.0.0/",
+        "http://224.0.0.1/", "http://[ff02::1]/", "http://240.0.0.1/", "http://100.64.0.1/",
+        "http://[2002:7f00:1::]/",  # 6to4 wrapping 127.0.0.1
+    ],
+)
+def test_webhooks_to_non_public_addresses_are_refused_in_every_spelling(url):
+    from toile.errors import RequestError
+    from toile.serve.webhooks import check_webhook_url
+
+    with pytest.raises(RequestError) as info:
+        check_webhook_url(url)
+    assert info.value.field == "webhook" and "public address" in str(info.value)
+
+
+def test_webhook_names_are_checked_on_every_answer(monkeypatch):
+    """A name with one private answer among public ones is refused as a whole (DNS answers
+    that mix in an internal address), and public literal addresses pass."""
+    import socket
+
+    from toile.serve import webhooks
+
+    answers = [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("93.184.216.34", 80)),
+               (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("10.0.0.7", 80))]
+    monkeypatch.setattr(webhooks.socket, "getaddrinfo", lambda *a, **k: answers)
+    with pytest.raises(webhooks.BlockedAddressError, match="10.0.0.7"):
+        webhooks.resolve_public("hooks.example.com", 80, ())
+    assert webhooks.resolve_public("hooks.example.com", 80, webhooks.allowed_networks(
+        ["10.0.0.0/8"]))  # admitted by the config
+    monkeypatch.undo()
+    assert webhooks.check_webhook_url("http://93.184.216.34/hook")
+    assert webhooks.check_webhook_url("https://hooks.example.com/x")  # names: at delivery
+
+
 def test_webhook_is_called_on_a_loopback_receiver(scripted, tmp_path):
     received: list[dict] = []
     got = threading.Event()
@@ -305,7 +346,19 @@ def test_webhook_is_called_on_a_loopback_receiver(scripted, tmp_path):
     thread.start()
     try:
         url = f"http://127.0.0.1:{receiver.server_port}/hook"
+        by_name = f"http://localhost:{receiver.server_port}/hook"
         with serve(scripted, tmp_path / "data") as client:
+            # loopback is not public: refused at submit as a literal address, and by name at
+            # delivery (after resolving) without ever connecting
+            refused = client.post("/v1/jobs", json=job_body(webhook=url))
+            assert refused.status_code == 422 and refused.json()["error"]["field"] == "webhook"
+            job_id = client.post("/v1/jobs", json=job_body(webhook=by_name)).json()["id"]
+            status = wait_until(
+                lambda: client.get(f"/v1/jobs/{job_id}").json()["webhook_status"], what="status"
+            )
+            assert status == "failed" and not received  # no detail for the client
+        # a deployment admits its own network's range in the config
+        with serve(scripted, tmp_path / "data2", webhook_allow=("127.0.0.0/8",)) as client:
             job_id = client.post("/v1/jobs", json=job_body(webhook=url)).json()["id"]
             assert got.wait(60), "the webhook was not called"
             assert received[0]["id"] == job_id and received[0]["status"] == "succeeded"
@@ -313,7 +366,7 @@ def test_webhook_is_called_on_a_loopback_receiver(scripted, tmp_path):
             status = wait_until(
                 lambda: client.get(f"/v1/jobs/{job_id}").json()["webhook_status"], what="status"
             )
-            assert status == "delivered: HTTP 204"
+            assert status == "delivered"
     finally:
         receiver.shutdown()
         receiver.server_close()
@@ -381,3 +434,96 @@ def test_a_lora_registered_while_serving_is_used_without_restart(scripted, tiny_
         assert "file is gone" in gone.json()["error"]["message"]
         assert str(tmp_path) not in gone.text  # the server's paths are not shown to clients
         assert client.post("/v1/jobs", json=job_body()).status_code == 202
+
+
+def test_a_damaged_row_fails_its_job_and_the_queue_goes_on(scripted, tmp_path):
+    """A row whose stored request is not JSON fails with the reason; the listing still works
+    and the next job runs."""
+    import sqlite3
+
+    scripted.gate_at = 1  # hold the first job so the others wait in the queue
+    with serve(scripted, tmp_path / "data") as client:
+        first = client.post("/v1/jobs", json=job_body()).json()["id"]
+        damaged = client.post("/v1/jobs", json=job_body(seed=8)).json()["id"]
+        after = client.post("/v1/jobs", json=job_body(seed=9)).json()["id"]
+        with sqlite3.connect(tmp_path / "data" / "jobs.sqlite3") as db:
+            db.execute("UPDATE jobs SET request = '{not json' WHERE id = ?", (damaged,))
+        listing = client.get("/v1/jobs")
+        assert listing.status_code == 200 and len(listing.json()["jobs"]) == 3
+        scripted.release()
+        assert wait_job(client, first)["status"] == "succeeded"
+        failed = wait_job(client, damaged)
+        assert failed["status"] == "failed"
+        assert "stored request is damaged" in failed["error"]["message"]
+        assert wait_job(client, after)["status"] == "succeeded"
+
+
+def test_a_damaged_database_is_one_line_with_advice(tmp_path, toile_home):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "jobs.sqlite3").write_bytes(b"this is not a database" * 100)
+    toile = str(Path(sys.executable).parent / "toile")
+    env = dict(os.environ, TOILE_HOME=str(toile_home))
+    proc = subprocess.run([toile, "serve", "--data-dir", str(data), "--port", "0"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "is damaged" in proc.stderr and "move the file aside" in proc.stderr
+
+
+def test_a_full_disk_is_a_json_answer(scripted, tmp_path, monkeypatch):
+    import errno
+
+    from toile.serve import jobs
+
+    def full(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(jobs, "write_durably", full)
+    with serve(scripted, tmp_path / "data") as client:
+        response = client.post("/v1/jobs", json=job_body(image=png_b64(32, 32), strength=0.5))
+        assert response.status_code == 507
+        assert response.json()["error"]["type"] == "insufficient_storage"
+        assert client.get("/health").status_code == 200  # and it serves the next request
+
+
+def test_uploads_end_with_their_job_results_expire_and_data_is_private(scripted, tmp_path):
+    """Uploads are deleted when their job ends; results older than retention_days go, with
+    their files, at start-up and after each job; leftovers of a crash are cleaned; the data
+    folder and its files are for the server's user only."""
+    import os
+    import stat
+
+    data = tmp_path / "data"
+    with serve(scripted, data) as client:
+        job = client.post("/v1/jobs", json=job_body(image=png_b64(32, 32), strength=0.5))
+        finished = wait_job(client, job.json()["id"])
+        assert finished["status"] == "succeeded"
+        wait_until(lambda: not list((data / "uploads").iterdir()), what="upload deleted")
+        image = data / "images" / f"{finished['images'][0]['id']}.png"
+        assert image.is_file()
+    for path in (data, data / "images", data / "uploads"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o700, path
+    for path in (data / "jobs.sqlite3", image):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+    # a crash left a half-written temp file and an upload of an ended job
+    (data / "images" / ".x.png.tmp-1234").write_bytes(b"partial")
+    (data / "uploads" / f"{finished['id']}-image.png").write_bytes(b"stale")
+    old = time.time() - 3 * 86400
+    os.utime(image, (old, old))
+    import sqlite3
+
+    with sqlite3.connect(data / "jobs.sqlite3") as db:
+        db.execute("UPDATE jobs SET finished_at = ? WHERE id = ?", (old, finished["id"]))
+    with serve(scripted, data, retention_days=2) as client:
+        assert client.get(f"/v1/jobs/{finished['id']}").status_code == 404
+        assert not image.exists()
+        assert list((data / "uploads").iterdir()) == []
+        assert list((data / "images").glob(".*tmp*")) == []
+        fresh = wait_job(client, client.post("/v1/jobs", json=job_body()).json()["id"])
+        assert fresh["status"] == "succeeded"  # recent jobs are kept
+        assert client.get(f"/v1/jobs/{fresh['id']}").status_code == 200

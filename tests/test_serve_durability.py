@@ -58,3 +58,4 @@ def test_kill_9_mid_run_loses_no_accepted_job(tiny_models, toile_home, tmp_path)
         assert info.value.status == 422 and info.value.body["error"]["field"] == "model"
     finally:
         server.stop()
+

@@ -214,3 +214,34 @@ def test_cancelled_and_failed_jobs_are_openai_errors(scripted, tmp_path):
         assert set(body) >= {"message", "type", "param", "code"}
         # x-should-retry: false, so the client did not run the failing job three times
         assert len(test_client.get("/v1/jobs").json()["jobs"]) == 2
+
+
+def test_output_size_is_checked_before_any_resizing(scripted, tmp_path, monkeypatch):
+    """A size over the pixel budget is refused before the routes spend work resizing to it."""
+    import requests
+    from PIL import Image
+
+    from serve_helpers import live_server
+
+    calls = []
+    real_resize = Image.Image.resize
+
+    def counting_resize(self, *args, **kwargs):
+        calls.append(args[0] if args else kwargs.get("size"))
+        return real_resize(self, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "resize", counting_resize)
+    with serve(scripted, tmp_path / "data", max_image_pixels=40 * 40) as test_client:
+        client = client_for(test_client)
+        with pytest.raises(openai.BadRequestError) as info:
+            client.images.edit(image=("in.png", gradient_png(), "image/png"), prompt="x",
+                               size="1024x1024", model=MODEL)
+        assert info.value.body["param"] == "size" and "budget of 1600" in info.value.body[
+            "message"]
+    with live_server(scripted, tmp_path / "data2", max_image_pixels=40 * 40) as port:
+        body = {"prompt": "x", "init_images": [base64.b64encode(gradient_png()).decode()],
+                "width": 1024, "height": 1024, "steps": 1}
+        response = requests.post(f"http://127.0.0.1:{port}/sdapi/v1/img2img", json=body,
+                                 timeout=60)
+        assert response.status_code == 422 and response.json()["error"]["field"] == "width"
+    assert (1024, 1024) not in calls

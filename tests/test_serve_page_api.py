@@ -1,6 +1,7 @@
 """What the web page reads from the API besides jobs: the server-wide event stream that keeps
 its header's counts live (``GET /v1/events``), and the model listing's ``family`` and
-``refiner`` fields that decide which models the page offers as a refiner."""
+``refiner`` fields that decide which models the page offers as a refiner, and its
+``samplers`` that fill the page's Sampler and Schedule lists."""
 
 from __future__ import annotations
 
@@ -113,3 +114,36 @@ def test_models_list_family_and_refiner_role(engine, tiny_models, tmp_path):
     assert roles["toile-mini"][1] is False
     assert listing["models"] == list(cards)
     assert {"id", "object", "created", "owned_by"} <= set(listing["data"][0])
+
+
+def test_models_list_the_samplers_each_model_can_use(engine, tiny_models, tmp_path):
+    """Each card lists the samplers a job on that model can name, its own marked ``default``,
+    each with the schedules it supports there (from configs: nothing is loaded): the tiny SD
+    model (DDIMScheduler) the ε samplers, toile's own exactly what its sampling code runs,
+    a single file or an unreadable model none (the page then offers only the default)."""
+    from toile.engine.models import ModelRegistry
+
+    registry = ModelRegistry(tmp_path / "models.json")
+    registry.add(MODEL, tiny_models("sd"))
+    registry.add("tiny-sd-file", tiny_models("sd_single_file"))
+    registry.add("vanished", tmp_path / "nowhere")
+    scripted = ScriptedEngine(engine)
+    scripted.registry = registry
+    with serve(scripted, tmp_path / "data") as client:
+        listing = client.get("/v1/models").json()
+    cards = {card["id"]: card for card in listing["data"]}
+
+    sd = {option["name"]: option for option in cards[MODEL]["samplers"]}
+    assert [name for name, option in sd.items() if option["default"]] == ["DDIM"]
+    assert {"Euler", "Euler a", "DPM++ 2M", "DPM++ 2M SDE", "UniPC", "DDIM"} <= set(sd)
+    assert "karras" in sd["DPM++ 2M"]["schedules"]
+    assert sd["DPM++ 2M"]["schedules"][0] == "automatic"
+    assert "karras" not in sd["DDIM"]["schedules"]
+    assert all(option["schedules"][0] == "automatic" for option in sd.values())
+
+    assert cards["toile-mini"]["samplers"] == [
+        {"name": "Euler", "schedules": ["automatic"], "default": True},
+        {"name": "Heun", "schedules": ["automatic"], "default": False},
+    ]
+    assert cards["tiny-sd-file"]["samplers"] == []
+    assert cards["vanished"]["samplers"] == []

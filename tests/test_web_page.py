@@ -3,11 +3,13 @@ Python package; ``playwright install`` is never used) against a real uvicorn ser
 tiny SD model: generate and see the image, watch live progress with a preview, cancel, paint a
 mask and inpaint, "use these settings", the token prompt; the header's live counts from the
 server's event stream; Generate, progress and errors on screen at desktop and phone sizes; the
-refiner list; the LoRA control; the Jobs list and the gallery from one source, in batch
-order across a reload."""
+refiner list; the sampler and schedule lists; the LoRA control; the Jobs list and the gallery
+from one source, in batch order across a reload."""
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -203,12 +205,17 @@ def test_generate_progress_cancel_and_inpaint(engine, browser, tmp_path):
         expect(page.locator("#announcer")).to_have_text("Painted at the brush position.")
         page.get_by_label("Prompt", exact=True).fill("a green square")
         page.get_by_label("Steps", exact=True).fill("2")
-        page.get_by_role("button", name="Generate").click()
+        # the mask as the page sends it (the server deletes uploads once their job ends)
+        with page.expect_request(
+            lambda r: r.method == "POST" and urlsplit(r.url).path == "/v1/jobs"
+        ) as posted:
+            page.get_by_role("button", name="Generate").click()
         expect(page.locator("#gallery .card")).to_have_count(2)
         newest = requests.get(f"{url}/v1/jobs?status=succeeded", timeout=9).json()["jobs"][-1]
         assert newest["request"]["mask"] is True and newest["request"]["image"] is True
         assert newest["images"][0]["record"]["mode"] == "inpaint"
-        mask = Image.open(data_dir / "uploads" / f"{newest['id']}-mask.png").convert("L")
+        sent = json.loads(posted.value.post_data)["mask"].split(",")[-1]
+        mask = Image.open(io.BytesIO(base64.b64decode(sent))).convert("L")
         assert mask.size == (64, 64)
         assert mask.getpixel((13, 32)) == 255  # painted: repaint
         assert mask.getpixel((34, 32)) == 255  # painted with the keyboard
@@ -365,6 +372,112 @@ def test_refiner_list_offers_only_models_that_can_refine_the_chosen_one(
         expect(refiner).to_have_value("")
         expect(refiner).to_be_disabled()
         assert errors == []
+        page.close()
+
+
+def test_sampler_and_schedule_lists_follow_the_model_and_sampler(engine, browser, tmp_path):
+    """The Sampler list offers "Default (the model's own)" and what the chosen model can use,
+    the Schedule list automatic and what the chosen sampler supports there; a choice that no
+    longer applies goes back to the default. A chosen pair is sent, run, recorded, shown on the
+    card and restored by "use these settings"; Default sends nothing; a 422 naming the schedule
+    marks that list."""
+    from playwright.sync_api import expect
+
+    with live_server(ScriptedEngine(engine), tmp_path / "data") as port:
+        url = f"http://127.0.0.1:{port}"
+        page, errors = open_page(browser, url)
+        expect(page.locator("body")).to_have_attribute("data-ready", "true")
+        model = page.get_by_label("Model", exact=True)
+        sampler = page.get_by_label("Sampler", exact=True)
+        schedule = page.get_by_label("Schedule", exact=True)
+        expect(model).to_have_value(MODEL)
+
+        # the tiny SD model: its own is DDIM; the ε samplers; DDIM's own spacing options
+        names = option_values(sampler)
+        assert names[0] == "" and {"DDIM", "Euler", "Euler a", "DPM++ 2M"} <= set(names[1:])
+        expect(sampler.locator("option").first).to_have_text("Default (DDIM)")
+        expect(sampler).to_have_value("")
+        expect(schedule).to_have_value("automatic")
+        assert "karras" not in option_values(schedule)  # DDIM has no Karras sigmas
+
+        # toile's own model: exactly what its sampling code runs, no schedule choice
+        model.select_option("toile-mini")
+        assert option_values(sampler) == ["", "Euler", "Heun"]
+        expect(sampler.locator("option").first).to_have_text("Default (Euler)")
+        assert option_values(schedule) == ["automatic"]
+        expect(schedule).to_be_disabled()
+
+        model.select_option(MODEL)
+        sampler.select_option("DPM++ 2M")
+        expect(schedule).to_be_enabled()
+        assert option_values(schedule)[0] == "automatic" and "karras" in option_values(schedule)
+        schedule.select_option("karras")
+        model.select_option("toile-mini")  # neither applies there: back to the defaults
+        expect(sampler).to_have_value("")
+        expect(schedule).to_have_value("automatic")
+        model.select_option(MODEL)
+        sampler.select_option("DPM++ 2M")
+        schedule.select_option("karras")
+
+        def generate(prompt: str) -> tuple[dict, str]:
+            """The body the page sent, and the id of the job, once its card is done."""
+            page.get_by_label("Prompt", exact=True).fill(prompt)
+            page.get_by_label("Steps", exact=True).fill("2")
+            page.get_by_label("Seed", exact=True).fill("5")
+            with page.expect_response(
+                lambda r: r.request.method == "POST" and urlsplit(r.url).path == "/v1/jobs"
+            ) as answered:
+                page.get_by_role("button", name="Generate").click()
+            assert answered.value.status == 202, answered.value.text()
+            job_id = answered.value.json()["id"]
+            job = page.locator(f'#jobs .job[data-job="{job_id}"]')
+            expect(job.locator(".job-status")).to_have_text("Done · 1 image")
+            expect(page.locator(f'#gallery .card[data-job="{job_id}"]')).to_have_count(1)
+            return answered.value.request.post_data_json, job_id
+
+        payload, job_id = generate("karras spaced")
+        chosen = {key: payload[key] for key in ("sampler", "schedule") if key in payload}
+        assert chosen == {"sampler": "DPM++ 2M", "schedule": "karras"}
+        job = wait_succeeded(url, job_id)
+        assert (job["request"]["sampler"], job["request"]["schedule"]) == ("DPM++ 2M", "karras")
+        record = job["images"][0]["record"]
+        assert (record["sampler"], record["schedule"]) == ("DPM++ 2M", "karras")
+        karras_card = page.locator(f'#gallery .card[data-job="{job_id}"]')
+        expect(karras_card.locator("dl")).to_contain_text("SamplerDPM++ 2M")
+        expect(karras_card.locator("dl")).to_contain_text("ScheduleKarras")
+
+        # a sampler without Karras sigmas: the schedule goes back to automatic
+        sampler.select_option("DDIM")
+        expect(schedule).to_have_value("automatic")
+        assert "karras" not in option_values(schedule)
+
+        # Default: no sampler (and, automatic, no schedule) in the request
+        sampler.select_option("")
+        payload, plain_id = generate("own sampler")
+        assert "sampler" not in payload and "schedule" not in payload, payload
+        plain_card = page.locator(f'#gallery .card[data-job="{plain_id}"]')
+        expect(plain_card.locator("dl")).to_contain_text("SamplerDDIM")
+        expect(plain_card.locator("dl")).not_to_contain_text("Schedule")
+
+        karras_card.get_by_role("button", name="Use the settings").click()
+        expect(sampler).to_have_value("DPM++ 2M")
+        expect(schedule).to_have_value("karras")
+        plain_card.get_by_role("button", name="Use the settings").click()
+        expect(sampler).to_have_value("")
+        expect(schedule).to_have_value("automatic")
+
+        # a schedule the server refuses (forced into the list): its 422 marks the Schedule list
+        sampler.select_option("DDIM")
+        page.evaluate(
+            """() => { const s = document.querySelector("#schedule");
+                       s.add(new Option("Karras", "karras")); s.value = "karras"; }"""
+        )
+        page.get_by_role("button", name="Generate").click()
+        expect(page.locator("#form-error")).to_contain_text("schedule")
+        expect(schedule).to_have_attribute("aria-invalid", "true")
+        expect(schedule).to_be_focused()
+        assert [error for error in errors if "422" not in error] == []
+        assert len(errors) <= 1, errors
         page.close()
 
 

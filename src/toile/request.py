@@ -266,6 +266,16 @@ class ResolvedRequest:
         return self.request.negative_prompt
 
 
+def resolve_budget(width: int, height: int, budget: int, field: str, where: str = "") -> None:
+    """Refuse ``width x height`` over ``budget`` pixels (``where`` says whose budget)."""
+    if width * height > budget:
+        raise RequestError(
+            field,
+            f"{width}x{height} = {width * height} pixels exceeds the budget of {budget} "
+            f"pixels{where}",
+        )
+
+
 def resolve(
     request: GenerationRequest,
     defaults: FamilyDefaults,
@@ -309,12 +319,7 @@ def resolve(
                 f"{value}{source} must be a multiple of {defaults.size_multiple} and at least "
                 f"{defaults.min_side} for the {family} family",
             )
-    if width * height > defaults.max_pixels:
-        raise RequestError(
-            "width",
-            f"{width}x{height} = {width * height} pixels exceeds the budget of "
-            f"{defaults.max_pixels} pixels for the {family} family",
-        )
+    resolve_budget(width, height, defaults.max_pixels, "width", f" for the {family} family")
     strength: float | None = None
     if mode is Mode.IMG2IMG:
         strength = request.strength if request.strength is not None else defaults.strength

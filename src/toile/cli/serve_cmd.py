@@ -54,6 +54,9 @@ def run(args: argparse.Namespace) -> int:
     )
     config.check_bind()  # before anything listens
     config.check_files()
+    from toile.serve.store import JobStore
+
+    JobStore(config.db_path).close()  # a damaged queue file: one line with advice, not a traceback
     try:
         import uvicorn
 

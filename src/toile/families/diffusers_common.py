@@ -62,7 +62,8 @@ def load_pipeline(
     """
     try:
         pipe = pipeline_cls.from_pretrained(
-            str(path), dtype=dtype, local_files_only=True, use_safetensors=True, **kwargs
+            str(path), dtype=dtype, local_files_only=True, use_safetensors=True,
+            trust_remote_code=False, **kwargs,
         )
     except (OSError, ValueError) as exc:
         raise ModelFormatError(f"cannot load {path} as {pipeline_cls.__name__}: {exc}") from None

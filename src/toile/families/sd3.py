@@ -22,7 +22,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from toile.errors import ModelFormatError
+from toile.errors import ModelFormatError, UnsafeFileError
 from toile.families.base import LoadedModel
 from toile.families.diffusers_common import (
     derive,
@@ -40,6 +40,7 @@ from toile.families.single_file import (
     load_file_pipeline,
     tensor_names,
 )
+from toile.io.weights import ALLOWED_LIBRARIES
 from toile.request import FamilyDefaults, Mode
 
 if TYPE_CHECKING:
@@ -137,6 +138,11 @@ def folder_text_encoders(path: Path, config: Path, dtype: torch.dtype) -> dict[s
                 f"weights for it; put the encoder's model.safetensors there"
             )
         library, class_name = slot
+        if library not in ALLOWED_LIBRARIES:  # never import a module a model folder names
+            raise UnsafeFileError(
+                f"{config}/model_index.json names library {library!r} for {component}; toile "
+                "loads only diffusers and transformers classes"
+            )
         try:
             cls = getattr(importlib.import_module(library), class_name)
             found[component] = cls.from_pretrained(

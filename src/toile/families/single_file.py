@@ -74,9 +74,12 @@ def is_single_file(path: Path, layout: SingleFileLayout) -> bool:
 
 def config_folder(path: Path, layout: SingleFileLayout) -> Path:
     """The local diffusers config folder for ``NAME.safetensors``: ``NAME/`` or ``config/``."""
+    from toile.io.weights import check_folder_code
+
     candidates = [path.with_suffix(""), path.parent / "config"]
     for folder in candidates:
         if (folder / "model_index.json").is_file():
+            check_folder_code(folder)
             return folder
     raise ModelFormatError(
         f"{path} is an {layout.title} single-file checkpoint, which holds weights but no "

@@ -13,6 +13,20 @@ if TYPE_CHECKING:
 
 MAX_IMAGE_PIXELS = 8192 * 8192
 MAX_IMAGE_BYTES = 64 * 1024 * 1024
+# A progressive JPEG decodes scan by scan over the whole image; a camera's has about 10. A small
+# file with thousands of (empty) scans holds a decoder for minutes, so it is refused unread.
+MAX_JPEG_SCANS = 100
+
+
+def check_jpeg_scans(data: bytes, name: str, field: str) -> None:
+    """Count a JPEG's start-of-scan markers before decoding (entropy-coded data stuffs every
+    0xFF byte, so 0xFF 0xDA appears only as a marker)."""
+    if data[:2] == b"\xff\xd8":
+        scans = data.count(b"\xff\xda")
+        if scans > MAX_JPEG_SCANS:
+            raise ImageInputError(
+                field, f"{name} is a JPEG with {scans} scans; at most {MAX_JPEG_SCANS} are allowed"
+            )
 
 
 def open_image(
@@ -43,6 +57,7 @@ def open_image(
         if len(source) > MAX_IMAGE_BYTES:
             raise ImageInputError(field, f"upload is larger than {MAX_IMAGE_BYTES} bytes")
         data, name = source, "upload"
+    check_jpeg_scans(data, name, field)
     try:
         with Image.open(io.BytesIO(data)) as probe:
             width, height = probe.size

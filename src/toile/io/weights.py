@@ -24,13 +24,25 @@ def refuse_pickle(path: str | Path) -> None:
         raise UnsafeFileError(f"refusing to load {path}: {CONVERT_HINT}")
 
 
-def check_folder_weights(folder: str | Path) -> None:
-    """A diffusers folder must hold its weights as safetensors.
+# The libraries a model_index.json may name: diffusers looks up any other name as a module to
+# import, and versions before 0.38 also ran a folder's own .py files (custom pipelines).
+ALLOWED_LIBRARIES = frozenset({"diffusers", "transformers"})
+MAX_SCANNED_FILES = 10_000
 
-    A component folder that has only pickle weights is refused (diffusers would otherwise fall
-    back to ``torch.load``); one with a config but no weights at all names the missing file.
-    """
+
+def check_folder_code(folder: str | Path) -> None:
+    """Refuse a model folder that carries code or names a library other than diffusers or
+    transformers: toile never runs code that comes with a model (whatever the diffusers
+    version), and never imports a module a model folder names."""
     root = Path(folder)
+    for count, path in enumerate(root.rglob("*")):
+        if count >= MAX_SCANNED_FILES:
+            break
+        if path.suffix.lower() in (".py", ".pyc", ".so") and path.is_file():
+            raise UnsafeFileError(
+                f"refusing to load {root}: it contains code ({path.relative_to(root)}); toile "
+                "never runs code that comes with a model — remove the file to load the weights"
+            )
     index = root / "model_index.json"
     if not index.is_file():
         return
@@ -38,8 +50,33 @@ def check_folder_weights(folder: str | Path) -> None:
         components = json.loads(index.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise ModelFormatError(f"{index} is not valid JSON: {exc}") from None
+    if not isinstance(components, dict):
+        raise ModelFormatError(f"{index} must hold a JSON object")
     for name, spec in components.items():
-        if name.startswith("_") or not isinstance(spec, list) or spec[0] is None:
+        if name.startswith("_") or not isinstance(spec, list) or not spec or spec[0] is None:
+            continue
+        if spec[0] not in ALLOWED_LIBRARIES:
+            raise UnsafeFileError(
+                f"refusing to load {root}: model_index.json names library {spec[0]!r} for "
+                f"'{name}'; toile loads only {' and '.join(sorted(ALLOWED_LIBRARIES))} classes"
+            )
+
+
+def check_folder_weights(folder: str | Path) -> None:
+    """A diffusers folder must hold its weights as safetensors, and no code
+    (:func:`check_folder_code`).
+
+    A component folder that has only pickle weights is refused (diffusers would otherwise fall
+    back to ``torch.load``); one with a config but no weights at all names the missing file.
+    """
+    root = Path(folder)
+    check_folder_code(root)
+    index = root / "model_index.json"
+    if not index.is_file():
+        return
+    components = json.loads(index.read_text())  # check_folder_code read it once already
+    for name, spec in components.items():
+        if name.startswith("_") or not isinstance(spec, list) or not spec or spec[0] is None:
             continue
         sub = root / name
         if not (sub / "config.json").is_file():

@@ -12,6 +12,8 @@ field, query parameter or header at fault (``RequestError.field`` where the core
 from __future__ import annotations
 
 import contextlib
+import errno
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,7 @@ from toile.serve.config import ServeConfig
 from toile.serve.jobs import JobNotFoundError, JobService
 from toile.serve.store import QueueFullError
 
+log = logging.getLogger("toile.serve")
 LOCATIONS = ("body", "query", "header", "path", "cookie")
 WEB_DIR = Path(__file__).parent / "web"
 DOCS_ASSETS_URL = "/static/swagger"
@@ -90,6 +93,18 @@ def _install_error_handlers(app: FastAPI) -> None:
         response = _error(503, "queue_full", str(exc))
         response.headers["Retry-After"] = "5"
         return response
+
+    @app.exception_handler(OSError)
+    async def storage_error(request: Request, exc: OSError) -> JSONResponse:
+        # A full disk while writing an upload or a result: say so in JSON, like every error.
+        if exc.errno == errno.ENOSPC:
+            return _error(507, "insufficient_storage", "the server's disk is full; try later")
+        return await unexpected_error(request, exc)
+
+    @app.exception_handler(Exception)
+    async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+        log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+        return _error(500, "internal_error", "the server failed on this request; see its log")
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:

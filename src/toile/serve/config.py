@@ -8,6 +8,7 @@ Example ``serve.toml``::
 
     data_dir = "/var/lib/toile"        # jobs.sqlite3, images/, uploads/ live here
     max_image_pixels = 4194304
+    webhook_allow = ["10.0.0.0/8"]     # private ranges webhooks may reach (public: always)
     [loras]                            # LoRA ids clients may name -> files on this machine
     watercolor = "/models/loras/watercolor.safetensors"
 """
@@ -71,8 +72,14 @@ class ServeConfig:
     max_attempts: int = 3
     preview_every: int = 5
     preview_size: int = 128
+    # Days a finished job's record and result images are kept (0: for ever). Uploads are
+    # deleted as soon as their job ends, whatever this says.
+    retention_days: float = 0.0
     webhooks: bool = True
     webhook_timeout_s: float = 5.0
+    # Address ranges (CIDR) webhooks may reach although they are not public (loopback, private,
+    # link-local...): e.g. ["10.0.0.0/8"] for a receiver on the deployment's own network.
+    webhook_allow: tuple[str, ...] = ()
     sse_keepalive_s: float = 15.0
 
     def __post_init__(self) -> None:
@@ -89,6 +96,9 @@ class ServeConfig:
             ("preview_size", 16, 1024),
         ):
             _check_int(name, getattr(self, name), low, high)
+        days = self.retention_days
+        if isinstance(days, bool) or not isinstance(days, int | float) or not 0 <= days <= 36500:
+            raise RequestError("retention_days", f"must be a number of days >= 0, got {days!r}")
         for name in ("webhook_timeout_s", "sse_keepalive_s"):
             value = getattr(self, name)
             if (
@@ -115,6 +125,14 @@ class ServeConfig:
         object.__setattr__(self, "loras", MappingProxyType(loras))
         object.__setattr__(self, "allowed_origins", tuple(self.allowed_origins))
         object.__setattr__(self, "allowed_hosts", tuple(self.allowed_hosts))
+        for cidr in self.webhook_allow:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except (TypeError, ValueError):
+                raise RequestError(
+                    "webhook_allow", f"{cidr!r} is not an address range such as 10.0.0.0/8"
+                ) from None
+        object.__setattr__(self, "webhook_allow", tuple(self.webhook_allow))
 
     @property
     def db_path(self) -> Path:
@@ -182,7 +200,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         if not isinstance(data["loras"], dict):
             raise RequestError("loras", 'must be a table of id = "file.safetensors"')
         data["loras"] = {k: base / Path(str(v)).expanduser() for k, v in data["loras"].items()}
-    for name in ("allowed_origins", "allowed_hosts"):
+    for name in ("allowed_origins", "allowed_hosts", "webhook_allow"):
         if name in data:
             if not isinstance(data[name], list) or not all(isinstance(v, str) for v in data[name]):
                 raise RequestError(name, "must be a list of strings")

@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import json
 import logging
 import re
 import secrets
+import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -36,6 +38,7 @@ from toile.serve.uploads import Upload, read_upload, write_durably
 
 if TYPE_CHECKING:
     from toile.engine.models import ModelRegistry
+    from toile.samplers import SamplerMenu
     from toile.serve.config import ServeConfig
     from toile.serve.webhooks import WebhookSender
     from toile.serve.worker import Worker
@@ -100,11 +103,15 @@ class JobService:
         from toile.serve.webhooks import WebhookSender
         from toile.serve.worker import Worker
 
+        # The data holds every client's prompts and images: folders 0700, files 0600 (the
+        # files' writers set it: write_durably, the worker's PNGs, JobStore).
         for folder in (config.data_dir, config.images_dir, config.uploads_dir):
-            folder.mkdir(parents=True, exist_ok=True)
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            folder.chmod(0o700)
         lock = _lock_data_dir(config.data_dir)
         try:
             store = JobStore(config.db_path)
+            _remove_leftovers(config, store)
             requeued, failed = store.recover(config.max_attempts)
             if requeued or failed:
                 log.warning(
@@ -120,7 +127,9 @@ class JobService:
                 engine = Engine(device=config.device, dtype=config.dtype, allow_paths=False)
             if getattr(engine, "allow_paths", False):
                 raise ValueError("the server's engine must be built with allow_paths=False")
-            webhooks = WebhookSender(config.webhook_timeout_s, store.set_webhook_status)
+            webhooks = WebhookSender(
+                config.webhook_timeout_s, store.set_webhook_status, config.webhook_allow
+            )
             service = cls(config, store, EventHub(), engine.registry, webhooks)
             service._lock_handle = lock
             service.worker = Worker(config, store, service.hub, engine, ended=service._job_ended,
@@ -202,12 +211,26 @@ class JobService:
             self.worker.wake()
         return self.view(row), True
 
+    def check_output_size(self, model: str | None, size: tuple[int, int], field: str) -> None:
+        """Before a route resizes an input to ``size``: refuse a size over the server's pixel cap
+        or the model's own budget (known once the worker has loaded the model), so no work is
+        spent on a picture the job would refuse."""
+        from toile.request import resolve_budget
+
+        width, height = size
+        cap = self.config.max_image_pixels
+        known = self.worker.known_defaults.get(model or self.registry.default_id) if (
+            self.worker is not None) else None
+        if known is not None:
+            cap = min(cap, known[0].max_pixels)
+        resolve_budget(width, height, cap, field)
+
     def _validate(self, body: schemas.JobCreate) -> tuple[dict[str, Any], dict[str, Upload]]:
         """Everything that can be checked before running; returns the JSON to store and the
         decoded uploads. Builds the GenerationRequest so its own checks apply."""
         from toile.engine.models import MODEL_ID
         from toile.request import GenerationRequest, LoraSpec, Outpaint, resolve
-        from toile.serve.webhooks import check_webhook_url
+        from toile.serve.webhooks import allowed_networks, check_webhook_url
 
         config = self.config
         if body.steps is not None and body.steps > config.max_steps:
@@ -248,7 +271,7 @@ class JobService:
         if body.webhook is not None:
             if not config.webhooks:
                 raise RequestError("webhook", "webhooks are turned off on this server")
-            check_webhook_url(body.webhook)
+            check_webhook_url(body.webhook, allowed_networks(config.webhook_allow))
         uploads = {
             name: read_upload(
                 text,
@@ -404,11 +427,14 @@ class JobService:
                 subscription.close()
 
     def _job_ended(self, row: JobRow) -> None:
-        """Called once per job when it reaches a terminal state (worker thread or cancel)."""
+        """Called once per job when it reaches a terminal state (worker thread or cancel): its
+        uploads are deleted (no job needs them again) and expired jobs are removed."""
         data = self.view(row).model_dump(mode="json")
         self.hub.publish(row.id, TERMINAL_EVENT[row.status], data)
         if row.webhook:
             self.webhooks.send(row.webhook, row.id, data)
+        _remove_uploads(self.config, row.id)
+        expire(self.config, self.store)
 
     # -- server -------------------------------------------------------------------------------
 
@@ -461,7 +487,75 @@ def _model_card(model_id: str, path: Path) -> schemas.ModelCard:
         return card
     card.family = family.name
     card.refiner = isinstance(family, RefinerHandoff) and Mode.IMG2IMG in modes
+    card.samplers = _sampler_options(path)
     return card
+
+
+def _sampler_options(path: Path) -> list[schemas.SamplerOption]:
+    """The samplers a job on the model at ``path`` can name, the model's own marked ``default``
+    (first if it has no A1111 name, so it is always listed), each with the schedules it
+    supports there. From configs and scheduler signatures (``checkpoint_samplers``); empty when
+    the model's scheduler is not on disk (a single file) or cannot be read: a client then
+    offers only the default."""
+    from toile.families.registry import checkpoint_samplers
+
+    try:
+        menu = checkpoint_samplers(path)
+        return [] if menu is None else [
+            schemas.SamplerOption(name=name, schedules=list(schedules), default=default)
+            for name, schedules, default in _menu_options(menu)
+        ]
+    except (ToileError, OSError, ValueError, TypeError, ImportError, AttributeError):
+        log.debug("no sampler list for %s", path, exc_info=True)
+        return []
+
+
+@functools.lru_cache(maxsize=64)
+def _menu_options(menu: SamplerMenu) -> tuple[tuple[str, tuple[str, ...], bool], ...]:
+    """(name, schedules, is the model's own) per sampler of ``menu``; cached, since the model
+    listing is read on every page load and a menu is a few names (frozen, hashable)."""
+    own = menu.own()
+    samplers = menu.samplers()
+    if own not in samplers:
+        samplers = (own, *samplers)
+    return tuple(
+        (sampler.name, tuple(schedule.value for schedule in menu.schedules(sampler)),
+         sampler == own)
+        for sampler in samplers
+    )
+
+
+def _remove_uploads(config: ServeConfig, job_id: str) -> None:
+    for path in config.uploads_dir.glob(f"{job_id}-*"):
+        path.unlink(missing_ok=True)
+
+
+def expire(config: ServeConfig, store: JobStore) -> int:
+    """Remove the jobs that ended more than ``retention_days`` ago, with their result images;
+    returns how many."""
+    if not config.retention_days:
+        return 0
+    gone = store.delete_ended_before(time.time() - config.retention_days * 86400)
+    for job in gone:
+        for image in job.images:
+            (config.images_dir / Path(image.file).name).unlink(missing_ok=True)
+        _remove_uploads(config, job.id)
+    return len(gone)
+
+
+def _remove_leftovers(config: ServeConfig, store: JobStore) -> None:
+    """At start-up: temporary files a crash left half-written, uploads of jobs that ended (or
+    are gone) and jobs past their retention."""
+    for folder in (config.images_dir, config.uploads_dir):
+        for path in folder.glob(".*.tmp-*"):
+            path.unlink(missing_ok=True)
+    for path in config.uploads_dir.iterdir():
+        job = store.get(path.name.partition("-")[0])
+        if job is None or job.terminal:
+            path.unlink(missing_ok=True)
+    removed = expire(config, store)
+    if removed:
+        log.info("removed %d job(s) older than %g days", removed, config.retention_days)
 
 
 def _mtime(path: Path) -> int:

@@ -124,6 +124,15 @@ class JobList(BaseModel):
     queue_length: int
 
 
+class SamplerOption(BaseModel):
+    """A sampler a model can use (A1111's name, as a job's ``sampler``) and the schedules it
+    supports on that model (``automatic`` first: the checkpoint's own spacing)."""
+
+    name: str
+    schedules: list[str] = Field(default_factory=lambda: ["automatic"])
+    default: bool = Field(False, description="the model's own: what a null `sampler` runs")
+
+
 class ModelCard(BaseModel):
     """One model in OpenAI's Models API shape, so OpenAI clients can list toile's models."""
 
@@ -136,6 +145,11 @@ class ModelCard(BaseModel):
     )
     refiner: bool = Field(
         False, description="can be a job's `refiner` (for a model of the same family)"
+    )
+    samplers: list[SamplerOption] = Field(
+        default_factory=list,
+        description="the samplers a job on this model can name, with their schedules; empty "
+        "when they cannot be read from its configs (a single file): then only the default",
     )
 
 

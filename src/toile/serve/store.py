@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from toile.errors import ToileError
+
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = (
     "queued",
     "running",
@@ -106,10 +108,29 @@ class JobRow:
     idempotency_key: str | None = None
     body_hash: str = ""
     images: tuple[ImageRow, ...] = field(default=())
+    # Why the stored request cannot be read (a damaged row); the worker fails such a job with
+    # this reason instead of stopping on it, and listings still show it.
+    damaged: str | None = None
 
     @property
     def terminal(self) -> bool:
         return self.status in TERMINAL
+
+
+def _json_object(text: Any) -> tuple[dict[str, Any], str | None]:
+    """A stored JSON object, or ``({}, why)`` when the row is damaged: one bad row must not
+    stop the queue or the job listing."""
+    try:
+        value = json.loads(text)
+    except (TypeError, ValueError):
+        return {}, "not valid JSON"
+    if not isinstance(value, dict):
+        return {}, "not a JSON object"
+    return value, None
+
+
+class StoreDamagedError(ToileError):
+    """``jobs.sqlite3`` cannot be read as a database."""
 
 
 class JobStore:
@@ -120,8 +141,24 @@ class JobStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self._lock = threading.Lock()
+        # 0600 before SQLite opens it: its -wal and -shm files take the database's permissions.
+        path.touch(mode=0o600, exist_ok=True)
+        path.chmod(0o600)
         # isolation_level=None: autocommit, so every transaction here is explicit.
         self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        try:
+            self._setup()
+        except sqlite3.DatabaseError as exc:
+            self._db.close()
+            raise StoreDamagedError(
+                f"{path} is damaged ({exc}): stop toile serve, move the file aside (it holds the "
+                "job queue and history; result PNGs in images/ are not affected) and start again "
+                "to create a new one; `sqlite3 OLD.sqlite3 .recover | sqlite3 NEW.sqlite3` may "
+                "salvage its rows"
+            ) from None
+
+    def _setup(self) -> None:
+        path = self.path
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA busy_timeout = 10000")
         mode = self._db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
@@ -180,14 +217,16 @@ class JobStore:
         if row is None:
             return None
         images = tuple(
-            ImageRow(r["id"], r["job_id"], r["idx"], r["file"], json.loads(r["record"]))
+            ImageRow(r["id"], r["job_id"], r["idx"], r["file"], _json_object(r["record"])[0])
             for r in db.execute("SELECT * FROM images WHERE job_id = ? ORDER BY idx", (row["id"],))
         )
+        request, damaged = _json_object(row["request"])
         return JobRow(
             seq=row["seq"],
             id=row["id"],
             status=row["status"],
-            request=json.loads(row["request"]),
+            request=request,
+            damaged=f"its stored request is damaged ({damaged})" if damaged else None,
             created_at=row["created_at"],
             started_at=row["started_at"],
             finished_at=row["finished_at"],
@@ -358,6 +397,21 @@ class JobStore:
                     requeued.append(row["id"])
         return requeued, failed
 
+    def delete_ended_before(self, cutoff: float) -> list[JobRow]:
+        """Delete the jobs that ended before ``cutoff`` (epoch seconds) with their image rows;
+        returns them (the caller removes their files)."""
+        with self._transaction() as db:
+            rows = db.execute(
+                f"SELECT * FROM jobs WHERE status IN ({', '.join('?' * len(TERMINAL))}) "
+                "AND finished_at < ?",
+                (*sorted(TERMINAL), cutoff),
+            ).fetchall()
+            jobs = [job for row in rows if (job := self._job(db, row)) is not None]
+            for job in jobs:
+                db.execute("DELETE FROM images WHERE job_id = ?", (job.id,))
+                db.execute("DELETE FROM jobs WHERE id = ?", (job.id,))
+            return jobs
+
     def set_webhook_status(self, job_id: str, status: str) -> None:
         with self._transaction() as db:
             db.execute("UPDATE jobs SET webhook_status = ? WHERE id = ?", (status[:500], job_id))
@@ -407,7 +461,7 @@ class JobStore:
         if not rows:
             return None
         r = rows[0]
-        return ImageRow(r["id"], r["job_id"], r["idx"], r["file"], json.loads(r["record"]))
+        return ImageRow(r["id"], r["job_id"], r["idx"], r["file"], _json_object(r["record"])[0])
 
     def pending_webhooks(self) -> list[JobRow]:
         """Finished jobs whose webhook was never attempted (the server stopped first)."""

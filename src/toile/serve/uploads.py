@@ -117,7 +117,8 @@ def write_durably(path: Path, data: bytes) -> None:
     survives a crash (the job row that names it is committed only afterwards)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as handle:
+    # 0600: uploads are a client's own images, for the server's user only
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as handle:
         handle.write(data)
         handle.flush()
         os.fsync(handle.fileno())

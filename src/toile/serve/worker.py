@@ -197,6 +197,8 @@ class Worker:
         try:
             if cancel.is_set():  # cancelled between the claim and now: do not start at all
                 raise CancelledError("cancelled before it started")
+            if job.damaged is not None:
+                raise ToileError(f"job {job.id} cannot run: {job.damaged}; submit it again")
             request = stored_to_request(job.request, self.config, self.loras)
             self._learn_defaults(request.model)
             result = self.engine.run(
@@ -264,6 +266,7 @@ class Worker:
             image_id = uuid.uuid4().hex
             name = f"{image_id}.png"
             save_png(image, record, str(folder / name))
+            (folder / name).chmod(0o600)  # a client's result, for the server's user only
             fsync_file(folder / name)
             rows.append(ImageRow(image_id, job.id, index, name, record.to_dict()))
         fsync_dir(folder)

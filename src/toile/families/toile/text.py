@@ -71,14 +71,18 @@ class TextEncoder:
 
         self.config = config
         self.folder = resolve_encoder_folder(config, model_folder)
-        self.tokenizer = AutoTokenizer.from_pretrained(str(self.folder), local_files_only=True)
+        # trust_remote_code=False: a model folder's own code never runs (and no y/N prompt).
+        self.tokenizer = AutoTokenizer.from_pretrained(
+            str(self.folder), local_files_only=True, trust_remote_code=False
+        )
         # A 6-layer encoder loads in a blink; its "Loading weights" bar would only clutter the
         # CLI's own progress output.
         bars = hf_logging.is_progress_bar_enabled()
         hf_logging.disable_progress_bar()
         try:
             self.model = AutoModel.from_pretrained(
-                str(self.folder), local_files_only=True, use_safetensors=True, dtype=dtype
+                str(self.folder), local_files_only=True, use_safetensors=True, dtype=dtype,
+                trust_remote_code=False,
             )
         finally:
             if bars:

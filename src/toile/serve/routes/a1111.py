@@ -157,7 +157,7 @@ async def _generate(request: Request, service: JobService, body: Processing) -> 
             checkpoint = state.checkpoint
         fields = request_fields(service, checkpoint, body)
         if isinstance(body, Img2ImgBody):
-            image, mask = img2img_inputs(service, body)
+            image, mask = img2img_inputs(service, body, fields["model"])
             fields.update(
                 image=image, mask=mask, width=None, height=None, strength=body.denoising_strength
             )

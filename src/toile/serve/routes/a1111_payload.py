@@ -252,7 +252,9 @@ def _resized(image: Image.Image, size: tuple[int, int], mode: int, *, smooth: bo
     return image.resize(size, method)
 
 
-def img2img_inputs(service: JobService, body: Img2ImgBody) -> tuple[str, str | None]:
+def img2img_inputs(
+    service: JobService, body: Img2ImgBody, model: str
+) -> tuple[str, str | None]:
     """init image and mask as toile wants them: at the requested size (toile's img2img keeps
     its input's size), mask inverted/blurred as asked. Decoded with the server's upload checks
     (format sniffing, pixel cap before decoding)."""
@@ -272,6 +274,7 @@ def img2img_inputs(service: JobService, body: Img2ImgBody) -> tuple[str, str | N
     if body.denoising_strength <= 0:
         raise RequestError("denoising_strength", "must be greater than 0 for img2img")
     size = (body.width, body.height)
+    service.check_output_size(model, size, "width")  # before any decoding or resizing work
     limits = {"max_bytes": config.max_image_bytes, "max_pixels": config.max_image_pixels}
     init = read_upload(body.init_images[0], field="init_images[0]", **limits)
     image_b64 = body.init_images[0]

@@ -459,6 +459,8 @@ async def edit_images(request: Request, service: Service) -> dict[str, Any]:
 
     def prepare() -> schemas.JobCreate:
         size = parse_size(options.size)
+        if size[0] is not None and size[1] is not None:  # before any resizing work
+            service.check_output_size(_model(options.model), (size[0], size[1]), "size")
         image = _decode(data, "image", config.max_image_pixels)
         mask = _decode(mask_data, "mask", config.max_image_pixels) if mask_data else None
         rgb, toile_mask = edit_inputs(image, mask, size)

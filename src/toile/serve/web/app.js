@@ -152,6 +152,7 @@ async function loadModels() {
     }),
   );
   updateRefiners();
+  updateSamplers();
   showLoras(listing.loras);
 }
 
@@ -168,6 +169,52 @@ function updateRefiners() {
   refiner.value = candidates.some((card) => card.id === chosen) ? chosen : "";
   refiner.disabled = candidates.length === 0;
   $("#refiner_switch").disabled = candidates.length === 0;
+}
+
+// A1111's labels of the schedule types the API names (GET /v1/models lists them per sampler).
+const SCHEDULE_LABELS = {
+  automatic: "Automatic",
+  karras: "Karras",
+  exponential: "Exponential",
+  beta: "Beta",
+  sgm_uniform: "SGM Uniform",
+};
+const scheduleLabel = (value) => SCHEDULE_LABELS[value] || value;
+
+/** The chosen model's samplers ({name, schedules, default}), from its card; [] when the
+ * server could not read them (then only "Default" is offered). */
+function modelSamplers() {
+  return models.cards.get($("#model").value)?.samplers || [];
+}
+
+/** The Sampler list follows the chosen model: "Default (its own)" first (sends nothing), then
+ * every sampler it can use. A chosen sampler the new model also has stays chosen. */
+function updateSamplers() {
+  const options = modelSamplers();
+  const own = options.find((option) => option.default);
+  const select = $("#sampler");
+  const chosen = select.value;
+  select.replaceChildren(
+    new Option(own ? `Default (${own.name})` : "Default", ""),
+    ...options.map((option) => new Option(option.name, option.name)),
+  );
+  select.value = options.some((option) => option.name === chosen) ? chosen : "";
+  select.disabled = options.length === 0;
+  updateSchedules();
+}
+
+/** The Schedule list: automatic, then the schedules the chosen sampler (Default: the model's
+ * own) supports on this model. One that no longer applies goes back to automatic. */
+function updateSchedules() {
+  const options = modelSamplers();
+  const name = $("#sampler").value;
+  const sampler = options.find((option) => (name ? option.name === name : option.default));
+  const values = ["automatic", ...(sampler?.schedules || []).filter((value) => value !== "automatic")];
+  const select = $("#schedule");
+  const chosen = select.value;
+  select.replaceChildren(...values.map((value) => new Option(scheduleLabel(value), value)));
+  select.value = values.includes(chosen) ? chosen : "automatic";
+  select.disabled = values.length === 1;
 }
 
 /** One row per LoRA id of the server: a checkbox to use it, and its scale. */
@@ -449,6 +496,11 @@ function buildBody() {
     const value = numberValue(id);
     if (value !== undefined) body[id] = value;
   }
+  // The model's own sampler and its own spacing are the API's defaults: sent as nothing.
+  const sampler = $("#sampler").value;
+  if (sampler) body.sampler = sampler;
+  const schedule = $("#schedule").value;
+  if (schedule && schedule !== "automatic") body.schedule = schedule;
   const loras = loraRows().filter((row) => row.use.checked);
   if (loras.length) {
     body.loras = loras.map((row) => {
@@ -730,6 +782,8 @@ function recordSummary(record, request) {
     ["Guidance", record.guidance],
     ["Seed", record.seed],
   ];
+  if (record.sampler) rows.push(["Sampler", record.sampler]);
+  if (record.schedule && record.schedule !== "automatic") rows.push(["Schedule", scheduleLabel(record.schedule)]);
   if (record.strength != null && record.mode !== "txt2img") rows.push(["Strength", record.strength]);
   if (record.refiner_id) rows.push(["Refiner", `${record.refiner_id} from ${record.refiner_switch}`]);
   const loras = request?.loras || [];
@@ -840,6 +894,7 @@ function useSettings(record, request) {
     refiner_switch: record.refiner_switch,
   };
   for (const [id, value] of Object.entries(values)) $(`#${id}`).value = value ?? "";
+  restoreSampler(record, request);
   // The record names LoRA files; the job's request names the ids this server knows them by.
   const used = new Map((request?.loras || []).map((lora) => [lora.id, lora.scale]));
   for (const row of loraRows()) {
@@ -851,10 +906,34 @@ function useSettings(record, request) {
   announce(`Settings loaded from the image with seed ${record.seed}.`);
 }
 
+/** Sampler and schedule as the job asked for them: no sampler in its request is "Default"; a
+ * named one is restored by the name the record resolved it to (an alias such as "k_euler", or
+ * an old "DPM++ 2M Karras", is the list's "Euler" / "DPM++ 2M" with karras). */
+function restoreSampler(record, request) {
+  updateSamplers();
+  const named = (request?.sampler || "").trim();
+  const isDefault = ["", "default", "automatic"].includes(named.toLowerCase());
+  const sampler = $("#sampler");
+  const wanted = isDefault ? "" : [named, record.sampler].find((name) => hasOption(sampler, name));
+  sampler.value = wanted ?? "";
+  updateSchedules();
+  const schedule = $("#schedule");
+  // A client may have sent the label ("SGM Uniform"): the list's values are the API's names.
+  const asked = (request?.schedule || "").trim().toLowerCase().replace(/ /g, "_")
+    || (isDefault ? "automatic" : record.schedule);
+  schedule.value = [asked, record.schedule].find((value) => hasOption(schedule, value)) ?? "automatic";
+}
+
+const hasOption = (select, value) => [...select.options].some((option) => option.value === value);
+
 // ------------------------------------------------------------------ start
 function bind() {
   $("#generate-form").addEventListener("submit", submit);
-  $("#model").addEventListener("change", updateRefiners);
+  $("#model").addEventListener("change", () => {
+    updateRefiners();
+    updateSamplers();
+  });
+  $("#sampler").addEventListener("change", updateSchedules);
   $("#image-file").addEventListener("change", (event) => chooseImage(event.target.files[0]));
   $("#remove-image").addEventListener("click", removeImage);
   $("#clear-mask").addEventListener("click", () => {
