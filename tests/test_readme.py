@@ -67,7 +67,7 @@ def runs_with_the_built_in_model(argv: list[str], folder: Path) -> bool:
         return False
     if getattr(args, "refiner", None) or getattr(args, "lora", None):
         return False
-    files = [getattr(args, name, None) for name in ("image", "mask", "path")]
+    files = [getattr(args, name, None) for name in ("image", "mask", "path", "policy")]
     return all(f is None or (folder / f).exists() for f in files)
 
 

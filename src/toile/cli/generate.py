@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from typing import Any
 
@@ -88,6 +89,16 @@ def add_parser(subparsers: Any) -> None:
         choices=("float32", "bfloat16", "float16"),
         help="default: float32 on cpu; on a GPU the family's half type (bfloat16 for FLUX.1)",
     )
+    p.add_argument(
+        "--policy",
+        metavar="FILE",
+        help="TOML file of prompt-policy rules added to (or replacing) toile's default ones",
+    )
+    p.add_argument(
+        "--no-policy",
+        action="store_true",
+        help="run without the prompt policy (your own machine; a server decides in its config)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object with the results")
     p.set_defaults(run=run)
 
@@ -121,13 +132,27 @@ def request_fields(args: argparse.Namespace) -> dict[str, Any]:
     return fields
 
 
+def cli_policy(args: argparse.Namespace) -> Any:
+    """The prompt policy for this run: the default, extended by --policy, or none."""
+    from toile.errors import ToileError
+    from toile.safety.policy import Policy
+
+    if args.no_policy:
+        if args.policy:
+            raise ToileError("--policy and --no-policy contradict each other; give one")
+        return None
+    if args.policy:
+        return Policy.from_file(args.policy, base=Policy.default())
+    return "default"
+
+
 def run(args: argparse.Namespace) -> int:
     from toile.cli.progress_bar import TerminalProgress
     from toile.engine.engine import Engine
     from toile.request import GenerationRequest
 
     request = GenerationRequest(prompt=args.prompt, model=args.model, **request_fields(args))
-    engine = Engine(device=args.device, dtype=args.dtype)
+    engine = Engine(device=args.device, dtype=args.dtype, policy=cli_policy(args))
     bar = TerminalProgress()
     try:
         result = engine.run(request, progress=bar)
@@ -150,4 +175,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         for path, rec in zip(paths, result.records, strict=True):
             print(f"{path}  seed={rec.seed} {rec.width}x{rec.height}")
+        for warning in result.records[0].safety.get("policy", {}).get("warnings", []):
+            print(f"toile generate: warning: the prompt matches policy rule {warning['rule']} "
+                  f"({warning['category']})", file=sys.stderr)
     return 0

@@ -13,7 +13,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from toile.engine.models import ModelEntry, ModelRegistry
 from toile.errors import RequestError
@@ -22,6 +22,7 @@ from toile.families.registry import detect_family
 from toile.progress import ProgressCallback, RunContext
 from toile.request import GenerationRequest, Mode, ResolvedRequest, resolve
 from toile.result import GenerationResult, ImageRecord
+from toile.safety.policy import Policy, enforce
 from toile.samplers import DEFAULT_SAMPLER, scheduler_swapped
 
 if TYPE_CHECKING:
@@ -84,10 +85,14 @@ class Engine:
         dtype: str | None = None,
         cache_size: int = 1,
         allow_paths: bool = True,
+        policy: Policy | Literal["default"] | None = "default",
     ) -> None:
         from toile.compat import check_versions
 
         check_versions()  # an upgraded library is one clear line here, not a traceback later
+        # The prompt policy every request passes before any model work (None: off, the CLI's
+        # --no-policy on a user's own machine).
+        self.policy = Policy.default() if policy == "default" else policy
         self.registry = registry if registry is not None else ModelRegistry()
         self.device = pick_device(device)
         self.dtype_name = dtype
@@ -137,6 +142,7 @@ class Engine:
         cancel: threading.Event | None = None,
         preview_every: int = 0,
     ) -> GenerationResult:
+        warnings = enforce(self.policy, request.prompt, "prompt")  # before any model work
         with self._lock:
             cached, resolved = self.resolve(request)
             self._check_loras(cached, request)
@@ -146,8 +152,10 @@ class Engine:
             images = self._run_mode(cached, resolved, ctx, refiner)
             generate_s = time.perf_counter() - start
         timings = {"load_s": round(cached.load_s, 4), "generate_s": round(generate_s, 4)}
+        safety = {"policy": {"warnings": [m.to_dict() for m in warnings]}} if warnings else {}
         records = [
-            self._record(cached, resolved, seed, timings, refiner) for seed in resolved.seeds
+            replace(self._record(cached, resolved, seed, timings, refiner), safety=safety)
+            for seed in resolved.seeds
         ]
         return GenerationResult(images=images, records=records, timings=timings)
 

@@ -8,6 +8,7 @@ Example ``serve.toml``::
 
     data_dir = "/var/lib/toile"        # jobs.sqlite3, images/, uploads/ live here
     max_image_pixels = 4194304
+    policy = "policy.toml"             # prompt-policy rules added to toile's defaults
     webhook_allow = ["10.0.0.0/8"]     # private ranges webhooks may reach (public: always)
     [loras]                            # LoRA ids clients may name -> files on this machine
     watercolor = "/models/loras/watercolor.safetensors"
@@ -72,6 +73,10 @@ class ServeConfig:
     max_attempts: int = 3
     preview_every: int = 5
     preview_size: int = 128
+    # The prompt policy: toile's default rules, plus (or, with replace_defaults = true in the
+    # file, instead of) the rules in ``policy``; ``policy_enabled = false`` turns it off.
+    policy: Path | None = None
+    policy_enabled: bool = True
     # Days a finished job's record and result images are kept (0: for ever). Uploads are
     # deleted as soon as their job ends, whatever this says.
     retention_days: float = 0.0
@@ -114,6 +119,8 @@ class ServeConfig:
         if not isinstance(self.host, str) or not self.host:
             raise RequestError("host", "must be a host name or address")
         object.__setattr__(self, "data_dir", Path(self.data_dir).expanduser())
+        if self.policy is not None:
+            object.__setattr__(self, "policy", Path(self.policy).expanduser())
         loras = {}
         for lora_id, path in dict(self.loras).items():
             if not lora_id or len(lora_id) > 64 or not set(lora_id) <= LORA_ID_CHARS:
@@ -157,10 +164,22 @@ class ServeConfig:
             )
 
     def check_files(self) -> None:
-        """Every configured LoRA file exists (checked at start-up, not on a client's request)."""
+        """Every configured LoRA file exists and the policy file reads (checked at start-up,
+        not on a client's request)."""
         for lora_id, path in self.loras.items():
             if not path.is_file():
                 raise RequestError(f"loras.{lora_id}", f"{path} does not exist")
+        self.build_policy()
+
+    def build_policy(self) -> Any:
+        """The server's prompt policy (a ``toile.safety.policy.Policy``), or None when off."""
+        from toile.safety.policy import Policy
+
+        if not self.policy_enabled:
+            return None
+        if self.policy is None:
+            return Policy.default()
+        return Policy.from_file(self.policy, base=Policy.default())
 
     def with_changes(self, **changes: Any) -> ServeConfig:
         return replace(self, **changes)
@@ -194,8 +213,9 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
             unknown[0], f"unknown setting in {path}; known: {', '.join(sorted(known))}"
         )
     base = path.parent.resolve()
-    if "data_dir" in data:
-        data["data_dir"] = base / Path(str(data["data_dir"])).expanduser()
+    for name in ("data_dir", "policy"):
+        if name in data:
+            data[name] = base / Path(str(data[name])).expanduser()
     if "loras" in data:
         if not isinstance(data["loras"], dict):
             raise RequestError("loras", 'must be a table of id = "file.safetensors"')

@@ -21,8 +21,10 @@ import functools
 import hashlib
 import json
 import logging
+import os
 import re
 import secrets
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -94,6 +96,8 @@ class JobService:
         self.webhooks = webhooks
         self.loras = ServerLoras(config.loras)
         self.worker: Worker | None = None
+        self.policy: Any = None  # toile.safety.policy.Policy, set by open()
+        self._audit_lock = threading.Lock()
         self._lock_handle: Any = None
 
     @classmethod
@@ -121,16 +125,19 @@ class JobService:
                     len(failed),
                     config.max_attempts,
                 )
+            policy = config.build_policy()
             if engine is None:
                 from toile.engine.engine import Engine
 
-                engine = Engine(device=config.device, dtype=config.dtype, allow_paths=False)
+                engine = Engine(device=config.device, dtype=config.dtype, allow_paths=False,
+                                policy=policy)
             if getattr(engine, "allow_paths", False):
                 raise ValueError("the server's engine must be built with allow_paths=False")
             webhooks = WebhookSender(
                 config.webhook_timeout_s, store.set_webhook_status, config.webhook_allow
             )
             service = cls(config, store, EventHub(), engine.registry, webhooks)
+            service.policy = policy
             service._lock_handle = lock
             service.worker = Worker(config, store, service.hub, engine, ended=service._job_ended,
                                     loras=service.loras)
@@ -155,10 +162,11 @@ class JobService:
     # -- submit -------------------------------------------------------------------------------
 
     def submit(
-        self, body: schemas.JobCreate, idempotency_key: str | None = None
+        self, body: schemas.JobCreate, idempotency_key: str | None = None, client: str = ""
     ) -> tuple[schemas.Job, bool]:
         """Validate and enqueue. With an Idempotency-Key seen before (and the same body) the
-        earlier job comes back with ``created=False``."""
+        earlier job comes back with ``created=False``. ``client`` (the peer's address) goes
+        into the policy's audit log."""
         if idempotency_key is not None and not IDEMPOTENCY_KEY.match(idempotency_key):
             raise RequestError("Idempotency-Key", "must be 1-255 visible ASCII characters")
         body_hash = hashlib.sha256(
@@ -173,8 +181,9 @@ class JobService:
                         f"was already used for job {existing.id} with a different request body",
                     )
                 return self.view(existing), False
-        stored, uploads = self._validate(body)
         job_id = uuid.uuid4().hex
+        self._check_policy(body.prompt, client, job_id)
+        stored, uploads = self._validate(body)
         saved: list[Path] = []
         try:
             for name, upload in uploads.items():
@@ -210,6 +219,38 @@ class JobService:
         if self.worker is not None:
             self.worker.wake()
         return self.view(row), True
+
+    def _check_policy(self, prompt: str, client: str, job_id: str) -> None:
+        """The prompt policy at submit: a blocked prompt is a 422 naming the rule id (never
+        its terms); refusals and warnings go to ``audit.jsonl`` in the data folder (time,
+        client, rule, prompt SHA-256 — not the prompt)."""
+        from toile.safety.policy import PolicyError, enforce
+
+        try:
+            warnings = enforce(self.policy, prompt, "prompt")
+        except PolicyError as exc:
+            self._audit(client, "refused", (exc.match,), prompt, None)
+            raise
+        if warnings:
+            self._audit(client, "warned", warnings, prompt, job_id)
+
+    def _audit(self, client: str, outcome: str, matches: Sequence[Any], prompt: str,
+               job_id: str | None) -> None:
+        entry = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "client": client,
+            "outcome": outcome,
+            "rules": [{"rule": m.rule, "category": m.category} for m in matches],
+            "prompt_sha256": hashlib.sha256(prompt.encode()).hexdigest(),
+            "job": job_id,
+        }
+        path = self.config.data_dir / "audit.jsonl"
+        with self._audit_lock:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            with os.fdopen(fd, "a") as handle:
+                handle.write(json.dumps(entry) + "\n")
+        log.warning("policy %s a prompt from %s: %s", outcome, client or "?",
+                    ", ".join(m.rule for m in matches))
 
     def check_output_size(self, model: str | None, size: tuple[int, int], field: str) -> None:
         """Before a route resizes an input to ``size``: refuse a size over the server's pixel cap

@@ -34,13 +34,15 @@ ERRORS = {
 )
 def create_job(
     body: schemas.JobCreate,
+    request: Request,
     response: Response,
     service: Service,
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
 ) -> schemas.JobAccepted:
     """Queue a generation. 202 once it is durably stored; with an ``Idempotency-Key`` seen
     before, 200 and the same job (a different body for the same key is a 422)."""
-    job, created = service.submit(body, idempotency_key)
+    client = request.client.host if request.client else ""
+    job, created = service.submit(body, idempotency_key, client)
     response.status_code = 202 if created else 200
     url = f"/v1/jobs/{job.id}"
     response.headers["Location"] = url

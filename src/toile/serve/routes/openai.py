@@ -96,7 +96,8 @@ async def run_to_end(
     errors come back renamed for the caller's API. If the client disconnects while waiting,
     the job is cancelled."""
     try:
-        job, _ = await run_in_threadpool(service.submit, body)
+        client = request.client.host if request.client else ""
+        job, _ = await run_in_threadpool(service.submit, body, None, client)
     except RequestError as exc:
         raise renamed(exc, names) from None
     async with contextlib.aclosing(service.events(job.id, keepalive_s=WAIT_POLL_S)) as events:
