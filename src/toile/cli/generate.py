@@ -99,6 +99,18 @@ def add_parser(subparsers: Any) -> None:
         action="store_true",
         help="run without the prompt policy (your own machine; a server decides in its config)",
     )
+    p.add_argument(
+        "--safety-checker",
+        metavar="FOLDER",
+        help="run every image through this Stable Diffusion safety checker (a local folder) "
+        "or module:callable classifier (default: none)",
+    )
+    p.add_argument(
+        "--on-flag",
+        choices=("pass", "blur", "withhold", "flag"),
+        default="withhold",
+        help="what a flagged image becomes (default withhold: an error, no image)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object with the results")
     p.set_defaults(run=run)
 
@@ -152,7 +164,11 @@ def run(args: argparse.Namespace) -> int:
     from toile.request import GenerationRequest
 
     request = GenerationRequest(prompt=args.prompt, model=args.model, **request_fields(args))
-    engine = Engine(device=args.device, dtype=args.dtype, policy=cli_policy(args))
+    from toile.safety.output_check import load_output_check
+
+    check = load_output_check(args.safety_checker) if args.safety_checker else None
+    engine = Engine(device=args.device, dtype=args.dtype, policy=cli_policy(args),
+                    output_check=check, on_flag=args.on_flag)
     bar = TerminalProgress()
     try:
         result = engine.run(request, progress=bar)

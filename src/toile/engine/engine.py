@@ -22,6 +22,8 @@ from toile.families.registry import detect_family
 from toile.progress import ProgressCallback, RunContext
 from toile.request import GenerationRequest, Mode, ResolvedRequest, resolve
 from toile.result import GenerationResult, ImageRecord
+from toile.safety.output_check import FlagAction, OutputCheck
+from toile.safety.output_check import apply as apply_output_check
 from toile.safety.policy import Policy, enforce
 from toile.samplers import DEFAULT_SAMPLER, scheduler_swapped
 
@@ -86,6 +88,8 @@ class Engine:
         cache_size: int = 1,
         allow_paths: bool = True,
         policy: Policy | Literal["default"] | None = "default",
+        output_check: OutputCheck | None = None,
+        on_flag: FlagAction = FlagAction.WITHHOLD,
     ) -> None:
         from toile.compat import check_versions
 
@@ -93,6 +97,10 @@ class Engine:
         # The prompt policy every request passes before any model work (None: off, the CLI's
         # --no-policy on a user's own machine).
         self.policy = Policy.default() if policy == "default" else policy
+        # The classifier every generated image passes before it is returned, and what a
+        # flagged image becomes (toile.safety.output_check).
+        self.output_check = output_check
+        self.on_flag = FlagAction(on_flag)
         self.registry = registry if registry is not None else ModelRegistry()
         self.device = pick_device(device)
         self.dtype_name = dtype
@@ -150,12 +158,14 @@ class Engine:
             ctx = RunContext(progress=progress, cancel=cancel, preview_every=preview_every)
             start = time.perf_counter()
             images = self._run_mode(cached, resolved, ctx, refiner)
+            images, checks = apply_output_check(self.output_check, self.on_flag, images)
             generate_s = time.perf_counter() - start
         timings = {"load_s": round(cached.load_s, 4), "generate_s": round(generate_s, 4)}
-        safety = {"policy": {"warnings": [m.to_dict() for m in warnings]}} if warnings else {}
+        policy = {"policy": {"warnings": [m.to_dict() for m in warnings]}} if warnings else {}
         records = [
-            replace(self._record(cached, resolved, seed, timings, refiner), safety=safety)
-            for seed in resolved.seeds
+            replace(self._record(cached, resolved, seed, timings, refiner),
+                    safety=policy | ({"output": check} if check else {}))
+            for seed, check in zip(resolved.seeds, checks, strict=True)
         ]
         return GenerationResult(images=images, records=records, timings=timings)
 

@@ -77,6 +77,11 @@ class ServeConfig:
     # file, instead of) the rules in ``policy``; ``policy_enabled = false`` turns it off.
     policy: Path | None = None
     policy_enabled: bool = True
+    # An output check every generated image passes (a Stable Diffusion safety-checker folder,
+    # or module:callable returning a toile.safety.output_check.OutputCheck) and what a flagged
+    # image becomes: pass, blur, withhold (the job fails with the reason) or flag.
+    output_checker: str | None = None
+    output_action: str = "withhold"
     # Days a finished job's record and result images are kept (0: for ever). Uploads are
     # deleted as soon as their job ends, whatever this says.
     retention_days: float = 0.0
@@ -101,6 +106,10 @@ class ServeConfig:
             ("preview_size", 16, 1024),
         ):
             _check_int(name, getattr(self, name), low, high)
+        if self.output_action not in ("pass", "blur", "withhold", "flag"):
+            raise RequestError(
+                "output_action", f"must be pass, blur, withhold or flag, got {self.output_action!r}"
+            )
         days = self.retention_days
         if isinstance(days, bool) or not isinstance(days, int | float) or not 0 <= days <= 36500:
             raise RequestError("retention_days", f"must be a number of days >= 0, got {days!r}")

@@ -130,7 +130,11 @@ class JobService:
                 from toile.engine.engine import Engine
 
                 engine = Engine(device=config.device, dtype=config.dtype, allow_paths=False,
-                                policy=policy)
+                                policy=policy, on_flag=config.output_action)
+                if config.output_checker:
+                    from toile.safety.output_check import load_output_check
+
+                    engine.output_check = load_output_check(config.output_checker, engine.device)
             if getattr(engine, "allow_paths", False):
                 raise ValueError("the server's engine must be built with allow_paths=False")
             webhooks = WebhookSender(
