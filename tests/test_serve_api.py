@@ -527,3 +527,46 @@ def test_uploads_end_with_their_job_results_expire_and_data_is_private(scripted,
         fresh = wait_job(client, client.post("/v1/jobs", json=job_body()).json()["id"])
         assert fresh["status"] == "succeeded"  # recent jobs are kept
         assert client.get(f"/v1/jobs/{fresh['id']}").status_code == 200
+
+
+def test_clients_see_only_their_own_jobs_and_the_admin_sees_all(scripted, tmp_path):
+    clients = {"alice": "alice-token-1", "bob": "bob-token-22"}
+    alice, bob, admin = ({"Authorization": f"Bearer {t}"} for t in
+                         (clients["alice"], clients["bob"], "admin-token-333"))
+    with serve(scripted, tmp_path / "data", api_token="admin-token-333",
+               clients=clients) as client:
+        assert client.get("/v1/jobs").status_code == 401
+        key = {"Idempotency-Key": "same-key"}
+        mine = client.post("/v1/jobs", json=job_body(), headers=alice | key).json()["id"]
+        theirs = client.post("/v1/jobs", json=job_body(), headers=bob | key).json()["id"]
+        assert mine != theirs  # one client's keys are not another's
+        job = wait_job(client, mine, headers=alice)
+        image_url = job["images"][0]["url"]
+        assert client.get(image_url, headers=alice).status_code == 200
+        for path in (f"/v1/jobs/{mine}", image_url, f"/v1/jobs/{mine}/events"):
+            assert client.get(path, headers=bob).status_code == 404, path  # not even "exists"
+        assert client.post(f"/v1/jobs/{mine}/cancel", headers=bob).status_code == 404
+        assert [j["id"] for j in client.get("/v1/jobs", headers=alice).json()["jobs"]] == [mine]
+        assert [j["id"] for j in client.get("/v1/jobs", headers=bob).json()["jobs"]] == [theirs]
+        everyone = {j["id"] for j in client.get("/v1/jobs", headers=admin).json()["jobs"]}
+        assert everyone == {mine, theirs}
+        assert client.get(image_url, headers=admin).status_code == 200
+        wait_job(client, theirs, headers=bob)
+
+
+def test_a_schema_1_database_gains_owners(tmp_path):
+    import sqlite3
+
+    from toile.serve.store import JobStore
+
+    path = tmp_path / "jobs.sqlite3"
+    store = JobStore(path)
+    store.insert("a" * 32, {"prompt": "x"}, body_hash="h")
+    store.close()
+    with sqlite3.connect(path) as db:  # what toile before client tokens wrote
+        db.execute("ALTER TABLE jobs DROP COLUMN owner")
+        db.execute("PRAGMA user_version = 1")
+    store = JobStore(path)
+    assert store.get("a" * 32).owner == ""
+    assert store.pragma("user_version") == 2
+    store.close()

@@ -4,8 +4,11 @@ untouched) that runs four checks in order, each answering with a JSON error nami
 1. **Host** (only without a token): the ``Host`` header must be a loopback name, the bind
    address or a configured ``allowed_hosts`` entry. Without it, a web page on any site could use
    DNS rebinding to reach a server on 127.0.0.1 from the user's browser.
-2. **Token** (only with a token): ``Authorization: Bearer <token>`` on every path except the web
-   page's static files (``/``, ``/static/...``) and ``/health``; compared in constant time.
+2. **Token** (only with tokens configured): ``Authorization: Bearer <token>`` on every path
+   except the web page's static files (``/``, ``/static/...``) and ``/health``; compared in
+   constant time. The admin token (``api_token``) sees everything; each ``[clients]`` token is
+   one client, which sees only its own jobs (``scope["state"]["toile_client"]``, read by
+   ``routes.deps.caller``).
 3. **Origin** for state-changing methods (POST, PUT, PATCH, DELETE): a browser's
    ``Sec-Fetch-Site`` must be ``same-origin`` or ``none``, and an ``Origin`` header must be the
    server's own origin (or a configured ``allowed_origins`` entry). This stops cross-site form
@@ -67,7 +70,11 @@ class SecurityMiddleware:
     def __init__(self, app: ASGIApp, config: ServeConfig) -> None:
         self.app = app
         self.config = config
-        self._token = config.api_token.encode() if config.api_token else None
+        # token -> client name ("" for the admin's token)
+        self._tokens = {token.encode(): name for name, token in config.clients.items()}
+        if config.api_token:
+            self._tokens[config.api_token.encode()] = ""
+        self._token = bool(self._tokens) or None
         allowed = {"localhost", "127.0.0.1", "::1", config.host.lower().strip("[]")}
         self._hosts = allowed | {h.lower() for h in config.allowed_hosts}
         self._origins = {o.rstrip("/").lower() for o in config.allowed_origins}
@@ -123,12 +130,12 @@ class SecurityMiddleware:
         if self._token is not None and not is_public_path(scope["path"]):
             auth = headers.get("authorization", "")
             kind, _, token = auth.partition(" ")
-            if kind.lower() != "bearer" or not hmac.compare_digest(
-                token.strip().encode(), self._token
-            ):
+            client = self._client(token.strip().encode()) if kind.lower() == "bearer" else None
+            if client is None:
                 return error_response(
                     401, "unauthorized", "Authorization", "a valid 'Bearer <token>' is required"
                 )
+            scope.setdefault("state", {})["toile_client"] = client
         if scope.get("method") in UNSAFE_METHODS:
             site = headers.get("sec-fetch-site")
             if site is not None and site not in ("same-origin", "none"):
@@ -141,6 +148,15 @@ class SecurityMiddleware:
                     403, "cross_origin", "Origin", f"{origin!r} may not change state on this server"
                 )
         return None
+
+    def _client(self, token: bytes) -> str | None:
+        """The client a token belongs to ("" = admin), or None; every configured token is
+        compared, in constant time, so timing tells nothing about which one was close."""
+        found = None
+        for known, name in self._tokens.items():
+            if hmac.compare_digest(token, known):
+                found = name
+        return found
 
     def _same_origin(self, origin: str, scheme: str, host: str, port: str | None) -> bool:
         origin = origin.strip().rstrip("/").lower()

@@ -12,6 +12,8 @@ Example ``serve.toml``::
     webhook_allow = ["10.0.0.0/8"]     # private ranges webhooks may reach (public: always)
     [loras]                            # LoRA ids clients may name -> files on this machine
     watercolor = "/models/loras/watercolor.safetensors"
+    [clients]                          # client tokens; each sees only its own jobs
+    studio-a = "a-long-random-token"
 """
 
 from __future__ import annotations
@@ -54,7 +56,9 @@ class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 7860
     data_dir: Path = field(default_factory=default_data_dir)
-    api_token: str | None = None
+    api_token: str | None = None  # the admin's token: sees and cancels every client's jobs
+    # Clients by name -> token ([clients] in TOML): each sees only its own jobs and images.
+    clients: Mapping[str, str] = field(default_factory=dict)
     device: str | None = None
     dtype: str | None = None
     # LoRAs are named by id only; a client can never pass a file path (see README "Serve").
@@ -125,6 +129,16 @@ class ServeConfig:
             not isinstance(self.api_token, str) or len(self.api_token) < 8 or " " in self.api_token
         ):
             raise RequestError("api_token", "must be at least 8 characters without spaces")
+        clients = {}
+        for name, token in dict(self.clients).items():
+            if not name or len(name) > 64 or not set(name) <= LORA_ID_CHARS:
+                raise RequestError("clients", f"name {name!r}: use 1-64 letters, digits, . _ -")
+            if not isinstance(token, str) or len(token) < 8 or " " in token:
+                raise RequestError(f"clients.{name}", "token: at least 8 characters, no spaces")
+            if token == self.api_token or token in clients.values():
+                raise RequestError(f"clients.{name}", "token: each client needs its own token")
+            clients[name] = token
+        object.__setattr__(self, "clients", MappingProxyType(clients))
         if not isinstance(self.host, str) or not self.host:
             raise RequestError("host", "must be a host name or address")
         object.__setattr__(self, "data_dir", Path(self.data_dir).expanduser())
@@ -165,7 +179,7 @@ class ServeConfig:
     def check_bind(self) -> None:
         """Refuse to listen beyond loopback without a token: the queue would be open to anyone
         on the network, and every job costs GPU time."""
-        if not is_loopback_host(self.host) and not self.api_token:
+        if not is_loopback_host(self.host) and not self.api_token and not self.clients:
             raise RequestError(
                 "host",
                 f"refusing to listen on {self.host} without an API token: anyone who can reach "
@@ -225,6 +239,8 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     for name in ("data_dir", "policy"):
         if name in data:
             data[name] = base / Path(str(data[name])).expanduser()
+    if "clients" in data and not isinstance(data["clients"], dict):
+        raise RequestError("clients", 'must be a table of name = "token"')
     if "loras" in data:
         if not isinstance(data["loras"], dict):
             raise RequestError("loras", 'must be a table of id = "file.safetensors"')

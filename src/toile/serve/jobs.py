@@ -166,13 +166,20 @@ class JobService:
     # -- submit -------------------------------------------------------------------------------
 
     def submit(
-        self, body: schemas.JobCreate, idempotency_key: str | None = None, client: str = ""
+        self,
+        body: schemas.JobCreate,
+        idempotency_key: str | None = None,
+        client: str = "",
+        owner: str = "",
     ) -> tuple[schemas.Job, bool]:
         """Validate and enqueue. With an Idempotency-Key seen before (and the same body) the
         earlier job comes back with ``created=False``. ``client`` (the peer's address) goes
-        into the policy's audit log."""
+        into the policy's audit log; ``owner`` is the configured client that submits (its
+        keys and jobs are its own)."""
         if idempotency_key is not None and not IDEMPOTENCY_KEY.match(idempotency_key):
             raise RequestError("Idempotency-Key", "must be 1-255 visible ASCII characters")
+        if idempotency_key is not None and owner:
+            idempotency_key = f"{owner}\x00{idempotency_key}"  # one client's keys are its own
         body_hash = hashlib.sha256(
             json.dumps(body.model_dump(mode="json"), sort_keys=True).encode()
         ).hexdigest()
@@ -186,7 +193,7 @@ class JobService:
                     )
                 return self.view(existing), False
         job_id = uuid.uuid4().hex
-        self._check_policy(body.prompt, client, job_id)
+        self._check_policy(body.prompt, owner or client, job_id)
         stored, uploads = self._validate(body)
         saved: list[Path] = []
         try:
@@ -203,6 +210,7 @@ class JobService:
                     idempotency_key=idempotency_key,
                     webhook=body.webhook,
                     max_queue=self.config.max_queue,
+                    owner=owner,
                 )
             except IdempotencyConflict as exc:
                 raise RequestError(
@@ -367,16 +375,20 @@ class JobService:
 
     # -- reads --------------------------------------------------------------------------------
 
-    def _row(self, job_id: str) -> JobRow:
+    def _row(self, job_id: str, owner: str | None = None) -> JobRow:
+        """The job; another client's is "not found" (its existence is not told)."""
         row = self.store.get(job_id) if ID_PATTERN.match(job_id) else None
-        if row is None:
+        if row is None or (owner is not None and row.owner != owner):
             raise JobNotFoundError(f"no job with id {job_id!r}")
         return row
 
-    def get(self, job_id: str) -> schemas.Job:
-        return self.view(self._row(job_id))
+    def get(self, job_id: str, owner: str | None = None) -> schemas.Job:
+        """``owner`` None: any job (the admin, or a server without clients)."""
+        return self.view(self._row(job_id, owner))
 
-    def list(self, statuses: Sequence[str] = (), limit: int = 100) -> schemas.JobList:
+    def list(
+        self, statuses: Sequence[str] = (), limit: int = 100, owner: str | None = None
+    ) -> schemas.JobList:
         for status in statuses:
             if status not in STATUSES:
                 raise RequestError(
@@ -384,7 +396,7 @@ class JobService:
                 )
         if not 1 <= limit <= MAX_LIST:
             raise RequestError("limit", f"must be an integer in [1, {MAX_LIST}], got {limit}")
-        jobs = [self.view(row) for row in self.store.list(tuple(statuses), limit)]
+        jobs = [self.view(row) for row in self.store.list(tuple(statuses), limit, owner)]
         return schemas.JobList(jobs=jobs, queue_length=self.store.counts()[QUEUED])
 
     def view(self, row: JobRow) -> schemas.Job:
@@ -412,9 +424,12 @@ class JobService:
             webhook_status=row.webhook_status,
         )
 
-    def image(self, image_id: str) -> tuple[Path, dict[str, Any]]:
+    def image(self, image_id: str, owner: str | None = None) -> tuple[Path, dict[str, Any]]:
         """The PNG (a file the server named, inside its images folder) and its record."""
         row = self.store.image(image_id) if ID_PATTERN.match(image_id) else None
+        if row is not None and owner is not None:
+            job = self.store.get(row.job_id)
+            row = row if job is not None and job.owner == owner else None
         if row is None:
             raise JobNotFoundError(f"no image with id {image_id!r}")
         path = self.config.images_dir / Path(row.file).name
@@ -424,11 +439,10 @@ class JobService:
 
     # -- cancel -------------------------------------------------------------------------------
 
-    def cancel(self, job_id: str) -> schemas.Job:
+    def cancel(self, job_id: str, owner: str | None = None) -> schemas.Job:
         """A queued job is cancelled now and never starts; a running one stops within one
         denoising step (the returned status is still ``running`` until it has)."""
-        if not ID_PATTERN.match(job_id):
-            raise JobNotFoundError(f"no job with id {job_id!r}")
+        self._row(job_id, owner)  # another client's job is not found
         row, moved = self.store.cancel(job_id)
         if row is None:
             raise JobNotFoundError(f"no job with id {job_id!r}")

@@ -37,7 +37,7 @@ QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = (
 )
 STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
 TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED})
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: jobs.owner (the client that submitted)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -55,7 +55,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     cancel_requested INTEGER NOT NULL DEFAULT 0,
     error TEXT,
     error_field TEXT,
-    webhook_status TEXT
+    webhook_status TEXT,
+    owner TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, seq);
 CREATE TABLE IF NOT EXISTS images (
@@ -108,6 +109,7 @@ class JobRow:
     idempotency_key: str | None = None
     body_hash: str = ""
     images: tuple[ImageRow, ...] = field(default=())
+    owner: str = ""  # the client (server config [clients]) that submitted it; "" = none
     # Why the stored request cannot be read (a damaged row); the worker fails such a job with
     # this reason instead of stopping on it, and listings still show it.
     damaged: str | None = None
@@ -173,6 +175,9 @@ class JobStore:
             version = self._db.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
                 raise RuntimeError(f"{path} was written by a newer toile (schema {version})")
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
+            if "owner" not in columns:  # schema 1 -> 2: jobs from before belong to no client
+                self._db.execute("ALTER TABLE jobs ADD COLUMN owner TEXT NOT NULL DEFAULT ''")
             self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def close(self) -> None:
@@ -239,6 +244,7 @@ class JobStore:
             idempotency_key=row["idempotency_key"],
             body_hash=row["body_hash"],
             images=images,
+            owner=row["owner"],
         )
 
     # -- writes -------------------------------------------------------------------------------
@@ -252,6 +258,7 @@ class JobStore:
         idempotency_key: str | None = None,
         webhook: str | None = None,
         max_queue: int | None = None,
+        owner: str = "",
     ) -> tuple[JobRow, bool]:
         """Add a queued job, durably. Returns ``(job, created)``; with a key seen before, the
         earlier job and ``False`` (or IdempotencyConflict if the body differs)."""
@@ -275,7 +282,7 @@ class JobStore:
                     raise QueueFullError(f"the queue is full ({waiting} jobs); retry later")
             db.execute(
                 "INSERT INTO jobs (id, idempotency_key, body_hash, status, request, webhook, "
-                "created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "created_at, owner) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     job_id,
                     idempotency_key,
@@ -284,6 +291,7 @@ class JobStore:
                     json.dumps(request, sort_keys=True),
                     webhook,
                     time.time(),
+                    owner,
                 ),
             )
             row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
@@ -430,14 +438,22 @@ class JobStore:
             row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
             return self._job(self._db, row)
 
-    def list(self, statuses: Sequence[str] = (), limit: int = 100) -> list[JobRow]:
+    def list(
+        self, statuses: Sequence[str] = (), limit: int = 100, owner: str | None = None
+    ) -> list[JobRow]:
         """The newest ``limit`` jobs (optionally of some statuses), oldest first: queue order."""
-        where = f"WHERE status IN ({', '.join('?' * len(statuses))})" if statuses else ""
+        clauses, args = [], list(statuses)
+        if statuses:
+            clauses.append(f"status IN ({', '.join('?' * len(statuses))})")
+        if owner is not None:  # a client sees its own jobs only
+            clauses.append("owner = ?")
+            args.append(owner)
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
         with self._lock:
             rows = self._db.execute(
                 f"SELECT * FROM (SELECT * FROM jobs {where} ORDER BY seq DESC LIMIT ?) "
                 "ORDER BY seq",
-                (*statuses, limit),
+                (*args, limit),
             ).fetchall()
             return [job for row in rows if (job := self._job(self._db, row)) is not None]
 

@@ -36,7 +36,7 @@ from toile.serve.routes.a1111_payload import (
     request_fields,
     resolve_model,
 )
-from toile.serve.routes.deps import jobs
+from toile.serve.routes.deps import caller, jobs
 from toile.serve.routes.openai import job_body, read_png_b64, run_to_end
 
 router = APIRouter(prefix="/sdapi/v1", tags=["a1111"])
@@ -203,7 +203,7 @@ async def progress(
     """The running job (whichever API submitted it): progress 0-1, ETA in seconds, a preview
     (base64 PNG) and A1111's ``state``. Idle: progress 0 and ``job_count`` 0."""
     state = _state(request)
-    listing = await run_in_threadpool(service.list, ["running"], 10)
+    listing = await run_in_threadpool(service.list, ["running"], 10, caller(request).scope)
     job_count = len(listing.jobs) + listing.queue_length
     idle_state = {
         "skipped": False,
@@ -252,10 +252,11 @@ async def progress(
 
 
 @router.post("/interrupt")
-def interrupt(service: Service) -> dict[str, Any]:
+def interrupt(request: Request, service: Service) -> dict[str, Any]:
     """Stop the running job within one denoising step, as A1111's Interrupt button does (queued
-    jobs stay queued). Its waiting txt2img/img2img call answers 409."""
-    listing = service.list(["running"], 10)
+    jobs stay queued). Its waiting txt2img/img2img call answers 409. A client stops only its
+    own job."""
+    listing = service.list(["running"], 10, caller(request).scope)
     cancelled = [service.cancel(job.id).id for job in listing.jobs]
     return {"interrupted": cancelled}
 

@@ -54,7 +54,7 @@ from toile.errors import RequestError
 from toile.request import MAX_GUIDANCE, MAX_IMAGES, MAX_PROMPT_CHARS, MAX_SEED, MAX_SIDE, MAX_STEPS
 from toile.serve import schemas
 from toile.serve.jobs import JobNotFoundError, JobService
-from toile.serve.routes.deps import jobs
+from toile.serve.routes.deps import caller, jobs
 from toile.serve.store import QueueFullError
 
 if TYPE_CHECKING:
@@ -97,7 +97,8 @@ async def run_to_end(
     the job is cancelled."""
     try:
         client = request.client.host if request.client else ""
-        job, _ = await run_in_threadpool(service.submit, body, None, client)
+        owner = caller(request).owner
+        job, _ = await run_in_threadpool(service.submit, body, None, client, owner)
     except RequestError as exc:
         raise renamed(exc, names) from None
     async with contextlib.aclosing(service.events(job.id, keepalive_s=WAIT_POLL_S)) as events:
