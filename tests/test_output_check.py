@@ -85,7 +85,6 @@ def test_each_action_on_flagged_and_clean_images(checkers):
 
 def test_the_server_fails_a_withheld_job_with_the_reason(checkers, tmp_path, tiny_models):
     from serve_helpers import serve, wait_job
-
     from toile.engine.engine import Engine as ServerEngine
     from toile.engine.models import ModelRegistry
 
