@@ -91,6 +91,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resolution", type=int, help="training size (default: the model's)")
     parser.add_argument("--buckets", action="store_true",
                         help="aspect-ratio buckets instead of square centre crops")
+    parser.add_argument("--opt-out", metavar="FILE",
+                        help="TOML opt-out list (sha256, phash, caption terms): matching images "
+                        "are left out and counted")
+    parser.add_argument("--filter-checker", metavar="FOLDER",
+                        help="leave out training images this safety checker (a local folder, "
+                        "or module:callable) flags")
     parser.add_argument("--stream", action="store_true",
                         help="stream --images instead of loading it (big folders; WebDataset "
                         ".tar shards, a glob or a folder of them, are always streamed)")
@@ -135,6 +141,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
         checkpoint_every=args.checkpoint_every, resume=args.resume, seed=args.seed,
         validation_prompts=tuple(args.validation_prompt), validation_every=args.validation_every,
         resolution=args.resolution, buckets=args.buckets, stream=args.stream,
+        opt_out=args.opt_out, filter_checker=args.filter_checker,
         mixed_precision=args.mixed_precision, fsdp=args.fsdp, device=args.device,
         threads=args.threads,
         progress_bar=not args.no_progress,

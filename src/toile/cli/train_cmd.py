@@ -56,6 +56,12 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="image-caption folder or WebDataset .tar shards (default: scenes)")
     parser.add_argument("--buckets", action="store_true",
                         help="with --data: aspect-ratio buckets instead of square crops")
+    parser.add_argument("--opt-out", metavar="FILE",
+                        help="with --data: TOML opt-out list (sha256, phash, caption terms) of "
+                        "samples to leave out; counted in log.jsonl and the model card")
+    parser.add_argument("--filter-checker", metavar="FOLDER",
+                        help="with --data: leave out images this safety checker (a local "
+                        "folder, or module:callable) flags")
     parser.add_argument(
         "--checkpoint-minutes",
         type=float,
@@ -101,7 +107,13 @@ def run(args: argparse.Namespace) -> int:
         "resume": bool(args.resume),
         "data": args.data,
         "fsdp": args.fsdp or None,
+        "opt_out": args.opt_out,
+        "filter_checker": args.filter_checker,
     }
+    if (args.opt_out or args.filter_checker) and not args.data:
+        print("toile train: error: --opt-out and --filter-checker apply to --data",
+              file=sys.stderr)
+        return 2
     if args.buckets:
         if not args.data:
             print("toile train: error: --buckets applies to --data", file=sys.stderr)

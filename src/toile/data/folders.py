@@ -34,6 +34,8 @@ from toile.errors import RequestError
 if TYPE_CHECKING:
     from PIL import Image
 
+    from toile.safety.data_filter import DataFilter
+
 LOG = logging.getLogger("toile.data")
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
@@ -191,9 +193,11 @@ class ImageCaptionFolder(IterableDataset):
         min_side: int = 16,
         transform: Callable[[Sample], Any] | None = None,
         shard_by_consumer: bool = True,
+        data_filter: DataFilter | None = None,
     ) -> None:
         super().__init__()
         self.root = Path(root)
+        self.data_filter = data_filter
         if not self.root.is_dir():
             raise RequestError("images", f"{self.root} is not a folder")
         self.default_caption = default_caption
@@ -229,5 +233,9 @@ class ImageCaptionFolder(IterableDataset):
         image, reason = decode_image(data, where=key, min_side=self.min_side)
         if image is None:
             skips.skip(reason, key)
+            return None
+        left_out = self.data_filter.reason(data, image, caption) if self.data_filter else None
+        if left_out is not None:
+            skips.skip(left_out, key)
             return None
         return Sample(key=key, image=image, caption=caption)

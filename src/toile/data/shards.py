@@ -31,13 +31,16 @@ import tarfile
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch.utils.data import IterableDataset
 
 from toile.data.folders import Sample, SkipCounter, consumer_index, decode_image
 from toile.errors import RequestError
 from toile.io.images import MAX_IMAGE_BYTES
+
+if TYPE_CHECKING:
+    from toile.safety.data_filter import DataFilter
 
 LOG = logging.getLogger("toile.data")
 
@@ -85,9 +88,11 @@ class TarShards(IterableDataset):
         transform: Callable[[Sample], Any] | None = None,
         max_member_bytes: int = MAX_IMAGE_BYTES,
         shard_by_consumer: bool = True,
+        data_filter: DataFilter | None = None,
     ) -> None:
         super().__init__()
         self.shards = expand_shards(shards)
+        self.data_filter = data_filter
         self.min_side = min_side
         self.default_caption = default_caption
         self.transform = transform
@@ -169,4 +174,9 @@ class TarShards(IterableDataset):
         if image is None:
             skips.skip(reason, where)
             return None
-        return Sample(key=where, image=image, caption=" ".join(caption.split()))
+        caption = " ".join(caption.split())
+        left_out = self.data_filter.reason(data, image, caption) if self.data_filter else None
+        if left_out is not None:
+            skips.skip(left_out, where)
+            return None
+        return Sample(key=where, image=image, caption=caption)

@@ -63,6 +63,10 @@ class TrainConfig:
     # step); else an image-caption folder or WebDataset shards, streamed (train/stream_data.py).
     data: str | None = None
     data_buckets: bool = False  # aspect-ratio buckets for --data instead of square crops
+    # Data governance for --data (toile.safety.data_filter): an opt-out list (TOML) and an
+    # output check (safety-checker folder or module:callable) whose flagged images are left out.
+    opt_out: str | None = None
+    filter_checker: str | None = None
     scene_kinds: tuple[str, ...] = ("single", "relation", "count")
     allow_held_out: bool = False
     # "auto": bf16 on CUDA, none on CPU (bf16 autocast on CPU is slower on most CPUs).

@@ -83,6 +83,7 @@ def _log_summary(run_dir: Path, step: int) -> dict[str, Any]:
         return {}
     recent = rows[-20:]
     return {
+        "skipped_by_reason": rows[-1].get("skipped_by_reason", {}),
         "loss_smooth": rows[-1].get("loss_smooth"),
         "s_per_step": round(sum(r["s_per_step"] for r in recent) / len(recent), 3),
         "images_per_s": round(sum(r["images_per_s"] for r in recent) / len(recent), 2),
@@ -108,6 +109,23 @@ def scene_eval(pipe: ToilePipeline, n: int, *, steps: int | None = None,
         "by_kind": {k: round(v.accuracy, 3) for k, v in report.categories.items()},
         "failures": dict(report.failures),
     }
+
+
+def _data_filter_lines(train: dict[str, Any], log: dict[str, Any]) -> list[str]:
+    """The data-governance section: which filters ran and how many samples each left out (in
+    one pass over the data, as the log counts them)."""
+    if not train.get("data"):
+        return []
+    skipped = log.get("skipped_by_reason", {})
+    lines = ["## Data filters", ""]
+    lines.append(f"- Opt-out list: `{train['opt_out']}`." if train.get("opt_out")
+                 else "- Opt-out list: none.")
+    lines.append(f"- Output check on training images: `{train['filter_checker']}`."
+                 if train.get("filter_checker") else "- Output check on training images: none.")
+    lines.append("- Samples left out, by reason: " + (
+        ", ".join(f"{reason}: {count}" for reason, count in sorted(skipped.items()))
+        if skipped else "none") + ".")
+    return [*lines, ""]
 
 
 def write_model_card(
@@ -170,6 +188,7 @@ def write_model_card(
         "",
         *[f"      {c}" for c in commands],
         "",
+        *_data_filter_lines(train, log),
         "## Measured",
         "",
     ]

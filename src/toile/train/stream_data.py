@@ -24,11 +24,14 @@ import copy
 import random
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from toile.data.buckets import BucketBatch, BucketBatcher, make_buckets
 from toile.data.folders import Sample, SkipCounter, consumer_index
 from toile.errors import RequestError
+
+if TYPE_CHECKING:
+    from toile.safety.data_filter import DataFilter
 
 SHUFFLE_BUFFER = 1000  # samples held for shuffling (WebDataset examples use 1000-5000)
 
@@ -42,6 +45,7 @@ def is_shards(spec: str) -> bool:
 
 def open_stream(
     spec: str, *, min_side: int, default_caption: str | None = None, field: str = "data",
+    data_filter: DataFilter | None = None,
 ) -> Any:
     """``ImageCaptionFolder`` or ``TarShards`` for ``spec`` (see the module docstring);
     samples without a caption take ``default_caption`` (or are skipped and counted)."""
@@ -52,11 +56,13 @@ def open_stream(
     if is_shards(spec):
         try:
             return TarShards(spec if any(ch in spec for ch in "*?[") else path,
-                             min_side=min_side, default_caption=default_caption)
+                             min_side=min_side, default_caption=default_caption,
+                             data_filter=data_filter)
         except RequestError as exc:
             raise RequestError(field, str(exc).split(": ", 1)[-1]) from None
     if path.is_dir():
-        return ImageCaptionFolder(path, min_side=min_side, default_caption=default_caption)
+        return ImageCaptionFolder(path, min_side=min_side, default_caption=default_caption,
+                                  data_filter=data_filter)
     raise RequestError(
         field, f"{spec} is neither a folder of images with captions nor WebDataset .tar shards"
     )
@@ -97,9 +103,11 @@ class StreamBatches:
         shuffle_buffer: int = SHUFFLE_BUFFER,
         default_caption: str | None = None,
         field: str = "data",
+        data_filter: DataFilter | None = None,
     ) -> None:
         self.source = open_stream(spec, min_side=min_side or max(1, image_size // 4),
-                                  default_caption=default_caption, field=field)
+                                  default_caption=default_caption, field=field,
+                                  data_filter=data_filter)
         self.spec = spec
         self.field = field
         self.batch_size = batch_size

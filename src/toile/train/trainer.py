@@ -40,7 +40,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -77,6 +77,9 @@ from toile.train.sharding import (
     wants_fsdp,
 )
 from toile.train.stream_data import StreamBatches
+
+if TYPE_CHECKING:
+    from toile.safety.data_filter import DataFilter
 
 CHECKPOINT_FILES = ("model.safetensors", "ema.safetensors", "optimizer.safetensors", "state.json")
 
@@ -196,6 +199,7 @@ class Trainer:
         )
         self.model, self.optimizer = prepare(self.accelerator, unet, optimizer, self.sharded)
         self.data: StreamBatches | None = None
+        self.data_filter: DataFilter | None = None  # opt-out list / checker for --data
         self._batches: Iterator[Any] | None = None
         self.step = 0
         self.train_seconds = 0.0  # accumulated over resumes, for the model card
@@ -260,9 +264,13 @@ class Trainer:
         many of the data's first captions (kept in ``train_config.json`` so a resumed run
         draws the same grid)."""
         config = self.config
+        from toile.safety.data_filter import build_filter
+
+        self.data_filter = build_filter(config.opt_out, config.filter_checker)
         self.data = StreamBatches(
             config.data, batch_size=config.batch_size, image_size=config.model.packing.image_size,
             multiple=config.model.size_multiple, seed=config.seed, buckets=config.data_buckets,
+            data_filter=self.data_filter,
         )
         self._batches = self.data.batches(start=self.step * config.gradient_accumulation_steps)
         if not set(config.sample_prompts) <= set(DEFAULT_SAMPLE_PROMPTS):
@@ -352,6 +360,7 @@ class Trainer:
         }
         if self.data is not None:
             record["skipped"] = self.data.skips.total
+            record["skipped_by_reason"] = dict(self.data.skips.counts)
         with open(self.out / "log.jsonl", "a") as handle:
             handle.write(json.dumps(record) + "\n")
 

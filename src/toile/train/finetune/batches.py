@@ -47,6 +47,9 @@ class FinetuneBatches:
         self.config = config
         self.resolution, self.multiple = resolution, multiple
         self.processes, self.rank = processes, rank
+        from toile.safety.data_filter import build_filter
+
+        self.data_filter = build_filter(config.opt_out, config.filter_checker)
         self.data: ImageSet | None = None
         self.stream: StreamBatches | None = None
         self._batches: Iterator[BucketBatch] | None = None
@@ -55,6 +58,7 @@ class FinetuneBatches:
                 config.images, batch_size=config.batch_size, image_size=resolution,
                 multiple=multiple, seed=config.seed, buckets=config.buckets,
                 min_side=config.min_image_side, default_caption=config.prompt, field="images",
+                data_filter=self.data_filter,
             )
             echo(f"images: streamed from {config.images} (skips are counted per pass)")
         else:
@@ -76,6 +80,7 @@ class FinetuneBatches:
         data = load_image_set(
             config.images, prompt=config.prompt, resolution=self.resolution,
             multiple=self.multiple, buckets=config.buckets, min_side=config.min_image_side,
+            data_filter=self.data_filter,
         )
         sizes = sorted({f"{data.buckets[b][1]}x{data.buckets[b][0]}" for b in data.bucket_of})
         echo(f"images: {len(data)} from {data.root} at {', '.join(sizes)}")
@@ -92,6 +97,7 @@ class FinetuneBatches:
             prior = load_image_set(
                 config.class_data, prompt=config.class_prompt, resolution=self.resolution,
                 multiple=self.multiple, field_name="class_data", prompt_field="class_prompt",
+                data_filter=self.data_filter,
             )
             echo(f"class images: {len(prior)} from {prior.root}"
                  + (f" ({prior.skips.summary()})" if prior.skips.total else ""))

@@ -90,6 +90,10 @@ class FinetuneConfig:
     # (a .tar, a glob, a folder of .tar files) are always streamed. See ``streamed``.
     stream: bool = False
     min_image_side: int | None = None  # smaller images are skipped; None = resolution / 4
+    # Data governance (toile.safety.data_filter): an opt-out list (TOML) and an output check
+    # (safety-checker folder or module:callable) whose flagged images are left out.
+    opt_out: str | None = None
+    filter_checker: str | None = None
     warmup_steps: int = 0
     weight_decay: float | None = None  # None = 1e-4 (LoRA) / 1e-2 (full), as diffusers' scripts
     grad_clip: float = 1.0

@@ -34,6 +34,8 @@ if TYPE_CHECKING:
     import torch
     from PIL import Image
 
+    from toile.safety.data_filter import DataFilter
+
 MAX_MISSING_LISTED = 5
 
 
@@ -143,6 +145,7 @@ def load_image_set(
     field_name: str = "images",
     files: list[Path] | None = None,
     prompt_field: str = "prompt",
+    data_filter: DataFilter | None = None,
 ) -> ImageSet:
     """Read, check and fit every image under ``root`` (or just ``files`` in it), as the module
     docstring says."""
@@ -167,6 +170,10 @@ def load_image_set(
         image, reason = decode_image(data, where=key, min_side=min_side)
         if image is None:
             skips.skip(reason, key)
+            continue
+        left_out = data_filter.reason(data, image, caption) if data_filter else None
+        if left_out is not None:
+            skips.skip(left_out, key)
             continue
         index = nearest_bucket(image.width, image.height, ladder)
         fitted = fit_to_bucket(image, ladder[index])

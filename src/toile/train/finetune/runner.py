@@ -543,6 +543,9 @@ class FinetuneRunner:
             "resolution": self.resolution,
             "train_text_encoder": config.train_text_encoder,
             "images": len(self.batches.data) if self.batches.data is not None else "streamed",
+            "data_filters": (self.batches.data_filter.describe()
+                             if self.batches.data_filter is not None else {}),
+            "skipped": dict(self.batches.skips.counts),
             "toile_version": toile.__version__,
         }
 
