@@ -8,7 +8,7 @@ import pytest
 from test_cli import toile
 
 COMMANDS = ("generate", "models", "info", "families", "train", "eval", "bench", "demo",
-            "serve", "finetune", "loras")
+            "serve", "finetune", "loras", "samplers", "verify")
 
 
 @pytest.mark.parametrize("command", COMMANDS)

@@ -111,6 +111,11 @@ def add_parser(subparsers: Any) -> None:
         default="withhold",
         help="what a flagged image becomes (default withhold: an error, no image)",
     )
+    p.add_argument(
+        "--no-watermark",
+        action="store_true",
+        help="leave images unmarked (default: an invisible watermark; `toile verify` reads it)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object with the results")
     p.set_defaults(run=run)
 
@@ -167,8 +172,11 @@ def run(args: argparse.Namespace) -> int:
     from toile.safety.output_check import load_output_check
 
     check = load_output_check(args.safety_checker) if args.safety_checker else None
+    from toile.safety.watermark import WatermarkConfig, default_config
+
+    watermark = WatermarkConfig(enabled=False) if args.no_watermark else default_config()
     engine = Engine(device=args.device, dtype=args.dtype, policy=cli_policy(args),
-                    output_check=check, on_flag=args.on_flag)
+                    output_check=check, on_flag=args.on_flag, watermark=watermark)
     bar = TerminalProgress()
     try:
         result = engine.run(request, progress=bar)

@@ -21,6 +21,7 @@ COMMANDS = {
     "serve": "toile.cli.serve_cmd",
     "finetune": "toile.cli.finetune_cmd",
     "loras": "toile.cli.loras_cmd",
+    "verify": "toile.cli.verify_cmd",
 }
 
 

@@ -25,6 +25,9 @@ from toile.result import GenerationResult, ImageRecord
 from toile.safety.output_check import FlagAction, OutputCheck
 from toile.safety.output_check import apply as apply_output_check
 from toile.safety.policy import Policy, enforce
+from toile.safety.watermark import WatermarkConfig
+from toile.safety.watermark import apply as apply_watermark
+from toile.safety.watermark import default_config as default_watermark
 from toile.samplers import DEFAULT_SAMPLER, scheduler_swapped
 
 if TYPE_CHECKING:
@@ -90,6 +93,7 @@ class Engine:
         policy: Policy | Literal["default"] | None = "default",
         output_check: OutputCheck | None = None,
         on_flag: FlagAction = FlagAction.WITHHOLD,
+        watermark: WatermarkConfig | None = None,
     ) -> None:
         from toile.compat import check_versions
 
@@ -101,6 +105,8 @@ class Engine:
         # flagged image becomes (toile.safety.output_check).
         self.output_check = output_check
         self.on_flag = FlagAction(on_flag)
+        # An invisible watermark on every image it returns, on by default (safety.watermark).
+        self.watermark = watermark if watermark is not None else default_watermark()
         self.registry = registry if registry is not None else ModelRegistry()
         self.device = pick_device(device)
         self.dtype_name = dtype
@@ -159,13 +165,16 @@ class Engine:
             start = time.perf_counter()
             images = self._run_mode(cached, resolved, ctx, refiner)
             images, checks = apply_output_check(self.output_check, self.on_flag, images)
+            marked = [apply_watermark(image, self.watermark) for image in images]  # final pixels
+            images = [image for image, _ in marked]
             generate_s = time.perf_counter() - start
         timings = {"load_s": round(cached.load_s, 4), "generate_s": round(generate_s, 4)}
         policy = {"policy": {"warnings": [m.to_dict() for m in warnings]}} if warnings else {}
         records = [
             replace(self._record(cached, resolved, seed, timings, refiner),
-                    safety=policy | ({"output": check} if check else {}))
-            for seed, check in zip(resolved.seeds, checks, strict=True)
+                    safety=policy | ({"output": check} if check else {})
+                    | {"watermark": outcome.to_dict()})
+            for seed, check, (_, outcome) in zip(resolved.seeds, checks, marked, strict=True)
         ]
         return GenerationResult(images=images, records=records, timings=timings)
 

@@ -86,6 +86,8 @@ class ServeConfig:
     # image becomes: pass, blur, withhold (the job fails with the reason) or flag.
     output_checker: str | None = None
     output_action: str = "withhold"
+    # The invisible watermark on every result (safety.watermark): on unless turned off here.
+    watermark: bool = True
     # Days a finished job's record and result images are kept (0: for ever). Uploads are
     # deleted as soon as their job ends, whatever this says.
     retention_days: float = 0.0

@@ -128,9 +128,11 @@ class JobService:
             policy = config.build_policy()
             if engine is None:
                 from toile.engine.engine import Engine
+                from toile.safety.watermark import WatermarkConfig
 
                 engine = Engine(device=config.device, dtype=config.dtype, allow_paths=False,
-                                policy=policy, on_flag=config.output_action)
+                                policy=policy, on_flag=config.output_action,
+                                watermark=WatermarkConfig(enabled=config.watermark))
                 if config.output_checker:
                     from toile.safety.output_check import load_output_check
 
