@@ -60,3 +60,11 @@ class NumericalError(ToileError):
 
     Raised at the step where it happens, instead of saving a black image as if it succeeded.
     """
+
+
+def one_line(text: object, limit: int = 300) -> str:
+    """``text`` (often a library's exception) as one line of at most ``limit`` characters, for
+    messages that quote it: the CLI promises one-line errors, and a parser's message may carry
+    newlines or echo megabytes of the input it choked on."""
+    flat = " ".join(str(text).split())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
