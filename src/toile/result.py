@@ -88,16 +88,20 @@ class GenerationResult:
     records: list[ImageRecord]
     timings: dict[str, float] = field(default_factory=dict)
 
-    def save(self, path: str) -> list[str]:
+    def save(
+        self, path: str, *, credentials: Any = None, ingredient: tuple[bytes, str] | None = None
+    ) -> list[str]:
         """Write the images as PNGs carrying their records; returns the paths written.
 
         One image goes to ``path``; several go to ``NAME-0.png``, ``NAME-1.png``, ...
+        ``credentials`` (a ``c2pa_credentials.C2paConfig``) signs each with C2PA;
+        ``ingredient`` (bytes, MIME type) is the input image of an edit.
         """
         from toile.safety.metadata import save_png
 
         paths = output_paths(path, len(self.images))
         for image, record, out in zip(self.images, self.records, paths, strict=True):
-            save_png(image, record, out)
+            save_png(image, record, out, credentials=credentials, ingredient=ingredient)
         return paths
 
 

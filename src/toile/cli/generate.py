@@ -112,6 +112,13 @@ def add_parser(subparsers: Any) -> None:
         help="what a flagged image becomes (default withhold: an error, no image)",
     )
     p.add_argument(
+        "--c2pa-cert",
+        metavar="PEM",
+        help="sign each PNG with C2PA content credentials: the certificate chain (with "
+        "--c2pa-key; default: not signed, only the IPTC AI-generated label)",
+    )
+    p.add_argument("--c2pa-key", metavar="PEM", help="the private key for --c2pa-cert")
+    p.add_argument(
         "--no-watermark",
         action="store_true",
         help="leave images unmarked (default: an invisible watermark; `toile verify` reads it)",
@@ -149,6 +156,30 @@ def request_fields(args: argparse.Namespace) -> dict[str, Any]:
     return fields
 
 
+def c2pa_credentials(args: argparse.Namespace) -> Any:
+    """The C2PA signing configuration from --c2pa-cert/--c2pa-key, checked; None without."""
+    if args.c2pa_cert is None and args.c2pa_key is None:
+        return None
+    if args.c2pa_cert is None or args.c2pa_key is None:
+        raise RequestError("c2pa", "give both --c2pa-cert and --c2pa-key")
+    from toile.safety.c2pa_credentials import load_c2pa_config
+
+    return load_c2pa_config(args.c2pa_cert, args.c2pa_key)
+
+
+def ingredient_of(args: argparse.Namespace) -> tuple[bytes, str] | None:
+    """The input image as given (bytes and MIME type): the C2PA ingredient of an edit."""
+    if args.image is None:
+        return None
+    from pathlib import Path
+
+    from PIL import Image
+
+    with Image.open(args.image) as probe:
+        fmt = f"image/{(probe.format or 'png').lower()}"
+    return Path(args.image).read_bytes(), fmt
+
+
 def cli_policy(args: argparse.Namespace) -> Any:
     """The prompt policy for this run: the default, extended by --policy, or none."""
     from toile.errors import ToileError
@@ -174,6 +205,8 @@ def run(args: argparse.Namespace) -> int:
     check = load_output_check(args.safety_checker) if args.safety_checker else None
     from toile.safety.watermark import WatermarkConfig, default_config
 
+    credentials = c2pa_credentials(args)  # a bad key or certificate fails before any work
+
     watermark = WatermarkConfig(enabled=False) if args.no_watermark else default_config()
     engine = Engine(device=args.device, dtype=args.dtype, policy=cli_policy(args),
                     output_check=check, on_flag=args.on_flag, watermark=watermark)
@@ -183,7 +216,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         bar.close()
     output = args.output or f"toile-{time.strftime('%Y%m%d-%H%M%S')}.png"
-    paths = result.save(output)
+    paths = result.save(output, credentials=credentials, ingredient=ingredient_of(args))
     if args.json:
         images = [
             {

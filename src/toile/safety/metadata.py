@@ -9,11 +9,13 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
-from toile.errors import ImageInputError
+from toile.errors import ImageInputError, one_line
 from toile.result import ImageRecord
 
 if TYPE_CHECKING:
     from PIL import Image
+
+    from toile.safety.c2pa_credentials import C2paConfig
 
 TOILE_KEY = "toile"
 A1111_KEY = "parameters"
@@ -54,18 +56,42 @@ def a1111_parameters(record: ImageRecord) -> str:
     return "\n".join(lines)
 
 
-def save_png(image: Image.Image, record: ImageRecord, path: str) -> None:
-    """Write ``image`` with its record. Writes to a temp file first so no partial PNG is left."""
+def save_png(
+    image: Image.Image,
+    record: ImageRecord,
+    path: str,
+    *,
+    credentials: C2paConfig | None = None,
+    ingredient: tuple[bytes, str] | None = None,
+) -> None:
+    """Write ``image`` with its record, the IPTC "trained algorithmic media" label (XMP) and,
+    with ``credentials``, a signed C2PA manifest (``ingredient``: the input image's bytes and
+    MIME type, for edits). Signing is the last change to the bytes: anything after it would
+    break the signature. Writes to a temp file first so no partial PNG is left."""
+    import io
+
     from PIL.PngImagePlugin import PngInfo
+
+    from toile.safety.c2pa_credentials import sign_png, with_iptc_xmp
 
     info = PngInfo()
     info.add_text(TOILE_KEY, record.to_json())
     info.add_text(A1111_KEY, a1111_parameters(record))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    data = buffer.getvalue()
+    if credentials is not None:
+        source, fmt = ingredient if ingredient is not None else (None, "image/png")
+        data = sign_png(data, record.to_dict(), credentials, ingredient=source,
+                        ingredient_format=fmt)
+    else:
+        data = with_iptc_xmp(data)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
-        image.save(tmp, format="PNG", pnginfo=info)
+        with open(tmp, "wb") as handle:
+            handle.write(data)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -81,7 +107,13 @@ def read_record(path: str) -> ImageRecord:
     if text is None:
         found = ", ".join(sorted(k for k in image.info if isinstance(image.info[k], str))) or "none"
         raise ImageInputError("image", f"{path} has no toile record (text chunks found: {found})")
-    return ImageRecord.from_json(text)
+    try:
+        return ImageRecord.from_json(text)
+    except (ValueError, TypeError, AttributeError, RecursionError) as exc:
+        # not JSON, not an object, fields missing or of the wrong kind: the file's, not ours
+        raise ImageInputError(
+            "image", f"{path} has a toile record that cannot be read: {one_line(exc)}"
+        ) from None
 
 
 def read_text_chunks(path: str) -> dict[str, str]:

@@ -88,6 +88,9 @@ class ServeConfig:
     output_action: str = "withhold"
     # The invisible watermark on every result (safety.watermark): on unless turned off here.
     watermark: bool = True
+    # C2PA content credentials on every result PNG: a PEM certificate chain and its key.
+    c2pa_cert: Path | None = None
+    c2pa_key: Path | None = None
     # Days a finished job's record and result images are kept (0: for ever). Uploads are
     # deleted as soon as their job ends, whatever this says.
     retention_days: float = 0.0
@@ -144,8 +147,9 @@ class ServeConfig:
         if not isinstance(self.host, str) or not self.host:
             raise RequestError("host", "must be a host name or address")
         object.__setattr__(self, "data_dir", Path(self.data_dir).expanduser())
-        if self.policy is not None:
-            object.__setattr__(self, "policy", Path(self.policy).expanduser())
+        for name in ("policy", "c2pa_cert", "c2pa_key"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, Path(getattr(self, name)).expanduser())
         loras = {}
         for lora_id, path in dict(self.loras).items():
             if not lora_id or len(lora_id) > 64 or not set(lora_id) <= LORA_ID_CHARS:
@@ -195,6 +199,17 @@ class ServeConfig:
             if not path.is_file():
                 raise RequestError(f"loras.{lora_id}", f"{path} does not exist")
         self.build_policy()
+        self.build_credentials()
+
+    def build_credentials(self) -> Any:
+        """The C2PA signing configuration (checked), or None when not configured."""
+        if self.c2pa_cert is None and self.c2pa_key is None:
+            return None
+        if self.c2pa_cert is None or self.c2pa_key is None:
+            raise RequestError("c2pa_cert", "set both c2pa_cert and c2pa_key, or neither")
+        from toile.safety.c2pa_credentials import load_c2pa_config
+
+        return load_c2pa_config(self.c2pa_cert, self.c2pa_key)
 
     def build_policy(self) -> Any:
         """The server's prompt policy (a ``toile.safety.policy.Policy``), or None when off."""
@@ -238,7 +253,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
             unknown[0], f"unknown setting in {path}; known: {', '.join(sorted(known))}"
         )
     base = path.parent.resolve()
-    for name in ("data_dir", "policy"):
+    for name in ("data_dir", "policy", "c2pa_cert", "c2pa_key"):
         if name in data:
             data[name] = base / Path(str(data[name])).expanduser()
     if "clients" in data and not isinstance(data["clients"], dict):

@@ -147,6 +147,7 @@ class JobService:
             service._lock_handle = lock
             service.worker = Worker(config, store, service.hub, engine, ended=service._job_ended,
                                     loras=service.loras)
+            service.worker.credentials = config.build_credentials()
             for job in store.pending_webhooks():
                 if job.webhook is not None:
                     webhooks.send(job.webhook, job.id, service.view(job).model_dump(mode="json"))

@@ -119,6 +119,7 @@ class Worker:
         # model id -> (FamilyDefaults, family name), learnt from loads, so submit can check sizes
         # model id -> resolve()'s arguments after the request (defaults, family, samplers)
         self.known_defaults: dict[str, tuple[Any, str, Any]] = {}
+        self.credentials: Any = None  # C2PA signing config for result PNGs (None: unsigned)
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -231,6 +232,17 @@ class Worker:
         if final is not None:
             self.ended(final)
 
+    def _ingredient(self, job: JobRow) -> tuple[bytes, str] | None:
+        """The job's input image as uploaded (bytes, MIME type): an edit's C2PA ingredient."""
+        name = job.request.get("image")
+        if not isinstance(name, str) or Path(name).name != name:
+            return None
+        path = self.config.uploads_dir / name
+        suffix = path.suffix.lower().lstrip(".")
+        fmt = {"jpg": "image/jpeg", "jpeg": "image/jpeg", "webp": "image/webp"}.get(
+            suffix, "image/png")
+        return (path.read_bytes(), fmt) if path.is_file() else None
+
     def _forget(self, job_id: str) -> None:
         with self._lock:
             self._running.pop(job_id, None)
@@ -261,11 +273,13 @@ class Worker:
 
         folder = self.config.images_dir
         folder.mkdir(parents=True, exist_ok=True)
+        ingredient = self._ingredient(job) if self.credentials is not None else None
         rows = []
         for index, (image, record) in enumerate(zip(result.images, result.records, strict=True)):
             image_id = uuid.uuid4().hex
             name = f"{image_id}.png"
-            save_png(image, record, str(folder / name))
+            save_png(image, record, str(folder / name), credentials=self.credentials,
+                     ingredient=ingredient)
             (folder / name).chmod(0o600)  # a client's result, for the server's user only
             fsync_file(folder / name)
             rows.append(ImageRow(image_id, job.id, index, name, record.to_dict()))
