@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from functools import cache
 
 
@@ -17,3 +19,21 @@ def quiet_libraries() -> None:
 
     diffusers_logging.set_verbosity_error()
     diffusers_logging.disable_progress_bar()
+
+
+@contextlib.contextmanager
+def library_errors_silenced() -> Iterator[None]:
+    """Around a load whose failure toile reports itself, in one line: diffusers and peft log
+    the same failure first, at ERROR level and over many lines (e.g. "Loading toile_lora_0 was
+    unsuccessful with the following error: ..." and every size mismatch)."""
+    import logging
+
+    loggers = [logging.getLogger(name) for name in ("diffusers", "transformers", "peft")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)

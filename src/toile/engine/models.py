@@ -256,6 +256,6 @@ class LoraRegistry:
 
 def _check_safetensors_header(path: Path) -> None:
     """A malformed file is refused at registration, not when a request first uses it."""
-    from toile.io.lora_info import read_header
+    from toile.io.lora_info import check_lora_file
 
-    read_header(path)
+    check_lora_file(path)

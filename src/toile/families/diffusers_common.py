@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from toile.errors import ModelFormatError
+from toile.errors import ModelFormatError, one_line
 from toile.families.base import cpu_generators
 
 if TYPE_CHECKING:
@@ -32,14 +32,15 @@ def read_model_index(path: Path) -> dict[str, Any] | None:
         return None
     try:
         data = json.loads(index.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ModelFormatError(f"{index} is not valid JSON: {exc}") from None
+    except (OSError, ValueError, RecursionError) as exc:  # ValueError: bad JSON or UTF-8
+        raise ModelFormatError(f"{index} is not valid JSON: {one_line(exc)}") from None
     return data if isinstance(data, dict) else None
 
 
 def pipeline_class_name(path: Path) -> str | None:
     index = read_model_index(path)
-    return None if index is None else index.get("_class_name")
+    name = None if index is None else index.get("_class_name")
+    return name if isinstance(name, str) else None  # a list or object names no class
 
 
 def read_component_config(path: Path, component: str) -> dict[str, Any]:
@@ -47,9 +48,12 @@ def read_component_config(path: Path, component: str) -> dict[str, Any]:
     if not config.is_file():
         config = path / component / "scheduler_config.json"
     try:
-        return json.loads(config.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ModelFormatError(f"cannot read {config}: {exc}") from None
+        data = json.loads(config.read_text())
+    except (OSError, ValueError, RecursionError) as exc:  # ValueError: bad JSON or UTF-8
+        raise ModelFormatError(f"cannot read {config}: {one_line(exc)}") from None
+    if not isinstance(data, dict):
+        raise ModelFormatError(f"{config} must hold a JSON object, not {type(data).__name__}")
+    return data
 
 
 def load_pipeline(
@@ -66,7 +70,14 @@ def load_pipeline(
             trust_remote_code=False, **kwargs,
         )
     except (OSError, ValueError) as exc:
-        raise ModelFormatError(f"cannot load {path} as {pipeline_cls.__name__}: {exc}") from None
+        raise ModelFormatError(
+            f"cannot load {path} as {pipeline_cls.__name__}: {one_line(exc, 500)}"
+        ) from None
+    except Exception as exc:  # a broken component config or weights file: any error type
+        raise ModelFormatError(
+            f"cannot load {path} as {pipeline_cls.__name__}: {type(exc).__name__}: "
+            f"{one_line(exc)}"
+        ) from None
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
@@ -144,28 +155,49 @@ def loras_applied(pipe: Any, loras: tuple[LoraSpec, ...]) -> Iterator[None]:
     """Load LoRA files as named adapters with their scales for one run, then unload them.
 
     Uses diffusers' own LoRA loader (peft underneath), which reads the diffusers/peft and the
-    kohya key layouts. Files are already checked to be .safetensors by the engine.
+    kohya key layouts. Files are already checked to be .safetensors by the engine; a malformed
+    one (see ``check_lora_file``), or one diffusers cannot apply to this pipeline, is a one-line
+    RequestError naming it, and whatever it had loaded before failing is unloaded.
     """
     if not loras:
         yield
         return
-    names = []
+    from toile.errors import RequestError, one_line
+    from toile.io.lora_info import check_lora_file
+    from toile.logs import library_errors_silenced
+
+    names: list[str] = []
     try:
         for index, lora in enumerate(loras):
             name = f"toile_lora_{index}"
-            pipe.load_lora_weights(lora.path, adapter_name=name)
+            try:
+                check_lora_file(lora.path)
+            except ModelFormatError as exc:
+                raise RequestError("loras", str(exc)) from None
+            try:
+                with library_errors_silenced():
+                    pipe.load_lora_weights(lora.path, adapter_name=name)
+            except Exception as exc:  # diffusers/peft on a well-formed file it cannot use
+                raise RequestError(
+                    "loras", f"cannot apply {lora.path}: {type(exc).__name__}: {one_line(exc)}"
+                ) from None
+            if name not in _loaded_adapters(pipe):
+                # diffusers only warns about a file whose keys match none of its layers
+                raise RequestError(
+                    "loras", f"cannot apply {lora.path}: none of its weights fit this "
+                    f"{type(pipe).__name__}'s layers (is it a LoRA for another model family?)"
+                )
             names.append(name)
         pipe.set_adapters(names, adapter_weights=[lora.scale for lora in loras])
         yield
-    except (ValueError, KeyError, RuntimeError) as exc:
-        if not names or len(names) < len(loras):
-            from toile.errors import RequestError
-
-            raise RequestError("loras", f"cannot apply {loras[len(names)].path}: {exc}") from None
-        raise
     finally:
-        if names:
+        if names or _loaded_adapters(pipe):
             pipe.unload_lora_weights()
+
+
+def _loaded_adapters(pipe: Any) -> set[str]:
+    """Names of the LoRA adapters currently loaded into any of the pipeline's components."""
+    return {name for names in pipe.get_list_adapters().values() for name in names}
 
 
 def vae_preview(pipe: Any, latents: torch.Tensor) -> Image.Image | None:
@@ -209,7 +241,7 @@ def declared_scheduler_class(path: Path) -> str | None:
         config = folder / "scheduler_config.json"
         try:
             name = json.loads(config.read_text()).get("_class_name")
-        except (OSError, ValueError, AttributeError):
+        except (OSError, ValueError, AttributeError, RecursionError):
             continue
         if isinstance(name, str):
             return name

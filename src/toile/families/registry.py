@@ -13,7 +13,7 @@ from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from toile.errors import ModelFormatError, ModelNotFoundError
+from toile.errors import ModelFormatError, ModelNotFoundError, one_line
 from toile.families.base import Family
 from toile.io.weights import refuse_pickle
 
@@ -68,7 +68,9 @@ def detect_family(path: str | Path) -> Family:
         family = get_family(name)
         if family.detect(target):
             return family
-    raise ModelFormatError(f"cannot tell which model family {target} is: {describe(target)}")
+    raise ModelFormatError(
+        f"cannot tell which model family {target} is: {one_line(describe(target), 500)}"
+    )
 
 
 def describe(target: Path) -> str:
@@ -78,9 +80,12 @@ def describe(target: Path) -> str:
         if index.is_file():
             try:
                 data = json.loads(index.read_text())
-            except (OSError, json.JSONDecodeError):
+            except (OSError, ValueError, RecursionError):
                 return f"{index} is not valid JSON"
-            return f"a diffusers folder whose pipeline class is {data.get('_class_name')!r}"
+            if not isinstance(data, dict):
+                return f"{index} holds a JSON {type(data).__name__}, not an object"
+            name = one_line(repr(data.get("_class_name")), 80)
+            return f"a diffusers folder whose pipeline class is {name}"
         entries = sorted(p.name for p in target.iterdir())[:12]
         return "a folder without model_index.json containing: " + (", ".join(entries) or "nothing")
     if target.suffix.lower() != ".safetensors":
@@ -93,7 +98,7 @@ def describe(target: Path) -> str:
         with safe_open(str(target), framework="pt") as handle:
             keys = list(handle.keys())
     except Exception as exc:  # malformed header: report it rather than crash
-        return f"a .safetensors file that cannot be read ({exc})"
+        return f"a .safetensors file that cannot be read ({one_line(exc)})"
     prefixes = sorted({k.split(".")[0] for k in keys})[:8]
     return f"a .safetensors file with {len(keys)} tensors, top-level keys: {', '.join(prefixes)}"
 

@@ -109,7 +109,8 @@ class SDXLFamily:
         if path.is_file():
             return is_single_file(path, SDXL_SINGLE_FILE)
         index = read_model_index(path)
-        return index is not None and index.get("_class_name") in SDXL_PIPELINES
+        name = None if index is None else index.get("_class_name")
+        return isinstance(name, str) and name in SDXL_PIPELINES
 
     def variant(self, path: Path) -> str:
         """The base ("") or "refiner" / "inpainting"; a single file is judged by its configs."""

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from toile.errors import ModelFormatError
+from toile.errors import ModelFormatError, one_line
 
 if TYPE_CHECKING:
     import torch
@@ -74,12 +74,13 @@ def is_single_file(path: Path, layout: SingleFileLayout) -> bool:
 
 def config_folder(path: Path, layout: SingleFileLayout) -> Path:
     """The local diffusers config folder for ``NAME.safetensors``: ``NAME/`` or ``config/``."""
-    from toile.io.weights import check_folder_code
+    from toile.io.weights import check_folder_code, check_folder_configs
 
     candidates = [path.with_suffix(""), path.parent / "config"]
     for folder in candidates:
         if (folder / "model_index.json").is_file():
             check_folder_code(folder)
+            check_folder_configs(folder)
             return folder
     raise ModelFormatError(
         f"{path} is an {layout.title} single-file checkpoint, which holds weights but no "
@@ -111,7 +112,13 @@ def load_file_pipeline(
         )
     except (OSError, ValueError, KeyError, RuntimeError, SingleFileComponentError) as exc:
         raise ModelFormatError(
-            f"cannot load {path} as {pipeline_cls.__name__} with the configs in {config}: {exc}"
+            f"cannot load {path} as {pipeline_cls.__name__} with the configs in {config}: "
+            f"{one_line(exc, 500)}"
+        ) from None
+    except Exception as exc:  # e.g. safetensors' own error on a tensor it cannot read
+        raise ModelFormatError(
+            f"cannot load {path} as {pipeline_cls.__name__} with the configs in {config}: "
+            f"{type(exc).__name__}: {one_line(exc)}"
         ) from None
     _finish_components(pipe, path)
     pipe.set_progress_bar_config(disable=True)

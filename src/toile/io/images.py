@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
-from toile.errors import ImageInputError
+from toile.errors import ImageInputError, one_line
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -81,8 +81,14 @@ def open_image(
         raise ImageInputError(
             field, f"{name} is not an image file (PNG, JPEG, WebP, BMP, GIF, TIFF...)"
         ) from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageInputError(field, f"{name} is truncated or corrupt ({exc})") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageInputError(field, f"{name} is truncated or corrupt ({one_line(exc)})") from None
+    except Exception as exc:  # Pillow's plugins fail on broken files in many ways
+        # (TypeError, struct.error, IndexError, ZeroDivisionError... from deep in a plugin):
+        # all of them are the file's fault, since only its bytes reach the decoder.
+        raise ImageInputError(
+            field, f"{name} is a corrupt image file ({type(exc).__name__}: {one_line(exc)})"
+        ) from None
     return image
 
 

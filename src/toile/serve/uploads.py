@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from toile.errors import ImageInputError
+from toile.errors import ImageInputError, one_line
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -70,7 +70,7 @@ def decode_base64(text: str, *, field: str, max_bytes: int) -> bytes:
 
 def check_image_bytes(data: bytes, *, field: str, max_pixels: int) -> str:
     """Format and pixel count from the header only; returns the format."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     found = sniff_format(data)
     if found is None:
@@ -82,8 +82,11 @@ def check_image_bytes(data: bytes, *, field: str, max_pixels: int) -> str:
         raise ImageInputError(
             field, f"is refused as a decompression bomb; at most {max_pixels} pixels are allowed"
         ) from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise ImageInputError(field, f"is not a readable {found.upper()} image ({exc})") from None
+    except Exception as exc:  # Pillow's parsers fail on broken headers in
+        # many ways (OSError, SyntaxError, ValueError, struct.error...): all the upload's fault
+        raise ImageInputError(
+            field, f"is not a readable {found.upper()} image ({one_line(exc)})"
+        ) from None
     if width * height > max_pixels:
         raise ImageInputError(
             field,

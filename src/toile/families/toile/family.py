@@ -44,7 +44,7 @@ class ToileFamily:
             return False
         try:
             data = json.loads(index.read_text())
-        except (OSError, json.JSONDecodeError):
+        except (OSError, ValueError, RecursionError):  # ValueError: bad JSON or UTF-8
             return False
         return isinstance(data, dict) and data.get("_class_name") == "ToilePipeline"
 

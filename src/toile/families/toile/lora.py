@@ -27,27 +27,34 @@ PREFIX = "unet"
 def read_unet_lora(path: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """(state dict with ``unet.`` keys, adapter metadata or None) from a LoRA file.
 
-    A LoRA made for another family (its ``toile.family`` metadata says so) or without any
-    ``unet.`` weights is refused by name instead of failing deep inside peft.
+    A malformed file (see ``check_lora_file``), a LoRA made for another family (its
+    ``toile.family`` metadata says so) or one without any ``unet.`` weights is refused by name
+    instead of failing deep inside peft.
     """
     from safetensors import safe_open
 
-    from toile.io.lora_info import read_lora_info
+    from toile.errors import ModelFormatError, one_line
+    from toile.io.lora_info import ADAPTER_METADATA_KEY, check_lora_file, decode_info
 
     try:
-        family = read_lora_info(path).get("family")
+        header = check_lora_file(path)
+    except ModelFormatError as exc:
+        raise RequestError("loras", str(exc)) from None
+    family = decode_info(header).get("family")
+    if family is not None and family != "toile":
+        raise RequestError(
+            "loras", f"{path} was trained for the {one_line(family, 60)} family, not toile's"
+        )
+    try:
         with safe_open(path, framework="pt") as handle:
-            header = handle.metadata() or {}
             keys = [k for k in handle.keys() if k.startswith(PREFIX + ".")]  # noqa: SIM118
             state = {k: handle.get_tensor(k) for k in keys}
-    except Exception as exc:  # malformed header or data: the user's file, not our bug
-        raise RequestError("loras", f"cannot read {path}: {exc}") from None
-    if family is not None and family != "toile":
-        raise RequestError("loras", f"{path} was trained for the {family} family, not toile's")
+    except Exception as exc:  # malformed data: the user's file, not our bug
+        raise RequestError("loras", f"cannot read {path}: {one_line(exc)}") from None
     if not state:
         raise RequestError("loras", f"{path} holds no toile U-Net weights ('{PREFIX}.*' keys)")
-    raw = header.get("lora_adapter_metadata")
-    return state, json.loads(raw) if raw else None
+    raw = header.get(ADAPTER_METADATA_KEY)
+    return state, json.loads(raw) if raw else None  # check_lora_file parsed it once already
 
 
 @contextlib.contextmanager
@@ -56,16 +63,23 @@ def loras_applied(unet: UNet2DConditionModel, loras: tuple[LoraSpec, ...]) -> It
     if not loras:
         yield
         return
+    from toile.errors import one_line
+    from toile.logs import library_errors_silenced
+
     names: list[str] = []
     try:
         for index, lora in enumerate(loras):
             state, metadata = read_unet_lora(lora.path)
             name = f"toile_lora_{index}"
             try:
-                unet.load_lora_adapter(state, prefix=PREFIX, adapter_name=name, metadata=metadata)
-            except (ValueError, KeyError, RuntimeError, TypeError) as exc:
+                with library_errors_silenced():
+                    unet.load_lora_adapter(
+                        state, prefix=PREFIX, adapter_name=name, metadata=metadata
+                    )
+            except Exception as exc:  # peft on a well-formed file of the wrong shapes or config
                 raise RequestError(
-                    "loras", f"cannot apply {lora.path} to this toile model: {exc}"
+                    "loras", f"cannot apply {lora.path} to this toile model: "
+                    f"{type(exc).__name__}: {one_line(exc)}"
                 ) from None
             names.append(name)
         unet.set_adapters(names, weights=[lora.scale for lora in loras])

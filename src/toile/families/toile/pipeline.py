@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from toile.errors import ImageInputError, ModelFormatError, RequestError
+from toile.errors import ImageInputError, ModelFormatError, RequestError, one_line
 from toile.families.toile.config import ToileModelConfig
 from toile.families.toile.denoiser import TextCondition, build_unet, predict_velocity
 from toile.families.toile.sampling import SAMPLERS, sample, time_schedule
@@ -104,15 +104,32 @@ class ToilePipeline:
         """Load a saved folder from local files only (safetensors); weights cast to ``dtype``."""
         from diffusers import UNet2DConditionModel
 
+        from toile.io.lora_info import read_header
+        from toile.io.weights import check_folder_configs
+
         root = Path(folder)
         config = read_config(root)
+        check_folder_configs(root)  # JSON objects, layer counts the weights can back
         weights = root / "unet" / "diffusion_pytorch_model.safetensors"
         for needed in (root / "unet" / "config.json", weights):
             if not needed.is_file():
                 raise ModelFormatError(f"toile model is missing {needed}")
-        unet = UNet2DConditionModel.from_pretrained(
-            str(root / "unet"), torch_dtype=dtype, use_safetensors=True, local_files_only=True
-        )
+        read_header(weights)  # a malformed file is named with safetensors' reason, not diffusers'
+        try:
+            unet = UNet2DConditionModel.from_pretrained(
+                str(root / "unet"), torch_dtype=dtype, use_safetensors=True, local_files_only=True
+            )
+        except Exception as exc:  # diffusers on a broken config.json or weights: many types
+            raise ModelFormatError(
+                f"cannot load the U-Net in {root / 'unet'}: {type(exc).__name__}: "
+                f"{one_line(exc)}"
+            ) from None
+        missing = [name for name, tensor in unet.state_dict().items() if tensor.is_meta]
+        if missing:  # diffusers leaves tensors a weights file lacks on the "meta" device
+            raise ModelFormatError(
+                f"{weights} lacks {len(missing)} of the U-Net's tensors, e.g. "
+                f"{one_line(missing[0], 120)}"
+            )
         unet.requires_grad_(False).eval().to(device)
         text = TextEncoder(config.text, model_folder=root, device=device, dtype=dtype)
         return cls(unet, text, config)
@@ -351,5 +368,5 @@ def read_config(folder: Path) -> ToileModelConfig:
     try:
         data = json.loads(path.read_text())
         return ToileModelConfig.from_dict(data)
-    except (json.JSONDecodeError, TypeError, ValueError, AttributeError) as exc:
-        raise ModelFormatError(f"{path} is not a valid toile config: {exc}") from None
+    except (TypeError, ValueError, AttributeError, RecursionError) as exc:
+        raise ModelFormatError(f"{path} is not a valid toile config: {one_line(exc)}") from None

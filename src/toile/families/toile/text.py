@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from toile.errors import ModelFormatError
+from toile.errors import ModelFormatError, one_line
 from toile.families.toile.config import MINILM_PACKAGE, TextEncoderConfig
 from toile.families.toile.denoiser import TextCondition
 
@@ -47,11 +47,17 @@ def resolve_encoder_folder(config: TextEncoderConfig, model_folder: Path | None 
     folder = Path(config.path).expanduser()
     if not folder.is_absolute() and model_folder is not None:
         folder = model_folder / folder
+    from toile.io.weights import check_layer_counts, read_json_object
+
     for name in ("config.json",):
         if not (folder / name).is_file():
             raise ModelFormatError(f"text encoder file missing: {folder / name}")
-    if not any(folder.glob("*.safetensors")):
+    weights = sorted(folder.glob("*.safetensors"))
+    if not weights:
         raise ModelFormatError(f"text encoder weights missing: no *.safetensors file in {folder}")
+    # A JSON object whose layer count the weights can back: transformers would build 10**30
+    # layers one by one.
+    check_layer_counts(read_json_object(folder / "config.json"), folder / "config.json", weights)
     return folder
 
 
@@ -72,9 +78,15 @@ class TextEncoder:
         self.config = config
         self.folder = resolve_encoder_folder(config, model_folder)
         # trust_remote_code=False: a model folder's own code never runs (and no y/N prompt).
-        self.tokenizer = AutoTokenizer.from_pretrained(
-            str(self.folder), local_files_only=True, trust_remote_code=False
-        )
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(
+                str(self.folder), local_files_only=True, trust_remote_code=False
+            )
+        except Exception as exc:  # transformers on a broken tokenizer file: many error types
+            raise ModelFormatError(
+                f"cannot load the tokenizer in {self.folder}: {type(exc).__name__}: "
+                f"{one_line(exc)}"
+            ) from None
         # A 6-layer encoder loads in a blink; its "Loading weights" bar would only clutter the
         # CLI's own progress output.
         bars = hf_logging.is_progress_bar_enabled()
@@ -84,6 +96,11 @@ class TextEncoder:
                 str(self.folder), local_files_only=True, use_safetensors=True, dtype=dtype,
                 trust_remote_code=False,
             )
+        except Exception as exc:  # a broken config.json or weights file: many error types
+            raise ModelFormatError(
+                f"cannot load the text encoder in {self.folder}: {type(exc).__name__}: "
+                f"{one_line(exc)}"
+            ) from None
         finally:
             if bars:
                 hf_logging.enable_progress_bar()
