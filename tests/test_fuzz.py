@@ -406,7 +406,7 @@ def test_cli_generate_with_a_crafted_lora(lora_targets, tmp_path, toile_home):
     assert "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("toile generate: error: loras: ") and str(bad) in lines[0]
+    assert lines[0].startswith("toile generate: error: loras.path: ") and str(bad) in lines[0]
     assert not (tmp_path / "out.png").exists()
 
 

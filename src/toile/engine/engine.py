@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from toile.engine.models import ModelEntry, ModelRegistry
-from toile.errors import RequestError
+from toile.errors import ModelFormatError, RequestError
 from toile.families.base import RefinerHandoff
 from toile.families.registry import detect_family
 from toile.progress import ProgressCallback, RunContext
@@ -233,6 +233,7 @@ class Engine:
 
     @staticmethod
     def _check_loras(cached: _Cached, request: GenerationRequest) -> None:
+        from toile.io.lora_info import check_lora_file
         from toile.io.weights import refuse_pickle
 
         if request.loras and not cached.loaded.supports_lora:
@@ -246,6 +247,10 @@ class Engine:
                 raise RequestError(
                     "loras.path", f"{lora.path} must be an existing .safetensors file"
                 )
+            try:  # from the header alone: a malformed file is refused before it is applied
+                check_lora_file(path)
+            except ModelFormatError as exc:
+                raise RequestError("loras.path", str(exc)) from None
 
     def _record(
         self,
