@@ -193,7 +193,7 @@ def test_refiner_inpaint_parity_and_outpaint(engine, refiner_path):
 def test_base_to_refiner_handoff_parity(engine, sdxl_path, refiner_path):
     from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
-    from toile.safety.metadata import a1111_parameters
+    from toile.io.metadata import a1111_parameters
 
     steps, switch = 5, 0.6
     events = []

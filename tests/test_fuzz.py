@@ -328,7 +328,7 @@ def test_tiff_with_an_undefined_strip_offset(tmp_path):
 ])
 def test_info_with_a_broken_record(tmp_path, record, expected):
     # was: JSONDecodeError / AttributeError / TypeError / RecursionError from `toile info`
-    from toile.safety.metadata import read_record
+    from toile.io.metadata import read_record
 
     path = tmp_path / "record.png"
     path.write_bytes(png_with_text(toile=record))

@@ -12,10 +12,10 @@ from toile.engine.models import ModelRegistry
 from toile.errors import ImageInputError, ModelFormatError, ModelNotFoundError, UnsafeFileError
 from toile.families.registry import detect_family
 from toile.io.images import load_mask, open_image
+from toile.io.metadata import a1111_parameters, read_record, save_png
 from toile.io.weights import check_folder_weights
 from toile.request import GenerationRequest
 from toile.result import ImageRecord
-from toile.safety.metadata import a1111_parameters, read_record, save_png
 
 
 @pytest.mark.parametrize("suffix", [".ckpt", ".pt", ".pth", ".bin"])

@@ -7,7 +7,11 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from PIL import Image
+
+    Finisher = Callable[[bytes, "ImageRecord"], bytes]
 
 RECORD_VERSION = 1
 
@@ -87,21 +91,23 @@ class GenerationResult:
     images: list[Image.Image]
     records: list[ImageRecord]
     timings: dict[str, float] = field(default_factory=dict)
+    # (encoded PNG, record) -> bytes to write; the engine sets its provenance label here
+    finish_png: Finisher | None = None
 
-    def save(
-        self, path: str, *, credentials: Any = None, ingredient: tuple[bytes, str] | None = None
-    ) -> list[str]:
+    def save(self, path: str, *, finish: Finisher | None = None) -> list[str]:
         """Write the images as PNGs carrying their records; returns the paths written.
 
         One image goes to ``path``; several go to ``NAME-0.png``, ``NAME-1.png``, ...
-        ``credentials`` (a ``c2pa_credentials.C2paConfig``) signs each with C2PA;
-        ``ingredient`` (bytes, MIME type) is the input image of an edit.
+        ``finish`` (default: ``finish_png``, which the engine sets to the safety layer's
+        provenance label) makes the final bytes of each, e.g. C2PA signing.
         """
-        from toile.safety.metadata import save_png
+        from toile.io.metadata import save_png
 
+        last = finish or self.finish_png
         paths = output_paths(path, len(self.images))
         for image, record, out in zip(self.images, self.records, paths, strict=True):
-            save_png(image, record, out, credentials=credentials, ingredient=ingredient)
+            save_png(image, record, out,
+                     finish=(lambda data, r=record: last(data, r)) if last else None)
         return paths
 
 

@@ -216,7 +216,9 @@ def run(args: argparse.Namespace) -> int:
     finally:
         bar.close()
     output = args.output or f"toile-{time.strftime('%Y%m%d-%H%M%S')}.png"
-    paths = result.save(output, credentials=credentials, ingredient=ingredient_of(args))
+    from toile.safety.provenance import finisher
+
+    paths = result.save(output, finish=finisher(credentials, ingredient_of(args)))
     if args.json:
         images = [
             {

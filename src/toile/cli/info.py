@@ -15,7 +15,7 @@ def add_parser(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from toile.safety.metadata import A1111_KEY, read_record, read_text_chunks
+    from toile.io.metadata import A1111_KEY, read_record, read_text_chunks
 
     if args.a1111:
         text = read_text_chunks(args.image).get(A1111_KEY)

@@ -25,6 +25,7 @@ from toile.result import GenerationResult, ImageRecord
 from toile.safety.output_check import FlagAction, OutputCheck
 from toile.safety.output_check import apply as apply_output_check
 from toile.safety.policy import Policy, enforce
+from toile.safety.provenance import label as provenance_label
 from toile.safety.watermark import WatermarkConfig
 from toile.safety.watermark import apply as apply_watermark
 from toile.safety.watermark import default_config as default_watermark
@@ -176,7 +177,8 @@ class Engine:
                     | {"watermark": outcome.to_dict()})
             for seed, check, (_, outcome) in zip(resolved.seeds, checks, marked, strict=True)
         ]
-        return GenerationResult(images=images, records=records, timings=timings)
+        return GenerationResult(images=images, records=records, timings=timings,
+                                finish_png=provenance_label)
 
     def _run_mode(self, cached: _Cached, resolved: ResolvedRequest, ctx: RunContext,
                   refiner: _Cached | None = None) -> list:

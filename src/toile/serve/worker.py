@@ -269,17 +269,19 @@ class Worker:
     def _save_images(self, job: JobRow, result: Any) -> list[ImageRow]:
         """Write each PNG (with its record) and fsync it and the folder before the caller
         commits the job as succeeded: the row must never name a file that is not on disk."""
-        from toile.safety.metadata import save_png
+        from toile.io.metadata import save_png
+        from toile.safety.provenance import finisher
 
         folder = self.config.images_dir
         folder.mkdir(parents=True, exist_ok=True)
         ingredient = self._ingredient(job) if self.credentials is not None else None
+        finish = finisher(self.credentials, ingredient)  # label, or sign with C2PA
         rows = []
         for index, (image, record) in enumerate(zip(result.images, result.records, strict=True)):
             image_id = uuid.uuid4().hex
             name = f"{image_id}.png"
-            save_png(image, record, str(folder / name), credentials=self.credentials,
-                     ingredient=ingredient)
+            save_png(image, record, str(folder / name),
+                     finish=lambda data, r=record: finish(data, r))
             (folder / name).chmod(0o600)  # a client's result, for the server's user only
             fsync_file(folder / name)
             rows.append(ImageRow(image_id, job.id, index, name, record.to_dict()))

@@ -509,8 +509,8 @@ def _detect_folder(folder: Path) -> None:
 
 class ImageTargets:
     def __init__(self, workdir: Path) -> None:
+        from toile.io.metadata import a1111_parameters
         from toile.result import ImageRecord
-        from toile.safety.metadata import a1111_parameters
 
         record = ImageRecord(
             model_id="toile-mini", family="toile", model_hash="ab" * 32, mode="txt2img",

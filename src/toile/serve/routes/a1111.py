@@ -81,8 +81,8 @@ class A1111Response(BaseModel):
 # --------------------------------------------------------------------------- running
 def _answer(service: JobService, body: Processing, job: schemas.Job) -> Any:
     """A1111's response for a finished job, or toile's error body for one that did not."""
+    from toile.io.metadata import a1111_parameters
     from toile.result import ImageRecord
-    from toile.safety.metadata import a1111_parameters
 
     if job.status == "cancelled":
         return JSONResponse(

@@ -13,9 +13,9 @@ from toile.errors import ImageInputError, one_line
 from toile.result import ImageRecord
 
 if TYPE_CHECKING:
-    from PIL import Image
+    from collections.abc import Callable
 
-    from toile.safety.c2pa_credentials import C2paConfig
+    from PIL import Image
 
 TOILE_KEY = "toile"
 A1111_KEY = "parameters"
@@ -61,31 +61,23 @@ def save_png(
     record: ImageRecord,
     path: str,
     *,
-    credentials: C2paConfig | None = None,
-    ingredient: tuple[bytes, str] | None = None,
+    finish: Callable[[bytes], bytes] | None = None,
 ) -> None:
-    """Write ``image`` with its record, the IPTC "trained algorithmic media" label (XMP) and,
-    with ``credentials``, a signed C2PA manifest (``ingredient``: the input image's bytes and
-    MIME type, for edits). Signing is the last change to the bytes: anything after it would
-    break the signature. Writes to a temp file first so no partial PNG is left."""
+    """Write ``image`` with its record (``toile`` JSON and A1111 ``parameters`` text chunks).
+    ``finish`` gets the encoded PNG and returns the bytes to write: the safety layer's
+    provenance (``toile.safety.provenance``: the IPTC label, C2PA signing) is its last change,
+    so nothing may touch the bytes after it. Writes to a temp file first so no partial PNG is
+    left."""
     import io
 
     from PIL.PngImagePlugin import PngInfo
-
-    from toile.safety.c2pa_credentials import sign_png, with_iptc_xmp
 
     info = PngInfo()
     info.add_text(TOILE_KEY, record.to_json())
     info.add_text(A1111_KEY, a1111_parameters(record))
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", pnginfo=info)
-    data = buffer.getvalue()
-    if credentials is not None:
-        source, fmt = ingredient if ingredient is not None else (None, "image/png")
-        data = sign_png(data, record.to_dict(), credentials, ingredient=source,
-                        ingredient_format=fmt)
-    else:
-        data = with_iptc_xmp(data)
+    data = finish(buffer.getvalue()) if finish is not None else buffer.getvalue()
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
