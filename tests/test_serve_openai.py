@@ -248,3 +248,33 @@ def test_output_size_is_checked_before_any_resizing(scripted, tmp_path, monkeypa
                                  timeout=60)
         assert response.status_code == 422 and response.json()["error"]["field"] == "width"
     assert (1024, 1024) not in calls
+
+
+def test_an_upload_is_decoded_once_per_request(scripted, tmp_path, monkeypatch):
+    """The OpenAI and A1111 routes decode (and resize) an input once; the job takes the decoded
+    image as it is, and the worker uses it instead of reading the saved file back."""
+    import requests
+
+    from serve_helpers import live_server
+    from toile.io import images
+
+    calls = []
+    real = images.open_image
+
+    def counting(source, **kwargs):
+        calls.append(kwargs.get("field"))
+        return real(source, **kwargs)
+
+    monkeypatch.setattr(images, "open_image", counting)
+    with serve(scripted, tmp_path / "data") as test_client:
+        client_for(test_client).images.edit(image=("in.png", gradient_png(), "image/png"),
+                                            prompt="x", model=MODEL, extra_body={"steps": 4})
+    assert calls == ["image"], calls
+    calls.clear()
+    with live_server(scripted, tmp_path / "data2") as port:
+        body = {"prompt": "x", "init_images": [base64.b64encode(gradient_png()).decode()],
+                "width": 64, "height": 64, "steps": 4, "sampler_name": "Default"}
+        response = requests.post(f"http://127.0.0.1:{port}/sdapi/v1/img2img", json=body,
+                                 timeout=120)
+        assert response.status_code == 200, response.text
+    assert calls == ["init_images[0]"], calls  # resized to 64x64 without decoding again

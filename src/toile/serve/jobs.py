@@ -27,7 +27,7 @@ import secrets
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -174,11 +174,13 @@ class JobService:
         idempotency_key: str | None = None,
         client: str = "",
         owner: str = "",
+        decoded: Mapping[str, Upload] | None = None,
     ) -> tuple[schemas.Job, bool]:
         """Validate and enqueue. With an Idempotency-Key seen before (and the same body) the
         earlier job comes back with ``created=False``. ``client`` (the peer's address) goes
         into the policy's audit log; ``owner`` is the configured client that submits (its
-        keys and jobs are its own)."""
+        keys and jobs are its own). ``decoded``: the image/mask a route already decoded and
+        checked (an upload is decoded once per request), instead of base64 in ``body``."""
         if idempotency_key is not None and not IDEMPOTENCY_KEY.match(idempotency_key):
             raise RequestError("Idempotency-Key", "must be 1-255 visible ASCII characters")
         if idempotency_key is not None and owner:
@@ -197,7 +199,7 @@ class JobService:
                 return self.view(existing), False
         job_id = uuid.uuid4().hex
         self._check_policy(body.prompt, owner or client, job_id)
-        stored, uploads = self._validate(body)
+        stored, uploads = self._validate(body, decoded or {})
         saved: list[Path] = []
         try:
             for name, upload in uploads.items():
@@ -232,6 +234,9 @@ class JobService:
             job_id, "queued", {"status": QUEUED, "position": self.store.queue_position(row)}
         )
         if self.worker is not None:
+            # The images decoded at submit go to the worker in memory (an upload is decoded
+            # once); after a restart it reads the saved files instead.
+            self.worker.preload(job_id, {name: upload.image for name, upload in uploads.items()})
             self.worker.wake()
         return self.view(row), True
 
@@ -281,7 +286,9 @@ class JobService:
             cap = min(cap, known[0].max_pixels)
         resolve_budget(width, height, cap, field)
 
-    def _validate(self, body: schemas.JobCreate) -> tuple[dict[str, Any], dict[str, Upload]]:
+    def _validate(
+        self, body: schemas.JobCreate, decoded: Mapping[str, Upload]
+    ) -> tuple[dict[str, Any], dict[str, Upload]]:
         """Everything that can be checked before running; returns the JSON to store and the
         decoded uploads. Builds the GenerationRequest so its own checks apply."""
         from toile.engine.models import MODEL_ID
@@ -328,16 +335,12 @@ class JobService:
             if not config.webhooks:
                 raise RequestError("webhook", "webhooks are turned off on this server")
             check_webhook_url(body.webhook, allowed_networks(config.webhook_allow))
-        uploads = {
-            name: read_upload(
-                text,
-                field=name,
-                max_bytes=config.max_image_bytes,
-                max_pixels=config.max_image_pixels,
-            )
-            for name in ("image", "mask")
-            if (text := getattr(body, name)) is not None
-        }
+        uploads = dict(decoded)
+        for name in ("image", "mask"):
+            text = getattr(body, name)
+            if text is not None and name not in uploads:
+                uploads[name] = read_upload(text, field=name, max_bytes=config.max_image_bytes,
+                                            max_pixels=config.max_image_pixels)
         # Fix the seed now: a job re-run after a crash must make the same image.
         seed = body.seed if body.seed is not None else secrets.randbelow(2**32)
         fields: dict[str, Any] = {
@@ -496,6 +499,8 @@ class JobService:
         if row.webhook:
             self.webhooks.send(row.webhook, row.id, data)
         _remove_uploads(self.config, row.id)
+        if self.worker is not None:
+            self.worker.drop_preloaded(row.id)
         expire(self.config, self.store)
 
     # -- server -------------------------------------------------------------------------------

@@ -106,6 +106,14 @@ def read_upload(text: str, *, field: str, max_bytes: int, max_pixels: int) -> Up
     return Upload(data=data, format=found, image=image)
 
 
+def upload_of(image: Image.Image) -> Upload:
+    """An image a route already decoded (and resized) as the PNG upload the job stores: the
+    service then takes it as is, so an upload is decoded once per request."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return Upload(data=buffer.getvalue(), format="png", image=image)
+
+
 def load_saved(path: Path, *, field: str) -> Image.Image:
     """An upload saved earlier, decoded the same way as when it was accepted."""
     from toile.io.images import load_mask, load_rgb

@@ -39,16 +39,20 @@ IDLE_WAIT_S = 0.5  # how long the loop sleeps when the queue is empty and nobody
 
 
 def stored_to_request(
-    stored: dict[str, Any], config: ServeConfig, loras: ServerLoras
+    stored: dict[str, Any], config: ServeConfig, loras: ServerLoras,
+    preloaded: dict[str, Any] | None = None,
 ) -> GenerationRequest:
-    """Rebuild the GenerationRequest from the JSON the store holds (uploads from files, LoRA ids
-    looked up again). Raises RequestError naming the field if that is no longer possible."""
+    """Rebuild the GenerationRequest from the JSON the store holds (uploads from ``preloaded``
+    images decoded at submit, else from their files; LoRA ids looked up again). Raises
+    RequestError naming the field if that is no longer possible."""
     from toile.request import GenerationRequest, LoraSpec, Outpaint
 
     fields = dict(stored)
     for name in ("image", "mask"):
         file_name = fields.get(name)
-        if file_name is not None:
+        if file_name is not None and preloaded and name in preloaded:
+            fields[name] = preloaded[name]
+        elif file_name is not None:
             if Path(file_name).name != file_name:  # never a path, only names the server made
                 raise RequestError(name, "stored upload name is invalid")
             fields[name] = load_saved(config.uploads_dir / file_name, field=name)
@@ -120,6 +124,7 @@ class Worker:
         # model id -> resolve()'s arguments after the request (defaults, family, samplers)
         self.known_defaults: dict[str, tuple[Any, str, Any]] = {}
         self.credentials: Any = None  # C2PA signing config for result PNGs (None: unsigned)
+        self._preloaded: dict[str, dict[str, Any]] = {}  # job id -> images decoded at submit
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -137,6 +142,17 @@ class Worker:
     @property
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
+
+    def preload(self, job_id: str, images: dict[str, Any]) -> None:
+        """Images decoded at submit, used when the job runs (bounded by the queue's size)."""
+        if images:
+            with self._lock:
+                self._preloaded[job_id] = images
+
+    def drop_preloaded(self, job_id: str) -> None:
+        """A job that ended without running (cancelled while queued) needs its images no more."""
+        with self._lock:
+            self._preloaded.pop(job_id, None)
 
     def wake(self) -> None:
         self._wake.set()
@@ -200,7 +216,9 @@ class Worker:
                 raise CancelledError("cancelled before it started")
             if job.damaged is not None:
                 raise ToileError(f"job {job.id} cannot run: {job.damaged}; submit it again")
-            request = stored_to_request(job.request, self.config, self.loras)
+            with self._lock:
+                preloaded = self._preloaded.pop(job.id, None)
+            request = stored_to_request(job.request, self.config, self.loras, preloaded)
             self._learn_defaults(request.model)
             result = self.engine.run(
                 request,

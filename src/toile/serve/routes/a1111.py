@@ -152,19 +152,18 @@ def _answer(service: JobService, body: Processing, job: schemas.Job) -> Any:
 async def _generate(request: Request, service: JobService, body: Processing) -> Any:
     state = _state(request)
 
-    def prepare() -> tuple[schemas.JobCreate, str]:
+    def prepare() -> tuple[schemas.JobCreate, dict[str, Any]]:
         with state.lock:
             checkpoint = state.checkpoint
         fields = request_fields(service, checkpoint, body)
+        uploads: dict[str, Any] = {}
         if isinstance(body, Img2ImgBody):
-            image, mask = img2img_inputs(service, body, fields["model"])
-            fields.update(
-                image=image, mask=mask, width=None, height=None, strength=body.denoising_strength
-            )
-        return job_body(fields, A1111_NAMES)
+            uploads = img2img_inputs(service, body, fields["model"])
+            fields.update(width=None, height=None, strength=body.denoising_strength)
+        return job_body(fields, A1111_NAMES), uploads
 
-    job_create = await run_in_threadpool(prepare)
-    job = await run_to_end(service, job_create, request, A1111_NAMES)
+    job_create, uploads = await run_in_threadpool(prepare)
+    job = await run_to_end(service, job_create, request, A1111_NAMES, uploads)
     return await run_in_threadpool(_answer, service, body, job)
 
 

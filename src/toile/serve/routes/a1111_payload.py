@@ -46,7 +46,7 @@ from toile.errors import ModelNotFoundError, RequestError
 from toile.request import MAX_GUIDANCE, MAX_IMAGES, MAX_PROMPT_CHARS, MAX_SEED, MAX_SIDE, MAX_STEPS
 from toile.samplers import DEFAULT_SAMPLER, check_sampler_name, parse_schedule
 from toile.serve.jobs import JobService
-from toile.serve.routes.openai import encode_png_b64
+from toile.serve.uploads import Upload
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -254,13 +254,13 @@ def _resized(image: Image.Image, size: tuple[int, int], mode: int, *, smooth: bo
 
 def img2img_inputs(
     service: JobService, body: Img2ImgBody, model: str
-) -> tuple[str, str | None]:
+) -> dict[str, Upload]:
     """init image and mask as toile wants them: at the requested size (toile's img2img keeps
-    its input's size), mask inverted/blurred as asked. Decoded with the server's upload checks
-    (format sniffing, pixel cap before decoding)."""
+    its input's size), mask inverted/blurred as asked. Decoded once, with the server's upload
+    checks (format sniffing, pixel cap before decoding); the job takes them as they are."""
     from PIL import ImageFilter, ImageOps
 
-    from toile.serve.uploads import read_upload
+    from toile.serve.uploads import read_upload, upload_of
 
     config = service.config
     if len(body.init_images) != 1:
@@ -277,11 +277,11 @@ def img2img_inputs(
     service.check_output_size(model, size, "width")  # before any decoding or resizing work
     limits = {"max_bytes": config.max_image_bytes, "max_pixels": config.max_image_pixels}
     init = read_upload(body.init_images[0], field="init_images[0]", **limits)
-    image_b64 = body.init_images[0]
+    uploads = {"image": init}
     if init.image.size != size:
-        image_b64 = encode_png_b64(_resized(init.image, size, body.resize_mode, smooth=True))
+        uploads["image"] = upload_of(_resized(init.image, size, body.resize_mode, smooth=True))
     if body.mask is None:
-        return image_b64, None
+        return uploads
     mask = read_upload(body.mask, field="mask", **limits).image  # "L", white = repaint
     if body.inpainting_mask_invert:
         mask = ImageOps.invert(mask)
@@ -292,4 +292,5 @@ def img2img_inputs(
     mask = _resized(mask, size, body.resize_mode, smooth=False)
     if body.mask_blur:
         mask = mask.filter(ImageFilter.GaussianBlur(body.mask_blur))
-    return image_b64, encode_png_b64(mask)
+    uploads["mask"] = upload_of(mask)
+    return uploads

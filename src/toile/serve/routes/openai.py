@@ -56,6 +56,7 @@ from toile.serve import schemas
 from toile.serve.jobs import JobNotFoundError, JobService
 from toile.serve.routes.deps import caller, jobs
 from toile.serve.store import QueueFullError
+from toile.serve.uploads import Upload, upload_of
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -90,15 +91,19 @@ def renamed(exc: RequestError, names: dict[str, str]) -> RequestError:
 
 
 async def run_to_end(
-    service: JobService, body: schemas.JobCreate, request: Request, names: dict[str, str]
+    service: JobService,
+    body: schemas.JobCreate,
+    request: Request,
+    names: dict[str, str],
+    uploads: dict[str, Upload] | None = None,
 ) -> schemas.Job:
     """Submit a job and wait until it ends (see the module docstring for why). Validation
     errors come back renamed for the caller's API. If the client disconnects while waiting,
-    the job is cancelled."""
+    the job is cancelled. ``uploads``: images the route already decoded (never twice)."""
     try:
         client = request.client.host if request.client else ""
         owner = caller(request).owner
-        job, _ = await run_in_threadpool(service.submit, body, None, client, owner)
+        job, _ = await run_in_threadpool(service.submit, body, None, client, owner, uploads)
     except RequestError as exc:
         raise renamed(exc, names) from None
     async with contextlib.aclosing(service.events(job.id, keepalive_s=WAIT_POLL_S)) as events:
@@ -459,7 +464,7 @@ async def edit_images(request: Request, service: Service) -> dict[str, Any]:
     finally:
         await form.close()
 
-    def prepare() -> schemas.JobCreate:
+    def prepare() -> tuple[schemas.JobCreate, dict[str, Upload]]:
         size = parse_size(options.size)
         if size[0] is not None and size[1] is not None:  # before any resizing work
             service.check_output_size(_model(options.model), (size[0], size[1]), "size")
@@ -467,11 +472,12 @@ async def edit_images(request: Request, service: Service) -> dict[str, Any]:
         mask = _decode(mask_data, "mask", config.max_image_pixels) if mask_data else None
         rgb, toile_mask = edit_inputs(image, mask, size)
         fields = {**_fields(options), "width": None, "height": None}  # the image sets the size
-        fields["image"] = encode_png_b64(rgb)
-        fields["mask"] = encode_png_b64(toile_mask) if toile_mask is not None else None
         fields["strength"] = options.strength
-        return job_body(fields, OPENAI_NAMES)
+        uploads = {"image": upload_of(rgb)}  # decoded once here; the job takes them as they are
+        if toile_mask is not None:
+            uploads["mask"] = upload_of(toile_mask)
+        return job_body(fields, OPENAI_NAMES), uploads
 
-    body = await run_in_threadpool(prepare)
-    job = await run_to_end(service, body, request, OPENAI_NAMES)
+    body, uploads = await run_in_threadpool(prepare)
+    job = await run_to_end(service, body, request, OPENAI_NAMES, uploads)
     return await run_in_threadpool(_finish, request, service, job, options.response_format)
