@@ -44,16 +44,12 @@ def pipeline_class_name(path: Path) -> str | None:
 
 
 def read_component_config(path: Path, component: str) -> dict[str, Any]:
+    from toile.io.weights import read_json_object
+
     config = path / component / "config.json"
     if not config.is_file():
         config = path / component / "scheduler_config.json"
-    try:
-        data = json.loads(config.read_text())
-    except (OSError, ValueError, RecursionError) as exc:  # ValueError: bad JSON or UTF-8
-        raise ModelFormatError(f"cannot read {config}: {one_line(exc)}") from None
-    if not isinstance(data, dict):
-        raise ModelFormatError(f"{config} must hold a JSON object, not {type(data).__name__}")
-    return data
+    return read_json_object(config)
 
 
 def load_pipeline(

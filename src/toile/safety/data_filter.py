@@ -20,13 +20,12 @@ library, and the hash other opt-out registries publish.
 from __future__ import annotations
 
 import hashlib
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from toile.errors import ToileError
-from toile.safety.policy import Action, Policy, Rule
+from toile.safety.policy import Action, Policy, Rule, read_toml
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -50,12 +49,7 @@ class OptOut:
     @classmethod
     def from_file(cls, path: str | Path) -> OptOut:
         target = Path(path)
-        try:
-            data = tomllib.loads(target.read_text())
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ToileError(f"cannot read the opt-out list {target}: {exc}") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ToileError(f"opt-out list {target} is not valid TOML: {exc}") from None
+        data = read_toml(target, "opt-out list")
         unknown = set(data) - {"sha256", "phash", "phash_distance", "terms"}
         if unknown:
             raise ToileError(f"opt-out list {target}: unknown key {sorted(unknown)[0]!r}; "

@@ -170,12 +170,7 @@ class Policy:
         """Rules from a TOML file; with ``base``, added to (or overriding by id, or with
         ``replace_defaults = true`` replacing) the base's rules."""
         target = Path(path)
-        try:
-            data = tomllib.loads(target.read_text())
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ToileError(f"cannot read the policy file {target}: {exc}") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ToileError(f"policy file {target} is not valid TOML: {exc}") from None
+        data = read_toml(target, "policy file")
         rules = [_rule(item, target, i) for i, item in enumerate(data.get("rule", []))]
         if base is None or data.get("replace_defaults", False):
             return cls(rules)
@@ -201,6 +196,17 @@ class Policy:
                                      text[start:end]))
         matches.sort(key=lambda m: m.span)
         return Verdict(tuple(matches))
+
+
+def read_toml(path: Path, what: str) -> dict[str, Any]:
+    """A TOML file a user gives toile (a policy, an opt-out list), or a one-line ToileError
+    naming ``what`` it is and the file."""
+    try:
+        return tomllib.loads(path.read_text())
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ToileError(f"cannot read the {what} {path}: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ToileError(f"{what} {path} is not valid TOML: {exc}") from None
 
 
 @functools.cache
