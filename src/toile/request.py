@@ -26,15 +26,64 @@ MAX_GUIDANCE = 100.0
 MAX_SIDE = 8192
 MAX_PROMPT_CHARS = 10_000
 MAX_LORA_SCALE = 10.0
+MAX_QUESTION_CHARS = 1000
+MAX_SCALE = 8.0
+
+
+class Task(enum.StrEnum):
+    """What a request is for. ``generate`` makes images from a prompt (with an optional image,
+    mask or margins); ``edit`` changes an image by an instruction (the prompt); ``caption``
+    and ``answer`` describe an image in words; ``upscale`` makes an image ``scale`` times
+    larger."""
+
+    GENERATE = "generate"
+    EDIT = "edit"
+    CAPTION = "caption"
+    ANSWER = "answer"
+    UPSCALE = "upscale"
+
+    @property
+    def makes_text(self) -> bool:
+        return self in (Task.CAPTION, Task.ANSWER)
 
 
 class Mode(enum.StrEnum):
-    """What a request asks the model to do; derived from which inputs are present."""
+    """What one model run does; the four generate modes follow from the inputs present, the
+    other tasks are one mode each. A family's capability table lists these."""
 
     TXT2IMG = "txt2img"
     IMG2IMG = "img2img"
     INPAINT = "inpaint"
     OUTPAINT = "outpaint"
+    EDIT = "edit"
+    UPSCALE = "upscale"
+    CAPTION = "caption"
+    ANSWER = "answer"
+
+    @property
+    def task(self) -> Task:
+        return _MODE_TASK.get(self, Task.GENERATE)
+
+
+_MODE_TASK = {Mode.EDIT: Task.EDIT, Mode.UPSCALE: Task.UPSCALE, Mode.CAPTION: Task.CAPTION,
+              Mode.ANSWER: Task.ANSWER}
+GENERATE_MODES = frozenset({Mode.TXT2IMG, Mode.IMG2IMG, Mode.INPAINT, Mode.OUTPAINT})
+
+
+class Detail(enum.StrEnum):
+    """How much a caption says: one sentence, or a longer description."""
+
+    SHORT = "short"
+    LONG = "long"
+
+
+def parse_enum(kind: type[enum.StrEnum], value: Any, field_name: str) -> Any:
+    """``value`` as a member of ``kind`` (its own members pass), or an error listing them."""
+    try:
+        return kind(value)
+    except ValueError:
+        allowed = ", ".join(member.value for member in kind)
+        raise RequestError(field_name, f"must be one of {allowed}, got {value!r}") from None
 
 
 @dataclass(frozen=True)
@@ -118,11 +167,14 @@ def _check_float(name: str, value: Any, low: float, high: float, *, open_low: bo
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """Everything one generation needs, for every family and mode.
+    """Everything one request needs, for every family, task and mode.
 
-    ``None`` means "the model's default". The mode follows from the inputs: ``image`` alone is
-    img2img, ``image`` + ``mask`` is inpaint (white = repaint), ``image`` + ``outpaint`` extends
-    the canvas. Invalid values raise :class:`RequestError` naming the field.
+    ``None`` means "the model's default". For ``task=generate`` the mode follows from the
+    inputs: ``image`` alone is img2img, ``image`` + ``mask`` is inpaint (white = repaint),
+    ``image`` + ``outpaint`` extends the canvas. ``edit`` takes ``image`` and the instruction
+    as ``prompt``; ``caption`` takes ``image`` (and ``detail``); ``answer`` takes ``image`` and
+    ``question``; ``upscale`` takes ``image``, ``scale`` and an optional ``prompt``. Invalid
+    values raise :class:`RequestError` naming the field.
     """
 
     prompt: str
@@ -147,8 +199,16 @@ class GenerationRequest:
     # "Schedule type"); None = the checkpoint's own (toile.samplers).
     sampler: str | None = None
     schedule: str | None = None
+    task: Task = Task.GENERATE
+    question: str | None = None  # answer: what to ask about the image
+    detail: Detail = Detail.SHORT  # caption: one sentence or a longer description
+    scale: float | None = None  # upscale: output side / input side (1-8)
+    image_guidance: float | None = None  # edit: InstructPix2Pix's image guidance scale
+    noise_level: int | None = None  # upscale: noise added to the low-res input (SD x4, IF II)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "task", parse_enum(Task, self.task, "task"))
+        object.__setattr__(self, "detail", parse_enum(Detail, self.detail, "detail"))
         if not isinstance(self.prompt, str):
             raise RequestError("prompt", f"must be a string, got {type(self.prompt).__name__}")
         for name in ("prompt", "negative_prompt"):
@@ -183,6 +243,53 @@ class GenerationRequest:
         ):
             raise RequestError("loras", "must be a tuple of LoraSpec(path, scale)")
         self._check_images()
+        self._check_task()
+
+    def _check_task(self) -> None:
+        """Each task's own inputs, and no field that only another task uses."""
+        task = self.task
+        if task is not Task.GENERATE:
+            if self.image is None:
+                raise RequestError("image", f"the {task.value} task needs an input image")
+            for name in ("mask", "outpaint", "strength"):
+                if getattr(self, name) is not None:
+                    raise RequestError(name, f"does not apply to the {task.value} task")
+        if task is Task.EDIT and not self.prompt.strip():
+            raise RequestError("prompt", "an edit needs an instruction (the prompt), e.g. "
+                               "'make the sky blue'")
+        if task is Task.ANSWER:
+            question = self.question
+            if not isinstance(question, str) or not question.strip():
+                raise RequestError("question", "the answer task needs a non-empty question")
+            if len(question) > MAX_QUESTION_CHARS:
+                raise RequestError(
+                    "question", f"must be at most {MAX_QUESTION_CHARS} characters, got "
+                    f"{len(question)}")
+        elif self.question is not None:
+            raise RequestError("question", "only applies to the answer task (task=answer)")
+        if task.makes_text:
+            for name in ("width", "height", "steps", "guidance", "refiner", "sampler",
+                         "schedule"):
+                if getattr(self, name) is not None:
+                    raise RequestError(name, f"does not apply to the {task.value} task "
+                                       "(it writes text)")
+            if self.loras:
+                raise RequestError("loras", f"do not apply to the {task.value} task")
+        if task is Task.UPSCALE:
+            _check_float("scale", self.scale, 1.0, MAX_SCALE)
+            if self.width is not None or self.height is not None:
+                raise RequestError("width", "an upscale's size is the input's size times scale; "
+                                   "set scale, not width/height")
+        elif self.scale is not None:
+            raise RequestError("scale", "only applies to the upscale task (task=upscale)")
+        if self.image_guidance is not None:
+            if task is not Task.EDIT:
+                raise RequestError("image_guidance", "only applies to the edit task")
+            _check_float("image_guidance", self.image_guidance, 0.0, MAX_GUIDANCE)
+        if self.noise_level is not None:
+            if task is not Task.UPSCALE:
+                raise RequestError("noise_level", "only applies to the upscale task")
+            _check_int("noise_level", self.noise_level, 0, 1000)
 
     def _check_images(self) -> None:
         from PIL import Image
@@ -209,6 +316,8 @@ class GenerationRequest:
 
     @property
     def mode(self) -> Mode:
+        if self.task is not Task.GENERATE:
+            return Mode(self.task.value)
         if self.outpaint is not None:
             return Mode.OUTPAINT
         if self.mask is not None:
@@ -240,6 +349,9 @@ class FamilyDefaults:
     max_pixels: int = 2048 * 2048
     min_side: int = 8
     refiner_switch: float = 0.8  # diffusers' ensemble-of-experts example, A1111's default
+    image_guidance: float = 1.5  # edit: InstructPix2Pix's default image guidance
+    upscale_factor: int = 4  # upscale: how much larger one pass of the model makes an image
+    noise_level: int | None = None  # upscale: the pipeline's default noise on the low-res input
 
 
 @dataclass(frozen=True)
@@ -256,6 +368,13 @@ class ResolvedRequest:
     seeds: tuple[int, ...] = field(default_factory=tuple)
     refiner_switch: float | None = None  # set exactly when request.refiner is
     sampler: Choice | None = None  # what samples (None: a model with one fixed sampler)
+    image_guidance: float | None = None  # set for edits by a model that takes it
+    scale: float | None = None  # upscale: output side / input side
+    noise_level: int | None = None  # upscale: set when the model takes it
+
+    @property
+    def task(self) -> Task:
+        return self.request.task
 
     @property
     def prompt(self) -> str:
@@ -295,10 +414,14 @@ def resolve(
     else:
         choice = None
     if mode not in defaults.modes:
-        allowed = ", ".join(sorted(m.value for m in defaults.modes))
+        allowed = ", ".join(m.value for m in Mode if m in defaults.modes)
+        what = f"the {mode.value} task" if mode.task is not Task.GENERATE else mode.value
         raise UnsupportedModeError(
-            "mode", f"{mode.value} is not supported by the {family} family (it supports: {allowed})"
+            "task" if mode.task is not Task.GENERATE else "mode",
+            f"{what} is not supported by the {family} family (it supports: {allowed})",
         )
+    if request.task is not Task.GENERATE:
+        return _resolve_task(request, defaults, family, mode, choice)
     if request.image is not None and (request.width is not None or request.height is not None):
         # The output size follows the input image (plus outpaint margins); a different size
         # would silently resample the user's picture.
@@ -349,4 +472,57 @@ def resolve(
         seeds=seeds,
         refiner_switch=switch,
         sampler=choice,
+    )
+
+
+def _resolve_task(
+    request: GenerationRequest,
+    defaults: FamilyDefaults,
+    family: str,
+    mode: Mode,
+    choice: Choice | None,
+) -> ResolvedRequest:
+    """Sizes and defaults of the edit, upscale, caption and answer tasks."""
+    assert request.image is not None  # GenerationRequest checked it
+    in_w, in_h = request.image.size
+    multiple = defaults.size_multiple
+    scale = None
+    if mode is Mode.EDIT:
+        # The edit keeps the input's size, rounded down to the model's multiple, unless asked.
+        width = request.width if request.width is not None else in_w // multiple * multiple
+        height = request.height if request.height is not None else in_h // multiple * multiple
+        for name, value in (("width", width), ("height", height)):
+            if value % multiple or value < defaults.min_side:
+                source = "" if getattr(request, name) is not None else " (from the input image)"
+                raise RequestError(
+                    name, f"{value}{source} must be a multiple of {multiple} and at least "
+                    f"{defaults.min_side} for the {family} family")
+        resolve_budget(width, height, defaults.max_pixels, "width", f" for the {family} family")
+    elif mode is Mode.UPSCALE:
+        scale = request.scale if request.scale is not None else float(defaults.upscale_factor)
+        width, height = max(1, round(in_w * scale)), max(1, round(in_h * scale))
+        resolve_budget(width, height, defaults.max_pixels, "scale",
+                       f" for the {family} family (input {in_w}x{in_h} times {scale:g})")
+    else:
+        width, height = in_w, in_h
+    base_seed = request.seed if request.seed is not None else secrets.randbelow(2**32)
+    seeds = tuple((base_seed + i) % (MAX_SEED + 1) for i in range(request.num_images))
+    makes_text = mode.task.makes_text
+    return ResolvedRequest(
+        request=request,
+        mode=mode,
+        width=width,
+        height=height,
+        steps=0 if makes_text else (
+            request.steps if request.steps is not None else defaults.steps),
+        guidance=0.0 if makes_text else (
+            request.guidance if request.guidance is not None else defaults.guidance),
+        strength=None,
+        seeds=seeds,
+        sampler=None if makes_text else choice,
+        image_guidance=(request.image_guidance if request.image_guidance is not None
+                        else defaults.image_guidance) if mode is Mode.EDIT else None,
+        scale=scale,
+        noise_level=(request.noise_level if request.noise_level is not None
+                     else defaults.noise_level) if mode is Mode.UPSCALE else None,
     )

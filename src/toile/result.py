@@ -18,9 +18,13 @@ RECORD_VERSION = 1
 
 @dataclass(frozen=True)
 class ImageRecord:
-    """Everything needed to make one image again (the ``toile`` PNG chunk holds this as JSON).
+    """Everything needed to make one image (or text) again (the ``toile`` PNG chunk holds
+    this as JSON).
 
-    ``safety`` holds the verdicts of any output checks that ran; an empty dict means none ran.
+    ``task`` says what the request was for; ``inputs`` the SHA-256 of each input image's
+    pixels; ``text`` the caption or answer of a text task. ``stages`` lists each stage of the
+    plan that ran (role, model id, family, hash). ``safety`` holds the verdicts of any output
+    checks that ran; an empty dict means none ran.
     """
 
     model_id: str
@@ -53,11 +57,21 @@ class ImageRecord:
     software: dict[str, str] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     safety: dict[str, Any] = field(default_factory=dict)
+    task: str = "generate"
+    inputs: dict[str, str] = field(default_factory=dict)
+    question: str | None = None
+    detail: str | None = None
+    scale: float | None = None
+    image_guidance: float | None = None
+    noise_level: int | None = None
+    text: str | None = None
+    stages: tuple[dict[str, str], ...] = ()
     version: int = RECORD_VERSION
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["loras"] = [dict(lora) for lora in self.loras]
+        data["stages"] = [dict(stage) for stage in self.stages]
         data["prompt_weights"] = [list(piece) for piece in self.prompt_weights]
         data["outpaint"] = list(self.outpaint) if self.outpaint is not None else None
         return data
@@ -72,6 +86,7 @@ class ImageRecord:
         if "scheduler" in data and "sampler" not in data:  # records written before 0.2
             values["sampler"] = data["scheduler"]
         values["loras"] = tuple(dict(lora) for lora in values.get("loras", ()))
+        values["stages"] = tuple(dict(stage) for stage in values.get("stages", ()))
         values["prompt_weights"] = tuple(
             (str(text), float(weight)) for text, weight in values.get("prompt_weights", ())
         )
@@ -86,11 +101,13 @@ class ImageRecord:
 
 @dataclass
 class GenerationResult:
-    """The images of one request (PIL, RGB) and one record per image, in the same order."""
+    """The images of one request (PIL, RGB) — or, for caption and answer, its ``texts`` — and
+    one record per image or text, in the same order."""
 
     images: list[Image.Image]
     records: list[ImageRecord]
     timings: dict[str, float] = field(default_factory=dict)
+    texts: list[str] = field(default_factory=list)
     # (encoded PNG, record) -> bytes to write; the engine sets its provenance label here
     finish_png: Finisher | None = None
 

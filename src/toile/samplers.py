@@ -312,7 +312,7 @@ def menu_for(family: Any, own_class: str) -> SamplerMenu:
 
 @contextlib.contextmanager
 def scheduler_swapped(
-    pipelines: Mapping[str, Any], menu: SamplerMenu | None, choice: Choice | None
+    pipelines: Mapping[Any, Any], menu: SamplerMenu | None, choice: Choice | None
 ) -> Iterator[None]:
     """For one run, every diffusers pipeline in ``pipelines`` whose scheduler is the checkpoint's
     own gets the scheduler ``choice`` builds (one instance per pipeline: schedulers keep per-run

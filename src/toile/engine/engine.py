@@ -16,11 +16,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from toile.engine.models import ModelEntry, ModelRegistry
-from toile.errors import ModelFormatError, RequestError
-from toile.families.base import RefinerHandoff
+from toile.engine.plan import Handoff, Plan, Stage, StageRole, plan_for
+from toile.errors import ModelFormatError, RequestError, ToileError, UnsupportedModeError
+from toile.families.base import RefinerHandoff, TextReader
 from toile.families.registry import detect_family
 from toile.progress import ProgressCallback, RunContext
-from toile.request import GenerationRequest, Mode, ResolvedRequest, resolve
+from toile.request import GenerationRequest, Mode, ResolvedRequest, Task, resolve
 from toile.result import GenerationResult, ImageRecord
 from toile.safety.output_check import FlagAction, OutputCheck
 from toile.safety.output_check import apply as apply_output_check
@@ -144,10 +145,58 @@ class Engine:
             return cached
 
     def resolve(self, request: GenerationRequest) -> tuple[_Cached, ResolvedRequest]:
+        if request.model is None and request.task is not Task.GENERATE:
+            request = replace(request, model=self.default_model(request.task))
         cached = self.load(request.model)
-        return cached, resolve(
-            request, cached.loaded.defaults, cached.family.name, cached.loaded.samplers
-        )
+        try:
+            return cached, resolve(
+                request, cached.loaded.defaults, cached.family.name, cached.loaded.samplers
+            )
+        except UnsupportedModeError as exc:
+            if request.task is Task.GENERATE:
+                raise
+            serving = self.models_for(request.task)
+            others = f"registered models that do: {', '.join(serving)}" if serving else (
+                "no registered model does; add one with `toile models add ID PATH`")
+            raise UnsupportedModeError(exc.field, f"{exc.message}; {others}") from None
+
+    def models_for(self, task: Task) -> list[str]:
+        """Ids of the registered models that serve ``task`` (families are detected from their
+        configs; nothing is loaded)."""
+        from toile.engine.models import served_tasks
+
+        found = []
+        for entry in self.registry.entries():
+            try:
+                tasks = served_tasks(entry.path)
+            except (ToileError, OSError):  # a broken or missing entry serves nothing
+                continue
+            if task in tasks:
+                found.append(entry.id)
+        return found
+
+    def default_model(self, task: Task) -> str:
+        """The model a request of ``task`` runs on when it names none: the task's default in
+        the registry (``toile models default ID --task TASK``), else the default model if it
+        serves the task, else the one registered model that does; several or none is an
+        error saying which to name."""
+        explicit = self.registry.task_default(task)
+        if explicit is not None:
+            return explicit
+        serving = self.models_for(task)
+        default = self.registry.default_id
+        if default in serving:
+            return default
+        if len(serving) == 1:
+            return serving[0]
+        if not serving:
+            raise RequestError(
+                "model", f"no registered model serves the {task.value} task; add one with "
+                "`toile models add ID PATH` and name it with --model")
+        raise RequestError(
+            "model", f"several models serve the {task.value} task ({', '.join(serving)}); "
+            f"name one with --model, or set one with `toile models default ID --task "
+            f"{task.value}`")
 
     def run(
         self,
@@ -157,22 +206,30 @@ class Engine:
         cancel: threading.Event | None = None,
         preview_every: int = 0,
     ) -> GenerationResult:
+        """Run ``request``: images (generate, edit, upscale) or texts (caption, answer), each
+        with its record."""
         warnings = enforce(self.policy, request.prompt, "prompt")  # before any model work
+        if request.question is not None:
+            warnings += enforce(self.policy, request.question, "question")
         with self._lock:
             cached, resolved = self.resolve(request)
-            self._check_loras(cached, request)
-            refiner = self._load_refiner(cached, request.refiner) if request.refiner else None
             ctx = RunContext(progress=progress, cancel=cancel, preview_every=preview_every)
             start = time.perf_counter()
-            images = self._run_mode(cached, resolved, ctx, refiner)
+            if resolved.task.makes_text:
+                return self._run_text(cached, resolved, ctx, warnings, start)
+            self._check_loras(cached, request)
+            plan = plan_for(resolved, cached.loaded.defaults.upscale_factor)
+            images, stages = self._run_plan(plan, cached, resolved, ctx)
             images, checks = apply_output_check(self.output_check, self.on_flag, images)
             marked = [apply_watermark(image, self.watermark) for image in images]  # final pixels
             images = [image for image, _ in marked]
             generate_s = time.perf_counter() - start
         timings = {"load_s": round(cached.load_s, 4), "generate_s": round(generate_s, 4)}
         policy = {"policy": {"warnings": [m.to_dict() for m in warnings]}} if warnings else {}
+        refiner = next((m for role, m in stages if role is StageRole.REFINER), None)
         records = [
             replace(self._record(cached, resolved, seed, timings, refiner),
+                    stages=tuple(stage_info(role, m) for role, m in stages),
                     safety=policy | ({"output": check} if check else {})
                     | {"watermark": outcome.to_dict()})
             for seed, check, (_, outcome) in zip(resolved.seeds, checks, marked, strict=True)
@@ -180,42 +237,68 @@ class Engine:
         return GenerationResult(images=images, records=records, timings=timings,
                                 finish_png=provenance_label)
 
-    def _run_mode(self, cached: _Cached, resolved: ResolvedRequest, ctx: RunContext,
-                  refiner: _Cached | None = None) -> list:
-        """Run the request's mode (outpaint as inpaint on the extended canvas; inpainting keeps
-        the unmasked pixels), on the model alone or handing off to ``refiner``."""
-        from toile.engine.outpaint import composite, extend_canvas
-
-        request = resolved.request
-        syntax = prompt_syntax(cached.family, request)
-        if syntax.plain is not None:  # an encoder without weights sees the plain words
-            request = replace(request, prompt=syntax.plain[0], negative_prompt=syntax.plain[1])
-            resolved = replace(resolved, request=request)
-        if resolved.mode is Mode.OUTPAINT:
-            assert request.image is not None and request.outpaint is not None
-            canvas, mask = extend_canvas(request.image, request.outpaint)
-            request = replace(request, image=canvas, mask=mask, outpaint=None)
-            resolved = replace(resolved, request=request, mode=Mode.INPAINT)
+    def _run_text(self, cached: _Cached, resolved: ResolvedRequest, ctx: RunContext,
+                  warnings: list, start: float) -> GenerationResult:
+        """Caption or answer: the family's reader writes one text per seed."""
         family = cached.family
-        # The request's sampler on the base's pipelines (and the refiner's: A1111 samples both
-        # with the one sampler chosen), for this run only.
-        with contextlib.ExitStack() as stack:
-            for model in (cached, refiner):
-                if model is not None:
-                    loaded = model.loaded
-                    stack.enter_context(
-                        scheduler_swapped(loaded.pipelines, loaded.samplers, resolved.sampler)
-                    )
-            if refiner is not None:
-                assert isinstance(family, RefinerHandoff)  # _load_refiner checked
-                images = family.run_with_refiner(cached.loaded, refiner.loaded, resolved, ctx)
-            else:
-                images = family.run(cached.loaded, resolved, ctx)
-        if resolved.mode is Mode.INPAINT:
-            assert request.image is not None and request.mask is not None
-            images = [composite(image, request.image, request.mask) for image in images]
-        self._check_count(cached, images, resolved)
-        return images
+        if not isinstance(family, TextReader):
+            raise UnsupportedModeError(
+                "task", f"the {family.name} family cannot {resolved.task.value}")
+        texts = family.read(cached.loaded, resolved, ctx)
+        if len(texts) != len(resolved.seeds):
+            raise RuntimeError(f"{family.name} wrote {len(texts)} texts for "
+                               f"{len(resolved.seeds)} seeds")
+        timings = {"load_s": round(cached.load_s, 4),
+                   "generate_s": round(time.perf_counter() - start, 4)}
+        policy = {"policy": {"warnings": [m.to_dict() for m in warnings]}} if warnings else {}
+        records = [replace(self._record(cached, resolved, seed, timings), text=text,
+                           safety=policy)
+                   for seed, text in zip(resolved.seeds, texts, strict=True)]
+        return GenerationResult(images=[], records=records, timings=timings, texts=texts)
+
+    def _run_plan(self, plan: Plan, cached: _Cached, resolved: ResolvedRequest,
+                  ctx: RunContext) -> tuple[list, list[tuple[StageRole, _Cached]]]:
+        """Run the plan's stages in order; returns the final images and (role, model) of each
+        stage that ran."""
+        stages = list(plan.stages)
+        ran: list[tuple[StageRole, _Cached]] = []
+        images: list = []
+        index = 0
+        while index < len(stages):
+            stage = stages[index]
+            model = cached if stage.role is StageRole.BASE else self._stage_model(cached, stage)
+            following = stages[index + 1] if index + 1 < len(stages) else None
+            partner = None
+            if following is not None and following.handoff is Handoff.LATENTS:
+                partner = self._stage_model(cached, following)
+            if index == 0:
+                images = self._run_mode(model, resolved, ctx, partner)
+            else:  # each previous image is this stage's input, with the same seed
+                images = [
+                    self._run_mode(model, resolve(
+                        replace(stage.request, image=image, seed=seed, num_images=1),
+                        model.loaded.defaults, model.family.name, model.loaded.samplers),
+                        ctx, partner)[0]
+                    for image, seed in zip(images, resolved.seeds, strict=True)
+                ]
+            ran.append((stage.role, model))
+            if partner is not None:
+                ran.append((following.role, partner))
+                index += 1
+            index += 1
+        if resolved.mode is Mode.UPSCALE:  # a model's own factor, resized to the size asked
+            from PIL import Image
+
+            size = (resolved.width, resolved.height)
+            images = [image if image.size == size else image.resize(size, Image.Resampling.LANCZOS)
+                      for image in images]
+        return images, ran
+
+    def _stage_model(self, base: _Cached, stage: Stage) -> _Cached:
+        if stage.role is StageRole.REFINER:
+            assert stage.model is not None
+            return self._load_refiner(base, stage.model)
+        return base if stage.model in (None, base.entry.id) else self.load(stage.model)
 
     @staticmethod
     def _check_count(cached: _Cached, images: list, resolved: ResolvedRequest) -> None:
@@ -267,7 +350,15 @@ class Engine:
         request = resolved.request
         outpaint = request.outpaint
         syntax = prompt_syntax(cached.family, request)
+        text_task = resolved.task.makes_text
         return ImageRecord(
+            task=resolved.task.value,
+            inputs=input_hashes(request),
+            question=request.question,
+            detail=request.detail.value if resolved.task is Task.CAPTION else None,
+            scale=resolved.scale,
+            image_guidance=resolved.image_guidance,
+            noise_level=resolved.noise_level,
             model_id=cached.entry.id,
             family=cached.family.name,
             variant=cached.loaded.variant,
@@ -293,13 +384,34 @@ class Engine:
             refiner_switch=resolved.refiner_switch,
             prompt_weights=syntax.weights,
             prompt_note=syntax.note,
-            sampler=resolved.sampler.name if resolved.sampler is not None else DEFAULT_SAMPLER,
+            sampler=resolved.sampler.name if resolved.sampler is not None else (
+                "" if text_task else DEFAULT_SAMPLER),
             schedule=resolved.sampler.schedule.value if resolved.sampler is not None else "",
             device=cached.loaded.device,
             dtype=str(cached.loaded.dtype).removeprefix("torch."),
             software=software_versions(),
             timings=timings,
         )
+
+
+def input_hashes(request: GenerationRequest) -> dict[str, str]:
+    """SHA-256 of each input image's pixels (mode, size and RGB(A)/L bytes), so a record names
+    exactly which picture went in, whatever file format carried it."""
+    import hashlib
+
+    found = {}
+    for name in ("image", "mask"):
+        image = getattr(request, name)
+        if image is not None:
+            digest = hashlib.sha256(f"{image.mode}:{image.size[0]}x{image.size[1]}:".encode())
+            digest.update(image.tobytes())
+            found[name] = digest.hexdigest()
+    return found
+
+
+def stage_info(role: StageRole, model: _Cached) -> dict[str, str]:
+    return {"role": role.value, "model_id": model.entry.id, "family": model.family.name,
+            "model_hash": model.model_hash}
 
 
 @dataclass(frozen=True)

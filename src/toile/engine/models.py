@@ -20,9 +20,13 @@ from toile.config import builtin_models_dir, toile_home
 from toile.errors import ModelFormatError, ModelNotFoundError, RequestError
 
 if TYPE_CHECKING:
-    from toile.request import LoraSpec
+    from toile.request import LoraSpec, Task
 
 BUILTIN_MODEL = "toile-mini"
+# Upscalers that are a resampling filter, no weights (A1111's "Lanczos" and "Nearest"), shipped
+# as folders holding one toile_resize.json so they are models like any other (family "resize").
+BUILTIN_UPSCALERS = ("lanczos", "bicubic", "nearest")
+BUILTIN_IDS = (BUILTIN_MODEL, *BUILTIN_UPSCALERS)
 MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
@@ -61,6 +65,8 @@ class ModelRegistry:
 
     def entries(self) -> list[ModelEntry]:
         found = [ModelEntry(BUILTIN_MODEL, builtin_models_dir() / BUILTIN_MODEL, builtin=True)]
+        found += [ModelEntry(name, builtin_models_dir() / "upscalers" / name, builtin=True)
+                  for name in BUILTIN_UPSCALERS]
         for model_id, spec in sorted(self._read()["models"].items()):
             path = spec.get("path") if isinstance(spec, dict) else spec
             found.append(ModelEntry(model_id, Path(str(path)).expanduser()))
@@ -69,6 +75,24 @@ class ModelRegistry:
     @property
     def default_id(self) -> str:
         return str(self._read().get("default", BUILTIN_MODEL))
+
+    def task_default(self, task: Task) -> str | None:
+        """The model set for ``task`` by ``toile models default ID --task TASK``, if any."""
+        value = self._read().get("task_defaults", {})
+        chosen = value.get(task.value) if isinstance(value, dict) else None
+        return chosen if isinstance(chosen, str) else None
+
+    def set_default(self, model_id: str, task: Task | None = None) -> None:
+        """Make ``model_id`` the default model (for ``task`` only, when given)."""
+        self.get(model_id)  # an unknown id is refused, naming the known ones
+        data = self._read()
+        if task is None:
+            data["default"] = model_id
+        else:
+            defaults = data.get("task_defaults")
+            data["task_defaults"] = (defaults if isinstance(defaults, dict) else {}) | {
+                task.value: model_id}
+        self._write(data)
 
     def get(self, model_id: str) -> ModelEntry:
         for entry in self.entries():
@@ -80,8 +104,8 @@ class ModelRegistry:
     def add(self, model_id: str, path: str | Path) -> ModelEntry:
         if not MODEL_ID.match(model_id):
             raise RequestError("id", "must be 1-64 characters of letters, digits, '.', '_' or '-'")
-        if model_id == BUILTIN_MODEL:
-            raise RequestError("id", f"{BUILTIN_MODEL!r} is the built-in model's id")
+        if model_id in BUILTIN_IDS:
+            raise RequestError("id", f"{model_id!r} is a built-in model's id")
         target = Path(path).expanduser().resolve()
         data = self._read()
         data["models"][model_id] = {"path": str(target)}
@@ -89,10 +113,10 @@ class ModelRegistry:
         return ModelEntry(model_id, target)
 
     def remove(self, model_id: str) -> None:
-        if model_id == BUILTIN_MODEL:
+        if model_id in BUILTIN_IDS:
             raise RequestError(
                 "id",
-                f"{BUILTIN_MODEL!r} is the built-in model: it ships with toile and cannot be "
+                f"{model_id!r} is a built-in model: it ships with toile and cannot be "
                 "removed (to use another model by default, pass --model)",
             )
         data = self._read()
@@ -113,6 +137,16 @@ class ModelRegistry:
                 raise ModelNotFoundError.missing_path(target)
             return ModelEntry(str(target), target.resolve())
         return self.get(model)
+
+
+def served_tasks(path: Path) -> frozenset[Task]:
+    """The tasks the checkpoint at ``path`` serves, from its family's capability table (the
+    family is detected from configs; nothing is loaded)."""
+    from toile.families.registry import detect_family
+
+    family = detect_family(path)
+    modes = family.capabilities.get(family.variant(path), frozenset())
+    return frozenset(mode.task for mode in modes)
 
 
 # ---------------------------------------------------------------------------------- LoRAs

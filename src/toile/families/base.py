@@ -1,4 +1,4 @@
-"""The Family contract: detect a checkpoint, load it, declare its modes, run one request.
+"""The Family contract: detect a checkpoint, load it, declare its modes, run one stage.
 
 Every model family (the diffusers-based ones and toile's own) implements this; the engine knows
 nothing else about them.
@@ -21,15 +21,17 @@ if TYPE_CHECKING:
 
 @dataclass
 class LoadedModel:
-    """A model ready to run. ``pipelines`` maps a role ("txt2img", "inpaint", "stage2"...) to
-    the family's pipeline objects; ``defaults`` is what the loaded checkpoint declares."""
+    """A model ready to run. ``pipelines`` maps a typed key (a :class:`~toile.request.Mode`,
+    or a family's own typed key such as IF's ``(IFStage, Mode)``) to the family's pipeline
+    objects — the mode -> pipeline table of the family; ``defaults`` is what the loaded
+    checkpoint declares."""
 
     family: str
     path: Path
     defaults: FamilyDefaults
     device: str
     dtype: torch.dtype
-    pipelines: dict[str, Any] = field(default_factory=dict)
+    pipelines: dict[Any, Any] = field(default_factory=dict)
     # The samplers and schedules this checkpoint can use (None: one fixed sampler).
     samplers: SamplerMenu | None = None
     supports_lora: bool = False
@@ -40,8 +42,10 @@ class Family(Protocol):
     """A model family. Implementations are small classes registered in ``families.registry``.
 
     ``title`` names it for people; ``capabilities`` maps each variant the family tells apart
-    ("" for the plain checkpoint) to the modes it runs, and ``lora`` says whether LoRA files
-    apply: the README's family table is generated from these. ``gpu_dtype`` (optional,
+    ("" for the plain checkpoint) to the modes it runs — the generate modes (txt2img, img2img,
+    inpaint, outpaint) and the other tasks' modes (edit, upscale, caption, answer) — and
+    ``lora`` says whether LoRA files apply: the README's family and task tables are generated
+    from these. ``gpu_dtype`` (optional,
     default "float16") is the half type used on GPUs when the user names none.
     """
 
@@ -65,10 +69,12 @@ class Family(Protocol):
     def run(
         self, loaded: LoadedModel, request: ResolvedRequest, ctx: RunContext
     ) -> list[Image.Image]:
-        """Run one resolved request (txt2img, img2img or inpaint; outpaint arrives as inpaint).
+        """Run one stage of an image mode (txt2img, img2img, inpaint — outpaint arrives as
+        inpaint —, edit or upscale).
 
         Returns ``len(request.seeds)`` RGB images; image ``i`` uses noise from
         ``torch.Generator("cpu").manual_seed(request.seeds[i])``, so a batch equals singles.
+        An upscaler returns its own factor's size; the engine resizes to the size asked for.
         """
         ...
 
@@ -84,6 +90,17 @@ class RefinerHandoff(Protocol):
         """Run ``request`` (txt2img, img2img or inpaint — outpaint arrives as inpaint;
         ``request.refiner_switch`` set) on ``base`` up to the switch and finish it on
         ``refiner``; same image contract as ``Family.run``."""
+        ...
+
+
+@runtime_checkable
+class TextReader(Protocol):
+    """Optional: a family that writes text about an image (caption, answer)."""
+
+    def read(self, loaded: LoadedModel, request: ResolvedRequest, ctx: RunContext) -> list[str]:
+        """The caption (``request.request.detail``) or the answer to ``request.request.question``
+        for ``request.request.image``: ``len(request.seeds)`` texts, reproducible (greedy
+        decoding unless the family says otherwise)."""
         ...
 
 

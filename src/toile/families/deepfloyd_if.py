@@ -51,6 +51,8 @@ LoRA files are not supported for the cascade (a stage-I LoRA would not steer sta
 
 from __future__ import annotations
 
+import enum
+
 import inspect
 import math
 from collections.abc import Callable
@@ -89,7 +91,14 @@ ALL_MODES = frozenset({Mode.TXT2IMG, Mode.IMG2IMG, Mode.INPAINT, Mode.OUTPAINT})
 SR_FACTOR = 4  # IF stage II: 64 -> 256 px
 UPSCALER_NOISE_LEVEL = 100  # diffusers' IF docs (and DeepFloyd's README) for stage III
 NO_SAFETY = {"safety_checker": None, "feature_extractor": None, "watermarker": None}
-ROLES = {Mode.TXT2IMG: "txt2img", Mode.IMG2IMG: "img2img", Mode.INPAINT: "inpaint"}
+
+
+class IFStage(enum.IntEnum):
+    """The cascade's stages; the family's pipelines are keyed ``(IFStage, Mode)``."""
+
+    I = 1  # noqa: E741 - the stages' own names (IF's paper and diffusers' docs)
+    II = 2
+    III = 3
 
 
 def stage_folders(path: Path) -> list[Path]:
@@ -243,21 +252,22 @@ class IFFamily:
         stage1 = load_pipeline(
             IFPipeline, folders[0], device, dtype, requires_safety_checker=False, **NO_SAFETY
         )
-        pipelines: dict[str, Any] = {
-            "stage1:txt2img": stage1,
-            "stage1:img2img": _derive(IFImg2ImgPipeline, stage1),
-            "stage1:inpaint": _derive(IFInpaintingPipeline, stage1),
+        pipelines: dict[tuple[IFStage, Mode], Any] = {
+            (IFStage.I, Mode.TXT2IMG): stage1,
+            (IFStage.I, Mode.IMG2IMG): _derive(IFImg2ImgPipeline, stage1),
+            (IFStage.I, Mode.INPAINT): _derive(IFInpaintingPipeline, stage1),
         }
         if len(folders) > 1:
             stage2 = load_pipeline(
                 IFSuperResolutionPipeline, folders[1], device, dtype, text_encoder=None,
                 tokenizer=None, requires_safety_checker=False, **NO_SAFETY,
             )
-            pipelines["stage2:txt2img"] = stage2
-            pipelines["stage2:img2img"] = _derive(IFImg2ImgSuperResolutionPipeline, stage2)
-            pipelines["stage2:inpaint"] = _derive(IFInpaintingSuperResolutionPipeline, stage2)
+            pipelines[IFStage.II, Mode.TXT2IMG] = stage2
+            pipelines[IFStage.II, Mode.IMG2IMG] = _derive(IFImg2ImgSuperResolutionPipeline, stage2)
+            pipelines[IFStage.II, Mode.INPAINT] = _derive(
+                IFInpaintingSuperResolutionPipeline, stage2)
         if len(folders) > 2:
-            pipelines["stage3"] = load_pipeline(
+            pipelines[IFStage.III, Mode.UPSCALE] = load_pipeline(
                 StableDiffusionUpscalePipeline, folders[2], device, dtype, **NO_SAFETY
             )
         sample, factor, multiple = cascade_geometry(folders)
@@ -287,9 +297,9 @@ samplers=sampler_menu(stage1, self),
     def run(
         self, loaded: LoadedModel, request: ResolvedRequest, ctx: RunContext
     ) -> list[Image.Image]:
-        role = ROLES[request.mode]
-        stages = 1 + ("stage2:txt2img" in loaded.pipelines) + ("stage3" in loaded.pipelines)
-        stage3 = loaded.pipelines.get("stage3")
+        role = request.mode
+        stage3 = loaded.pipelines.get((IFStage.III, Mode.UPSCALE))
+        stages = 1 + ((IFStage.II, Mode.TXT2IMG) in loaded.pipelines) + (stage3 is not None)
         factor = (SR_FACTOR if stages > 1 else 1) * (stage3.vae_scale_factor if stage3 else 1)
         size1 = (request.width // factor, request.height // factor)
         size2 = (size1[0] * SR_FACTOR, size1[1] * SR_FACTOR)
@@ -300,7 +310,7 @@ samplers=sampler_menu(stage1, self),
 
         # Stage I. Embeddings are computed once, with the negative half always (stage II uses
         # classifier-free guidance even when stage I does not).
-        pipe1 = loaded.pipelines[f"stage1:{role}"]
+        pipe1 = loaded.pipelines[IFStage.I, role]
         steps1 = request.steps
         if request.strength is not None:
             steps1 = min(int(request.steps * request.strength), request.steps)
@@ -341,7 +351,7 @@ samplers=sampler_menu(stage1, self),
         if stages > 1:
             # Stage II: the batch is already expanded, so the embeddings are repeated to match
             # (diffusers would otherwise repeat the images once more per prompt).
-            pipe2 = loaded.pipelines[f"stage2:{role}"]
+            pipe2 = loaded.pipelines[IFStage.II, role]
             strength2 = (
                 None if request.mode is Mode.TXT2IMG else call_default(type(pipe2), "strength")
             )

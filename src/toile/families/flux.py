@@ -166,13 +166,13 @@ class FluxFamily:
         settings = VARIANTS[variant]
         if variant == "fill":
             base = load_pipeline(FluxFillPipeline, path, device, dtype)
-            pipelines: dict[str, Any] = {"inpaint": base}
+            pipelines: dict[Mode, Any] = {Mode.INPAINT: base}
         else:
             base = load_pipeline(FluxPipeline, path, device, dtype)
             pipelines = {
-                "txt2img": base,
-                "img2img": derive(FluxImg2ImgPipeline, base),
-                "inpaint": derive(FluxInpaintPipeline, base),
+                Mode.TXT2IMG: base,
+                Mode.IMG2IMG: derive(FluxImg2ImgPipeline, base),
+                Mode.INPAINT: derive(FluxInpaintPipeline, base),
             }
         # The pipeline's own default size and packing multiple, so toile agrees with diffusers.
         scale = int(base.vae_scale_factor)
@@ -209,10 +209,7 @@ samplers=sampler_menu(base, self),
                 "FLUX.1 has no negative prompt (its guidance is distilled into the model, not "
                 "classifier-free); leave it empty and describe what you want in the prompt",
             )
-        role = {Mode.TXT2IMG: "txt2img", Mode.IMG2IMG: "img2img", Mode.INPAINT: "inpaint"}[
-            request.mode
-        ]
-        pipe = loaded.pipelines[role]
+        pipe = loaded.pipelines[request.mode]
         kwargs = base_kwargs(request, negative=False) | mode_kwargs(request)
         # Always pass the size: Flux's img2img pipeline would otherwise resize the input to
         # its 1024 default instead of keeping the image's own size.

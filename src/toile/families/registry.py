@@ -29,6 +29,7 @@ FAMILY_CLASSES: dict[str, str] = {
     "sdxl": "toile.families.sdxl:SDXLFamily",
     "sd": "toile.families.sd:StableDiffusionFamily",
     "if": "toile.families.deepfloyd_if:IFFamily",
+    "resize": "toile.families.resize:ResizeFamily",
 }
 
 

@@ -116,10 +116,10 @@ class StableDiffusionFamily:
             base = load_file_pipeline(base_cls, path, config, device, dtype, **options)
         else:
             base = load_pipeline(base_cls, path, device, dtype, **options)
-        pipelines: dict[str, Any] = {"inpaint": derive(StableDiffusionInpaintPipeline, base)}
+        pipelines: dict[Mode, Any] = {Mode.INPAINT: derive(StableDiffusionInpaintPipeline, base)}
         if not inpaint_checkpoint:
-            pipelines["txt2img"] = base
-            pipelines["img2img"] = derive(StableDiffusionImg2ImgPipeline, base)
+            pipelines[Mode.TXT2IMG] = base
+            pipelines[Mode.IMG2IMG] = derive(StableDiffusionImg2ImgPipeline, base)
         return LoadedModel(
             family=self.name,
             path=path,
@@ -142,8 +142,7 @@ def run_unet_pipeline(
     loaded: LoadedModel, request: ResolvedRequest, ctx: RunContext, **extra: Any
 ) -> list[Image.Image]:
     """Run the pipeline for the request's mode (shared by SD and SDXL)."""
-    role = {Mode.TXT2IMG: "txt2img", Mode.IMG2IMG: "img2img", Mode.INPAINT: "inpaint"}[request.mode]
-    pipe = loaded.pipelines[role]
+    pipe = loaded.pipelines[request.mode]
     kwargs = with_weighted_prompts(pipe, base_kwargs(request) | mode_kwargs(request) | extra)
     if request.mode is Mode.TXT2IMG:
         kwargs["width"], kwargs["height"] = request.width, request.height

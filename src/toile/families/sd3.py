@@ -205,13 +205,13 @@ class SD3Family:
 
         if is_inpaint_checkpoint(config):
             base = load(StableDiffusion3InpaintPipeline)
-            pipelines: dict[str, Any] = {"inpaint": base}
+            pipelines: dict[Mode, Any] = {Mode.INPAINT: base}
         else:
             base = load(StableDiffusion3Pipeline)
             pipelines = {
-                "txt2img": base,
-                "img2img": derive(StableDiffusion3Img2ImgPipeline, base),
-                "inpaint": derive(StableDiffusion3InpaintPipeline, base),
+                Mode.TXT2IMG: base,
+                Mode.IMG2IMG: derive(StableDiffusion3Img2ImgPipeline, base),
+                Mode.INPAINT: derive(StableDiffusion3InpaintPipeline, base),
             }
         return LoadedModel(
             family=self.name,

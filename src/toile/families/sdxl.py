@@ -142,11 +142,11 @@ class SDXLFamily:
             # from_pipe shares the loaded weights; the base pipeline serves its own role.
             return base if type(base) is cls else derive(cls, base, **options)
 
-        pipelines: dict[str, Any] = {"inpaint": role(StableDiffusionXLInpaintPipeline)}
+        pipelines: dict[Mode, Any] = {Mode.INPAINT: role(StableDiffusionXLInpaintPipeline)}
         if kind == "":
-            pipelines["txt2img"] = base
+            pipelines[Mode.TXT2IMG] = base
         if kind in ("", "refiner"):
-            pipelines["img2img"] = role(StableDiffusionXLImg2ImgPipeline)
+            pipelines[Mode.IMG2IMG] = role(StableDiffusionXLImg2ImgPipeline)
         modes = self.capabilities[kind]
         return LoadedModel(
             family=self.name,
@@ -186,7 +186,7 @@ class SDXLFamily:
         """
         switch = request.refiner_switch
         assert switch is not None, "resolve() sets refiner_switch when a refiner is named"
-        second_role = "inpaint" if request.mode is Mode.INPAINT else "img2img"
+        second_role = Mode.INPAINT if request.mode is Mode.INPAINT else Mode.IMG2IMG
         refiner_pipe = refiner.pipelines.get(second_role)
         if refiner_pipe is None:
             raise RequestError(
@@ -194,9 +194,7 @@ class SDXLFamily:
                 f"{refiner.path} is an SDXL {refiner.variant or 'base'} checkpoint without "
                 f"{second_role}; the refiner must be an SDXL refiner (or base) checkpoint",
             )
-        first_role = {Mode.TXT2IMG: "txt2img", Mode.IMG2IMG: "img2img",
-                      Mode.INPAINT: "inpaint"}[request.mode]
-        base_pipe = base.pipelines[first_role]
+        base_pipe = base.pipelines[request.mode]
         kwargs = base_kwargs(request)
         inputs = mode_kwargs(request)
         if request.mode is Mode.TXT2IMG:

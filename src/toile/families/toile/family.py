@@ -74,7 +74,7 @@ class ToileFamily:
             defaults=defaults,
             device=device,
             dtype=dtype,
-            pipelines={"txt2img": pipe},
+            pipelines={Mode.TXT2IMG: pipe},
             # toile samples with its own code (families.toile.sampling): Euler, as its scheduler
             # config declares (FlowMatchEulerDiscreteScheduler), and Heun.
             samplers=menu_for(self, "FlowMatchEulerDiscreteScheduler"),
@@ -86,7 +86,7 @@ class ToileFamily:
     ) -> list[Image.Image]:
         from toile.families.toile.lora import loras_applied
 
-        pipe = loaded.pipelines["txt2img"]
+        pipe = loaded.pipelines[Mode.TXT2IMG]
         req = request.request
         n = len(request.seeds)
 

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from toile.errors import RequestError
+from toile.request import Mode
 
 if TYPE_CHECKING:
     from toile.families.base import LoadedModel
@@ -82,7 +83,7 @@ class Objective(ABC):
     text_encoder_names: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, loaded: LoadedModel) -> None:
-        pipe = loaded.pipelines.get("txt2img")
+        pipe = loaded.pipelines.get(Mode.TXT2IMG)
         if pipe is None:
             raise RequestError(
                 "model",

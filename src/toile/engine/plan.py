@@ -1,0 +1,79 @@
+"""Plans: the ordered stages the engine runs for one request.
+
+Every multi-stage run is a plan — SDXL's base -> refiner hand-off, an upscaler applied in
+passes, and (built on the same stages) hires fix and cascades — so the engine has one loop and
+no special cases. A stage names its model, its role and how it receives the previous stage's
+output: as decoded images (they become the next stage's input image) or, for a refiner, as the
+family's latents part-way through the schedule (:class:`toile.families.base.RefinerHandoff`).
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+from toile.request import Mode
+
+if TYPE_CHECKING:
+    from toile.request import GenerationRequest, ResolvedRequest
+
+
+class StageRole(enum.StrEnum):
+    BASE = "base"  # the request's own model, on the request's own inputs
+    REFINER = "refiner"  # finishes the low-noise end of the base's schedule
+    UPSCALE = "upscale"  # one more pass of an upscaler on the previous stage's images
+
+
+class Handoff(enum.StrEnum):
+    """How a stage receives the previous stage's output."""
+
+    IMAGES = "images"  # each output image becomes this stage's input image (same seed)
+    LATENTS = "latents"  # the family hands its latents over mid-schedule (a refiner)
+
+
+@dataclass(frozen=True)
+class Stage:
+    role: StageRole
+    model: str | None  # a model id or path; None: the request's model
+    request: GenerationRequest  # the stage's request (an IMAGES stage gets its image later)
+    handoff: Handoff = Handoff.IMAGES
+
+
+@dataclass(frozen=True)
+class Plan:
+    stages: tuple[Stage, ...]
+
+    def describe(self) -> list[str]:
+        return [f"{stage.role.value}:{stage.model or 'request model'}" for stage in self.stages]
+
+
+def upscale_passes(scale: float, factor: int) -> int:
+    """How many passes of a ``factor``-times upscaler reach ``scale`` (AUTOMATIC1111 repeats
+    its upscalers until the image is at least the target, then resizes down to it)."""
+    if factor <= 1 or scale <= 1:
+        return 1
+    return max(1, math.ceil(math.log(scale) / math.log(factor) - 1e-9))
+
+
+def plan_for(resolved: ResolvedRequest, upscale_factor: int) -> Plan:
+    """The stages of ``resolved`` (its model's defaults already applied).
+
+    - generate with a refiner: base, then the refiner by latent hand-off;
+    - upscale by more than the model's ``upscale_factor``: that many passes of the model, each
+      by its factor (the engine resizes the last output to the exact size asked for);
+    - everything else: one base stage.
+    """
+    request = resolved.request
+    base = Stage(StageRole.BASE, request.model, request)
+    stages = [base]
+    if request.refiner is not None:
+        stages.append(Stage(StageRole.REFINER, request.refiner, request, Handoff.LATENTS))
+    if resolved.mode is Mode.UPSCALE and resolved.scale is not None:
+        passes = upscale_passes(resolved.scale, upscale_factor)
+        if passes > 1:
+            step = replace(request, scale=float(upscale_factor))
+            stages = [Stage(StageRole.BASE, request.model, step)]
+            stages += [Stage(StageRole.UPSCALE, request.model, step)] * (passes - 1)
+    return Plan(tuple(stages))
