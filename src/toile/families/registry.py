@@ -29,6 +29,8 @@ FAMILY_CLASSES: dict[str, str] = {
     "sdxl": "toile.families.sdxl:SDXLFamily",
     "sd": "toile.families.sd:StableDiffusionFamily",
     "if": "toile.families.deepfloyd_if:IFFamily",
+    "sd-upscale": "toile.families.sd_upscale:SDUpscaleFamily",
+    "reader": "toile.families.reader:ReaderFamily",
     "resize": "toile.families.resize:ResizeFamily",
 }
 
