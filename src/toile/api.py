@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from toile.errors import RequestError
-from toile.request import GenerationRequest, LoraSpec, Outpaint
+from toile.request import GenerationRequest, LoraSpec, Outpaint, Task
 
 if TYPE_CHECKING:
     from toile.engine.engine import Engine
@@ -14,8 +14,9 @@ if TYPE_CHECKING:
 
 
 class Generator:
-    """A loaded model. ``generate`` takes the request fields by name and returns a result with
-    ``.images`` (PIL) and ``.records`` (one per image)."""
+    """A loaded model. ``generate``, ``edit`` and ``upscale`` take the request fields by name
+    and return a result with ``.images`` (PIL) and ``.records`` (one per image); ``caption``
+    and ``ask`` return the text. With no model, the task's default model is used."""
 
     def __init__(
         self,
@@ -29,12 +30,39 @@ class Generator:
 
         self.engine = engine if engine is not None else Engine(device=device, dtype=dtype)
         self.model = model
-        self.engine.load(model)  # load now, so errors surface here and generate() is fast
+        if model is not None:  # load now, so errors surface here and the first call is fast
+            self.engine.load(model)
 
     def generate(
         self, prompt: str, *, progress: ProgressCallback | None = None, **fields: Any
     ) -> GenerationResult:
         return self.engine.run(build_request(prompt, model=self.model, **fields), progress=progress)
+
+    def edit(self, image: Any, instruction: str, *, progress: ProgressCallback | None = None,
+             **fields: Any) -> GenerationResult:
+        """Edit ``image`` (PIL image or path) as ``instruction`` says; ``.images``."""
+        request = build_request(instruction, model=self.model, task=Task.EDIT, image=image,
+                                **fields)
+        return self.engine.run(request, progress=progress)
+
+    def upscale(self, image: Any, *, scale: float | None = None, prompt: str = "",
+                progress: ProgressCallback | None = None, **fields: Any) -> GenerationResult:
+        """``image`` made ``scale`` times larger (default: the model's factor); ``.images``."""
+        request = build_request(prompt, model=self.model, task=Task.UPSCALE, image=image,
+                                scale=scale, **fields)
+        return self.engine.run(request, progress=progress)
+
+    def caption(self, image: Any, *, detail: str = "short", **fields: Any) -> str:
+        """One caption of ``image`` (``detail``: short or long)."""
+        request = build_request("", model=self.model, task=Task.CAPTION, image=image,
+                                detail=detail, **fields)
+        return self.engine.run(request).texts[0]
+
+    def ask(self, image: Any, question: str, **fields: Any) -> str:
+        """The answer to ``question`` about ``image``."""
+        request = build_request("", model=self.model, task=Task.ANSWER, image=image,
+                                question=question, **fields)
+        return self.engine.run(request).texts[0]
 
 
 def build_request(prompt: str, **fields: Any) -> GenerationRequest:

@@ -10,6 +10,10 @@ import sys
 # command name -> module; each module has add_parser(subparsers) and run(args) -> int.
 COMMANDS = {
     "generate": "toile.cli.generate",
+    "edit": "toile.cli.edit_cmd",
+    "caption": "toile.cli.caption_cmd",
+    "ask": "toile.cli.ask_cmd",
+    "upscale": "toile.cli.upscale_cmd",
     "models": "toile.cli.models",
     "info": "toile.cli.info",
     "families": "toile.cli.families_cmd",

@@ -19,6 +19,13 @@ def add_parser(subparsers: Any) -> None:
     remove = sub.add_parser("remove", help="forget a registered id (files are left alone)")
     remove.add_argument("id")
     remove.set_defaults(run=run_remove)
+    default = sub.add_parser(
+        "default", help="make a model the default (of one task with --task)")
+    default.add_argument("id")
+    default.add_argument("--task", choices=("generate", "edit", "caption", "answer", "upscale"),
+                         help="the task it becomes the default for (default: the model used "
+                         "when --model is left out, for every task it serves)")
+    default.set_defaults(run=run_default)
 
 
 def describe(entry: Any) -> dict[str, Any]:
@@ -78,6 +85,22 @@ def run_add(args: argparse.Namespace) -> int:
     family = detect_family(args.path)  # refuse what toile could not load, before registering
     entry = ModelRegistry().add(args.id, args.path)
     print(f"added {entry.id} ({family.name}) -> {entry.path}")
+    return 0
+
+
+def run_default(args: argparse.Namespace) -> int:
+    from toile.engine.models import ModelRegistry, served_tasks
+    from toile.errors import RequestError
+    from toile.request import Task
+
+    registry = ModelRegistry()
+    task = Task(args.task) if args.task else None
+    tasks = served_tasks(registry.get(args.id).path)
+    if task is not None and task not in tasks:
+        raise RequestError("task", f"{args.id} does not serve the {task.value} task (it "
+                           f"serves: {', '.join(t.value for t in Task if t in tasks)})")
+    registry.set_default(args.id, task)
+    print(f"default{'' if task is None else ' for ' + task.value}: {args.id}")
     return 0
 
 

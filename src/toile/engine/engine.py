@@ -177,9 +177,12 @@ class Engine:
 
     def default_model(self, task: Task) -> str:
         """The model a request of ``task`` runs on when it names none: the task's default in
-        the registry (``toile models default ID --task TASK``), else the default model if it
-        serves the task, else the one registered model that does; several or none is an
-        error saying which to name."""
+        the registry (``toile models default ID --task TASK``); else the default model if it
+        serves the task; else the one user-registered model that serves it; else the built-in
+        one (``lanczos`` for upscale). Several registered, or none at all, is an error saying
+        what to do."""
+        from toile.engine.models import BUILTIN_IDS, BUILTIN_TASK_DEFAULTS
+
         explicit = self.registry.task_default(task)
         if explicit is not None:
             return explicit
@@ -187,16 +190,20 @@ class Engine:
         default = self.registry.default_id
         if default in serving:
             return default
-        if len(serving) == 1:
-            return serving[0]
-        if not serving:
+        registered = [model_id for model_id in serving if model_id not in BUILTIN_IDS]
+        if len(registered) == 1:
+            return registered[0]
+        if len(registered) > 1:
+            raise RequestError(
+                "model", f"several models serve the {task.value} task ({', '.join(registered)}); "
+                f"name one with --model, or set one with `toile models default ID --task "
+                f"{task.value}`")
+        builtin = BUILTIN_TASK_DEFAULTS.get(task.value)
+        if builtin is None:
             raise RequestError(
                 "model", f"no registered model serves the {task.value} task; add one with "
                 "`toile models add ID PATH` and name it with --model")
-        raise RequestError(
-            "model", f"several models serve the {task.value} task ({', '.join(serving)}); "
-            f"name one with --model, or set one with `toile models default ID --task "
-            f"{task.value}`")
+        return builtin
 
     def run(
         self,
@@ -299,6 +306,43 @@ class Engine:
             assert stage.model is not None
             return self._load_refiner(base, stage.model)
         return base if stage.model in (None, base.entry.id) else self.load(stage.model)
+
+    def _run_mode(self, cached: _Cached, resolved: ResolvedRequest, ctx: RunContext,
+                  refiner: _Cached | None = None) -> list:
+        """One stage: run the request's mode (outpaint as inpaint on the extended canvas;
+        inpainting keeps the unmasked pixels), alone or handing off to ``refiner``."""
+        from toile.engine.outpaint import composite, extend_canvas
+
+        request = resolved.request
+        syntax = prompt_syntax(cached.family, request)
+        if syntax.plain is not None:  # an encoder without weights sees the plain words
+            request = replace(request, prompt=syntax.plain[0], negative_prompt=syntax.plain[1])
+            resolved = replace(resolved, request=request)
+        if resolved.mode is Mode.OUTPAINT:
+            assert request.image is not None and request.outpaint is not None
+            canvas, mask = extend_canvas(request.image, request.outpaint)
+            request = replace(request, image=canvas, mask=mask, outpaint=None)
+            resolved = replace(resolved, request=request, mode=Mode.INPAINT)
+        family = cached.family
+        # The request's sampler on the base's pipelines (and the refiner's: A1111 samples both
+        # with the one sampler chosen), for this run only.
+        with contextlib.ExitStack() as stack:
+            for model in (cached, refiner):
+                if model is not None:
+                    loaded = model.loaded
+                    stack.enter_context(
+                        scheduler_swapped(loaded.pipelines, loaded.samplers, resolved.sampler)
+                    )
+            if refiner is not None:
+                assert isinstance(family, RefinerHandoff)  # _load_refiner checked
+                images = family.run_with_refiner(cached.loaded, refiner.loaded, resolved, ctx)
+            else:
+                images = family.run(cached.loaded, resolved, ctx)
+        if resolved.mode is Mode.INPAINT:
+            assert request.image is not None and request.mask is not None
+            images = [composite(image, request.image, request.mask) for image in images]
+        self._check_count(cached, images, resolved)
+        return images
 
     @staticmethod
     def _check_count(cached: _Cached, images: list, resolved: ResolvedRequest) -> None:

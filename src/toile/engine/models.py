@@ -27,6 +27,8 @@ BUILTIN_MODEL = "toile-mini"
 # as folders holding one toile_resize.json so they are models like any other (family "resize").
 BUILTIN_UPSCALERS = ("lanczos", "bicubic", "nearest")
 BUILTIN_IDS = (BUILTIN_MODEL, *BUILTIN_UPSCALERS)
+# What a task runs on when nothing else is registered for it (the engine's default_model).
+BUILTIN_TASK_DEFAULTS = {"generate": BUILTIN_MODEL, "upscale": "lanczos"}
 MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
