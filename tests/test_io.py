@@ -88,9 +88,10 @@ def test_registry_add_list_remove(tiny_models):
     registry = ModelRegistry()
     registry.add("tiny", tiny_models("sd"))
     assert registry.resolve("tiny").path == tiny_models("sd").resolve()
-    assert [e.id for e in registry.entries()] == ["toile-mini", "tiny"]
+    builtins = ["toile-mini", "lanczos", "bicubic", "nearest"]
+    assert [e.id for e in registry.entries()] == [*builtins, "tiny"]
     registry.remove("tiny")
-    assert [e.id for e in registry.entries()] == ["toile-mini"]
+    assert [e.id for e in registry.entries()] == builtins
 
 
 def test_image_errors(tmp_path):

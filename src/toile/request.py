@@ -28,6 +28,7 @@ MAX_PROMPT_CHARS = 10_000
 MAX_LORA_SCALE = 10.0
 MAX_QUESTION_CHARS = 1000
 MAX_SCALE = 8.0
+DEFAULT_SCALE = 4  # upscale with a filter and no scale given (AUTOMATIC1111's extras default)
 
 
 class Task(enum.StrEnum):
@@ -350,7 +351,8 @@ class FamilyDefaults:
     min_side: int = 8
     refiner_switch: float = 0.8  # diffusers' ensemble-of-experts example, A1111's default
     image_guidance: float = 1.5  # edit: InstructPix2Pix's default image guidance
-    upscale_factor: int = 4  # upscale: how much larger one pass of the model makes an image
+    # upscale: how much larger one pass of the model makes an image (1: any size in one pass)
+    upscale_factor: int = 4
     noise_level: int | None = None  # upscale: the pipeline's default noise on the low-res input
 
 
@@ -499,7 +501,9 @@ def _resolve_task(
                     f"{defaults.min_side} for the {family} family")
         resolve_budget(width, height, defaults.max_pixels, "width", f" for the {family} family")
     elif mode is Mode.UPSCALE:
-        scale = request.scale if request.scale is not None else float(defaults.upscale_factor)
+        # Default: the model's own factor (one pass); a filter (factor 1) enlarges 4 times.
+        native = defaults.upscale_factor if defaults.upscale_factor > 1 else DEFAULT_SCALE
+        scale = request.scale if request.scale is not None else float(native)
         width, height = max(1, round(in_w * scale)), max(1, round(in_h * scale))
         resolve_budget(width, height, defaults.max_pixels, "scale",
                        f" for the {family} family (input {in_w}x{in_h} times {scale:g})")

@@ -24,7 +24,10 @@ def family_rows() -> list[tuple[str, str, str]]:
     rows = []
     for name in available_families():
         family = get_family(name)
-        menu = menu_for(family, family.typical_scheduler)
+        typical = getattr(family, "typical_scheduler", None)
+        if typical is None:  # no sampling at all (a resampling filter, an image reader)
+            continue
+        menu = menu_for(family, typical)
         groups: dict[str, list[str]] = {}
         for sampler in menu.samplers() or (menu.own(),):
             schedules = ", ".join(s.value for s in menu.schedules(sampler))
