@@ -252,7 +252,7 @@ class GenerationRequest:
         if task is not Task.GENERATE:
             if self.image is None:
                 raise RequestError("image", f"the {task.value} task needs an input image")
-            for name in ("mask", "outpaint", "strength"):
+            for name in ("mask", "outpaint", "strength", "refiner"):
                 if getattr(self, name) is not None:
                     raise RequestError(name, f"does not apply to the {task.value} task")
         if task is Task.EDIT and not self.prompt.strip():
@@ -350,7 +350,8 @@ class FamilyDefaults:
     max_pixels: int = 2048 * 2048
     min_side: int = 8
     refiner_switch: float = 0.8  # diffusers' ensemble-of-experts example, A1111's default
-    image_guidance: float = 1.5  # edit: InstructPix2Pix's default image guidance
+    # edit: InstructPix2Pix's default image guidance; None: the model takes none (Kontext)
+    image_guidance: float | None = 1.5
     # upscale: how much larger one pass of the model makes an image (1: any size in one pass)
     upscale_factor: int = 4
     noise_level: int | None = None  # upscale: the pipeline's default noise on the low-res input
@@ -524,9 +525,19 @@ def _resolve_task(
         strength=None,
         seeds=seeds,
         sampler=None if makes_text else choice,
-        image_guidance=(request.image_guidance if request.image_guidance is not None
-                        else defaults.image_guidance) if mode is Mode.EDIT else None,
+        image_guidance=_image_guidance(request, defaults, family) if mode is Mode.EDIT else None,
         scale=scale,
         noise_level=(request.noise_level if request.noise_level is not None
                      else defaults.noise_level) if mode is Mode.UPSCALE else None,
     )
+
+
+def _image_guidance(request: GenerationRequest, defaults: FamilyDefaults,
+                    family: str) -> float | None:
+    if defaults.image_guidance is None:
+        if request.image_guidance is not None:
+            raise RequestError("image_guidance", f"the {family} family's edit model takes no "
+                               "image guidance; leave it unset")
+        return None
+    return request.image_guidance if request.image_guidance is not None else (
+        defaults.image_guidance)

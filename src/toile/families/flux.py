@@ -1,6 +1,12 @@
-"""FLUX.1 (diffusers ``FluxPipeline`` / ``FluxFillPipeline`` folders): dev, schnell and Fill.
+"""FLUX.1 (diffusers ``FluxPipeline`` / ``FluxFillPipeline`` / ``FluxKontextPipeline``
+folders): dev, schnell, Fill and Kontext.
 
-Which variant a folder holds is read from its transformer config, not from its name:
+Which variant a folder holds is read from its configs, not from its name:
+
+- **Kontext** — the model_index names ``FluxKontextPipeline`` (its transformer is shaped like
+  dev's: the input image enters as extra tokens, not channels). The edit task, and txt2img
+  (Kontext without an input image); 28 steps (the pipeline's default), guidance 2.5 (the
+  FLUX.1-Kontext-dev model card's example), T5 sequence length 512.
 
 - **Fill** — the transformer's ``in_channels`` is not 4 x the VAE's latent channels: besides the
   2x2-packed latents it takes the packed masked-image latents and the packed mask
@@ -33,6 +39,11 @@ Decisions:
 - **Unmasked pixels** come back exactly: the engine overlays the input outside the mask for
   every family (neither the VAE round trip of ``FluxInpaintPipeline`` nor Fill, which repaints
   the whole image conditioned on the masked input, would keep them bit for bit).
+- **Kontext sizes**: the edit's output is the resolved size (the input's, rounded down to the
+  multiple, unless width/height are given) and the input image goes in at its own size rounded
+  down (``_auto_resize=False``: no snapping to Kontext's preferred resolutions). diffusers
+  also rescales every request to ``max_area`` pixels (default 1024²), so toile passes
+  ``max_area = width x height``: the size asked for is the size made.
 - **Previews**: the latents in the step callback are packed ``[B, tokens, C x 4]``; the preview
   unpacks them with the pipeline's own ``_unpack_latents``, undoes the VAE scaling and shift
   (``latents / scaling_factor + shift_factor``, as the pipeline does before decoding) and
@@ -69,11 +80,19 @@ if TYPE_CHECKING:
     from toile.progress import RunContext
     from toile.request import ResolvedRequest
 
+KONTEXT_PIPELINE = "FluxKontextPipeline"
 FLUX_PIPELINES = frozenset(
-    {"FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline", "FluxFillPipeline"}
+    {
+        "FluxPipeline",
+        "FluxImg2ImgPipeline",
+        "FluxInpaintPipeline",
+        "FluxFillPipeline",
+        KONTEXT_PIPELINE,
+    }
 )
 ALL_MODES = frozenset({Mode.TXT2IMG, Mode.IMG2IMG, Mode.INPAINT, Mode.OUTPAINT})
 INPAINT_MODES = frozenset({Mode.INPAINT, Mode.OUTPAINT})
+KONTEXT_MODES = frozenset({Mode.TXT2IMG, Mode.EDIT})
 
 
 @dataclass(frozen=True)
@@ -91,11 +110,15 @@ VARIANTS: dict[str, VariantSettings] = {
     "dev": VariantSettings(steps=28, guidance=3.5, max_sequence_length=512, modes=ALL_MODES),
     "schnell": VariantSettings(steps=4, guidance=0.0, max_sequence_length=256, modes=ALL_MODES),
     "fill": VariantSettings(steps=50, guidance=30.0, max_sequence_length=512, modes=INPAINT_MODES),
+    "kontext": VariantSettings(
+        steps=28, guidance=2.5, max_sequence_length=512, modes=KONTEXT_MODES
+    ),
 }
 
 
 def flux_variant(path: Path) -> str:
-    """``"fill"``, ``"schnell"`` or ``"dev"``, from the transformer and VAE configs.
+    """``"kontext"`` (from the model_index's pipeline class), else ``"fill"``, ``"schnell"`` or
+    ``"dev"``, from the transformer and VAE configs.
 
     The Fill transformer's input is the packed latents + the packed masked-image latents + the
     packed mask at full VAE resolution: ``8 x latent + 4 x scale**2`` channels. Anything that is
@@ -108,6 +131,8 @@ def flux_variant(path: Path) -> str:
     scale = 2 ** (len(vae.get("block_out_channels", [0, 0, 0, 0])) - 1)
     in_channels = int(transformer.get("in_channels", 4 * latent))
     if in_channels == 4 * latent:
+        if pipeline_class_name(path) == KONTEXT_PIPELINE:
+            return "kontext"
         return "dev" if transformer.get("guidance_embeds", True) else "schnell"
     if in_channels == 8 * latent + 4 * scale * scale:
         return "fill"
@@ -159,6 +184,7 @@ class FluxFamily:
             FluxFillPipeline,
             FluxImg2ImgPipeline,
             FluxInpaintPipeline,
+            FluxKontextPipeline,
             FluxPipeline,
         )
 
@@ -167,6 +193,10 @@ class FluxFamily:
         if variant == "fill":
             base = load_pipeline(FluxFillPipeline, path, device, dtype)
             pipelines: dict[Mode, Any] = {Mode.INPAINT: base}
+        elif variant == "kontext":
+            # One pipeline for both: without an input image Kontext generates from the prompt.
+            base = load_pipeline(FluxKontextPipeline, path, device, dtype)
+            pipelines = {Mode.TXT2IMG: base, Mode.EDIT: base}
         else:
             base = load_pipeline(FluxPipeline, path, device, dtype)
             pipelines = {
@@ -187,6 +217,7 @@ class FluxFamily:
             inpaint_strength=1.0,
             size_multiple=scale * 2,
             min_side=scale * 2,
+            image_guidance=None,  # Kontext's input image enters as tokens, not by a guidance
         )
         return LoadedModel(
             family=self.name,
@@ -195,7 +226,7 @@ class FluxFamily:
             device=device,
             dtype=dtype,
             pipelines=pipelines,
-samplers=sampler_menu(base, self),
+            samplers=sampler_menu(base, self),
             supports_lora=self.lora,
             variant=variant,
         )
@@ -203,19 +234,43 @@ samplers=sampler_menu(base, self),
     def run(
         self, loaded: LoadedModel, request: ResolvedRequest, ctx: RunContext
     ) -> list[Image.Image]:
-        if request.negative_prompt:
-            raise RequestError(
-                "negative_prompt",
-                "FLUX.1 has no negative prompt (its guidance is distilled into the model, not "
-                "classifier-free); leave it empty and describe what you want in the prompt",
-            )
+        refuse_unsupported(request)
         pipe = loaded.pipelines[request.mode]
         kwargs = base_kwargs(request, negative=False) | mode_kwargs(request)
         # Always pass the size: Flux's img2img pipeline would otherwise resize the input to
         # its 1024 default instead of keeping the image's own size.
         kwargs["width"], kwargs["height"] = request.width, request.height
         kwargs["max_sequence_length"] = VARIANTS[loaded.variant].max_sequence_length
+        if loaded.variant == "kontext":
+            kwargs |= kontext_kwargs(request)
         callback = step_callback(ctx, preview=packed_preview(request.width, request.height))
         with loras_applied(pipe, request.request.loras):
             output = pipe(**kwargs, callback_on_step_end=callback)
         return [image.convert("RGB") for image in output.images]
+
+
+def refuse_unsupported(request: ResolvedRequest) -> None:
+    """Inputs FLUX.1 has no use for are errors, not silently ignored (see the docstring)."""
+    if request.negative_prompt:
+        raise RequestError(
+            "negative_prompt",
+            "FLUX.1 has no negative prompt (its guidance is distilled into the model, not "
+            "classifier-free); leave it empty and describe what you want in the prompt",
+        )
+    if request.request.image_guidance is not None:
+        raise RequestError(
+            "image_guidance",
+            "FLUX.1 Kontext has no image guidance (the input image enters as tokens, not by "
+            "a guidance scale); leave it unset",
+        )
+
+
+def kontext_kwargs(request: ResolvedRequest) -> dict[str, Any]:
+    """FluxKontextPipeline's extra inputs: the image to edit (none for txt2img), kept at its
+    own size, and ``max_area`` equal to the size asked for so that it is not rescaled (see the
+    module docstring)."""
+    kwargs: dict[str, Any] = {"max_area": request.width * request.height, "_auto_resize": False}
+    if request.mode is Mode.EDIT:
+        assert request.request.image is not None  # GenerationRequest checked it
+        kwargs["image"] = request.request.image.convert("RGB")
+    return kwargs

@@ -1,7 +1,9 @@
 """Stable Diffusion 1.x / 2.x: diffusers ``StableDiffusionPipeline`` folders and single files.
 
 A 4-channel U-Net runs txt2img, img2img and inpaint (diffusers blends latents for inpainting
-with a regular checkpoint); a 9-channel U-Net is an inpainting checkpoint and runs inpaint only.
+with a regular checkpoint); a 9-channel U-Net is an inpainting checkpoint and runs inpaint only;
+an 8-channel one (latents + the input image's latents) is InstructPix2Pix and runs the edit task
+only, with ``StableDiffusionInstructPix2PixPipeline`` and that pipeline's own call defaults.
 
 A single ``.safetensors`` file in the CompVis layout (``model.diffusion_model.*``,
 ``first_stage_model.*``, ``cond_stage_model.*``: ``v1-5-pruned-emaonly.safetensors`` and most
@@ -11,6 +13,8 @@ beside it (:mod:`toile.families.single_file`); the variant is read from those co
 
 from __future__ import annotations
 
+import inspect
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -37,17 +41,27 @@ from toile.families.single_file import (
 from toile.request import FamilyDefaults, Mode
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     import torch
     from PIL import Image
 
     from toile.progress import RunContext
     from toile.request import ResolvedRequest
 
+IP2P_PIPELINE = "StableDiffusionInstructPix2PixPipeline"
 SD_PIPELINES = frozenset(
-    {"StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline"}
+    {
+        "StableDiffusionPipeline",
+        "StableDiffusionImg2ImgPipeline",
+        "StableDiffusionInpaintPipeline",
+        IP2P_PIPELINE,
+    }
 )
 ALL_MODES = frozenset({Mode.TXT2IMG, Mode.IMG2IMG, Mode.INPAINT, Mode.OUTPAINT})
 INPAINT_MODES = frozenset({Mode.INPAINT, Mode.OUTPAINT})
+EDIT_MODES = frozenset({Mode.EDIT})
+IP2P = "instruct-pix2pix"  # the variant name, in SD and SDXL alike
 # CompVis layout: SD 1.x has ``cond_stage_model.transformer.*`` (CLIP), 2.x
 # ``cond_stage_model.model.*`` (OpenCLIP). SDXL files have ``conditioner.`` instead.
 SD_SINGLE_FILE = SingleFileLayout(
@@ -77,6 +91,18 @@ def unet_defaults(
     )
 
 
+def edit_defaults(defaults: FamilyDefaults, pipeline_cls: Any) -> FamilyDefaults:
+    """``defaults`` with the edit pipeline's own ``__call__`` defaults (InstructPix2Pix: 100
+    steps, guidance 7.5 or 5.0, image guidance 1.5), read from diffusers so toile follows it."""
+    parameters = inspect.signature(pipeline_cls.__call__).parameters
+    return replace(
+        defaults,
+        steps=parameters["num_inference_steps"].default,
+        guidance=parameters["guidance_scale"].default,
+        image_guidance=parameters["image_guidance_scale"].default,
+    )
+
+
 class StableDiffusionFamily:
     name = "sd"
     # CLIP text encoders: A1111 emphasis weights and long prompts apply (clip_prompts).
@@ -86,6 +112,7 @@ class StableDiffusionFamily:
     capabilities: ClassVar[dict[str, frozenset[Mode]]] = {
         "": ALL_MODES,
         "inpainting": INPAINT_MODES,
+        IP2P: EDIT_MODES,
     }
     lora = True
 
@@ -95,35 +122,50 @@ class StableDiffusionFamily:
         return pipeline_class_name(path) in SD_PIPELINES
 
     def variant(self, path: Path) -> str:
-        unet = read_component_config(configs_of(path, SD_SINGLE_FILE), "unet")
-        return "inpainting" if unet.get("in_channels") == 9 else ""
+        config = configs_of(path, SD_SINGLE_FILE)
+        in_channels = read_component_config(config, "unet").get("in_channels")
+        # The pipeline class names InstructPix2Pix in a folder; its 8-channel U-Net (latents
+        # + the input image's latents) tells it apart in any layout.
+        if pipeline_class_name(config) == IP2P_PIPELINE or in_channels == 8:
+            return IP2P
+        return "inpainting" if in_channels == 9 else ""
 
     def load(self, path: Path, device: str, dtype: torch.dtype) -> LoadedModel:
         from diffusers import (
             StableDiffusionImg2ImgPipeline,
             StableDiffusionInpaintPipeline,
+            StableDiffusionInstructPix2PixPipeline,
             StableDiffusionPipeline,
         )
 
         config = configs_of(path, SD_SINGLE_FILE)
         variant = self.variant(path)
-        inpaint_checkpoint = variant == "inpainting"
         modes = self.capabilities[variant]
+        base_cls = {
+            "": StableDiffusionPipeline,
+            "inpainting": StableDiffusionInpaintPipeline,
+            IP2P: StableDiffusionInstructPix2PixPipeline,
+        }[variant]
         # No safety checker: toile's own safety layer decides; diffusers would black out images.
-        base_cls = StableDiffusionInpaintPipeline if inpaint_checkpoint else StableDiffusionPipeline
         options: dict[str, Any] = {"safety_checker": None, "requires_safety_checker": False}
         if path.is_file():
             base = load_file_pipeline(base_cls, path, config, device, dtype, **options)
         else:
             base = load_pipeline(base_cls, path, device, dtype, **options)
-        pipelines: dict[Mode, Any] = {Mode.INPAINT: derive(StableDiffusionInpaintPipeline, base)}
-        if not inpaint_checkpoint:
+        defaults = unet_defaults(config, steps=50, guidance=7.5, modes=modes)
+        if variant == IP2P:
+            # The 8-channel U-Net fits no other SD pipeline: the edit is its only role.
+            pipelines: dict[Mode, Any] = {Mode.EDIT: base}
+            defaults = edit_defaults(defaults, base_cls)
+        else:
+            pipelines = {Mode.INPAINT: derive(StableDiffusionInpaintPipeline, base)}
+        if variant == "":
             pipelines[Mode.TXT2IMG] = base
             pipelines[Mode.IMG2IMG] = derive(StableDiffusionImg2ImgPipeline, base)
         return LoadedModel(
             family=self.name,
             path=path,
-            defaults=unet_defaults(config, steps=50, guidance=7.5, modes=modes),
+            defaults=defaults,
             device=device,
             dtype=dtype,
             pipelines=pipelines,
@@ -142,6 +184,8 @@ def run_unet_pipeline(
     loaded: LoadedModel, request: ResolvedRequest, ctx: RunContext, **extra: Any
 ) -> list[Image.Image]:
     """Run the pipeline for the request's mode (shared by SD and SDXL)."""
+    if request.mode is Mode.EDIT:
+        return run_edit_pipeline(loaded, request, ctx)
     pipe = loaded.pipelines[request.mode]
     kwargs = with_weighted_prompts(pipe, base_kwargs(request) | mode_kwargs(request) | extra)
     if request.mode is Mode.TXT2IMG:
@@ -149,3 +193,56 @@ def run_unet_pipeline(
     with loras_applied(pipe, request.request.loras):
         output = pipe(**kwargs, callback_on_step_end=step_callback(ctx, preview=vae_preview))
     return [image.convert("RGB") for image in output.images]
+
+
+def run_edit_pipeline(
+    loaded: LoadedModel, request: ResolvedRequest, ctx: RunContext
+) -> list[Image.Image]:
+    """InstructPix2Pix (SD's or SDXL's pipeline): the instruction is the prompt, the input
+    image is given at the resolved size, and ``image_guidance`` is its image guidance scale."""
+    pipe = loaded.pipelines[Mode.EDIT]
+    kwargs = base_kwargs(request) | {
+        # one copy per output image: diffusers deprecates repeating a single input itself
+        "image": [edit_input(pipe, request)] * len(request.seeds),
+        "image_guidance_scale": request.image_guidance,
+    }
+    parameters = inspect.signature(pipe.__call__).parameters
+    if "height" in parameters:
+        # SDXL's pipeline would otherwise resize the input to its default size (1024).
+        kwargs["width"], kwargs["height"] = request.width, request.height
+    if "callback_on_step_end" in parameters:
+        kwargs["callback_on_step_end"] = step_callback(ctx, preview=vae_preview)
+    else:  # SDXL's InstructPix2Pix still has only the older per-step callback
+        kwargs["callback"] = legacy_step_callback(pipe, ctx, request.steps)
+    kwargs = with_weighted_prompts(pipe, kwargs)
+    with loras_applied(pipe, request.request.loras):
+        output = pipe(**kwargs)
+    return [image.convert("RGB") for image in output.images]
+
+
+def edit_input(pipe: Any, request: ResolvedRequest) -> Image.Image:
+    """The input image at the output size: InstructPix2Pix concatenates its latents with the
+    noise latents, so the two sizes are one. Resized with the pipeline's own image processor,
+    as diffusers resizes an input that is not a multiple of its VAE's scale (so the default
+    size — the input's, rounded down — gives diffusers' pixels exactly)."""
+    image = request.request.image
+    assert image is not None  # GenerationRequest checked it
+    image = image.convert("RGB")
+    if image.size != (request.width, request.height):
+        image = pipe.image_processor.resize(image, request.height, request.width)
+    return image
+
+
+def legacy_step_callback(
+    pipe: Any, ctx: RunContext, total: int
+) -> Callable[[int, Any, torch.Tensor], None]:
+    """Progress, previews and cancellation through a pipeline's older ``callback(step,
+    timestep, latents)`` (called once per step, ``step`` counted from 0)."""
+
+    def callback(step: int, timestep: Any, latents: torch.Tensor) -> None:
+        def make_preview() -> Image.Image | None:
+            return vae_preview(pipe, latents)
+
+        ctx.on_step(step + 1, total, "denoise", make_preview, state=latents)
+
+    return callback

@@ -8,6 +8,8 @@ Three layouts share one family because they share one set of diffusers pipelines
   low-noise end of the schedule to polish existing images, so it runs img2img / inpaint /
   outpaint and txt2img is refused by its declared modes instead of producing mush;
 - **inpainting** (9-channel U-Net): inpaint and outpaint only, like SD's inpainting checkpoints.
+- **instruct-pix2pix** (``StableDiffusionXLInstructPix2PixPipeline``, 8-channel U-Net: latents +
+  the input image's latents): the edit task only, with that pipeline's own call defaults.
 
 A request with a ``refiner`` runs SDXL's ensemble of expert denoisers: the base takes the
 high-noise part of the schedule and hands its latents to the refiner for the rest
@@ -39,7 +41,15 @@ from toile.families.diffusers_common import (
     step_callback,
     vae_preview,
 )
-from toile.families.sd import ALL_MODES, INPAINT_MODES, run_unet_pipeline, unet_defaults
+from toile.families.sd import (
+    ALL_MODES,
+    EDIT_MODES,
+    INPAINT_MODES,
+    IP2P,
+    edit_defaults,
+    run_unet_pipeline,
+    unet_defaults,
+)
 from toile.families.single_file import (
     SingleFileLayout,
     configs_of,
@@ -55,11 +65,13 @@ if TYPE_CHECKING:
     from toile.progress import RunContext
     from toile.request import ResolvedRequest
 
+IP2P_PIPELINE = "StableDiffusionXLInstructPix2PixPipeline"
 SDXL_PIPELINES = frozenset(
     {
         "StableDiffusionXLPipeline",
         "StableDiffusionXLImg2ImgPipeline",
         "StableDiffusionXLInpaintPipeline",
+        IP2P_PIPELINE,
     }
 )
 REFINER_MODES = frozenset({Mode.IMG2IMG, Mode.INPAINT, Mode.OUTPAINT})
@@ -76,18 +88,22 @@ SDXL_SINGLE_FILE = SingleFileLayout(
 
 
 def checkpoint_kind(config_folder: Path) -> str:
-    """The base ("") or "refiner" / "inpainting", from a diffusers layout's model_index and
-    U-Net config.
+    """The base ("") or "refiner" / "inpainting" / "instruct-pix2pix", from a diffusers
+    layout's model_index and U-Net config.
 
     The refiner is recognised the way diffusers builds it: no first text encoder, and time ids
-    that carry an aesthetic score instead of a target size.
+    that carry an aesthetic score instead of a target size. InstructPix2Pix by its pipeline
+    class, or its 8-channel U-Net.
     """
     index = read_model_index(config_folder) or {}
+    in_channels = read_component_config(config_folder, "unet").get("in_channels")
+    if index.get("_class_name") == IP2P_PIPELINE or in_channels == 8:
+        return IP2P
     text_encoder = index.get("text_encoder")
     no_text_encoder = not isinstance(text_encoder, list) or text_encoder[0] is None
     if index.get("requires_aesthetics_score") or no_text_encoder:
         return "refiner"
-    if read_component_config(config_folder, "unet").get("in_channels") == 9:
+    if in_channels == 9:
         return "inpainting"
     return ""
 
@@ -102,6 +118,7 @@ class SDXLFamily:
         "": ALL_MODES,
         "refiner": REFINER_MODES,
         "inpainting": INPAINT_MODES,
+        IP2P: EDIT_MODES,
     }
     lora = True
 
@@ -113,13 +130,15 @@ class SDXLFamily:
         return isinstance(name, str) and name in SDXL_PIPELINES
 
     def variant(self, path: Path) -> str:
-        """The base ("") or "refiner" / "inpainting"; a single file is judged by its configs."""
+        """The base ("") or "refiner" / "inpainting" / "instruct-pix2pix"; a single file is
+        judged by its configs."""
         return checkpoint_kind(configs_of(path, SDXL_SINGLE_FILE))
 
     def load(self, path: Path, device: str, dtype: torch.dtype) -> LoadedModel:
         from diffusers import (
             StableDiffusionXLImg2ImgPipeline,
             StableDiffusionXLInpaintPipeline,
+            StableDiffusionXLInstructPix2PixPipeline,
             StableDiffusionXLPipeline,
         )
 
@@ -129,6 +148,7 @@ class SDXLFamily:
             "": StableDiffusionXLPipeline,
             "refiner": StableDiffusionXLImg2ImgPipeline,
             "inpainting": StableDiffusionXLInpaintPipeline,
+            IP2P: StableDiffusionXLInstructPix2PixPipeline,
         }[kind]
         # No invisible watermark from diffusers: toile's safety layer owns watermarking and
         # provenance, and a second, silent one would also break parity with plain diffusers.
@@ -142,18 +162,24 @@ class SDXLFamily:
             # from_pipe shares the loaded weights; the base pipeline serves its own role.
             return base if type(base) is cls else derive(cls, base, **options)
 
-        pipelines: dict[Mode, Any] = {Mode.INPAINT: role(StableDiffusionXLInpaintPipeline)}
+        modes = self.capabilities[kind]
+        defaults = unet_defaults(
+            config, steps=DEFAULT_STEPS, guidance=DEFAULT_GUIDANCE, modes=modes
+        )
+        if kind == IP2P:
+            # The 8-channel U-Net fits no other SDXL pipeline: the edit is its only role.
+            pipelines: dict[Mode, Any] = {Mode.EDIT: base}
+            defaults = edit_defaults(defaults, base_cls)
+        else:
+            pipelines = {Mode.INPAINT: role(StableDiffusionXLInpaintPipeline)}
         if kind == "":
             pipelines[Mode.TXT2IMG] = base
         if kind in ("", "refiner"):
             pipelines[Mode.IMG2IMG] = role(StableDiffusionXLImg2ImgPipeline)
-        modes = self.capabilities[kind]
         return LoadedModel(
             family=self.name,
             path=path,
-            defaults=unet_defaults(
-                config, steps=DEFAULT_STEPS, guidance=DEFAULT_GUIDANCE, modes=modes
-            ),
+            defaults=defaults,
             device=device,
             dtype=dtype,
             pipelines=pipelines,
@@ -184,6 +210,10 @@ class SDXLFamily:
         leave it no step), and the refiner's img2img (or inpaint, with the mask) finishes the
         latents; strength then no longer applies to the refiner.
         """
+        if request.mode is Mode.EDIT:
+            # An edit's latents are conditioned on the input image at every step; a refiner
+            # (img2img / inpaint) would finish them without it.
+            raise RequestError("refiner", "the edit task runs without a refiner; leave it unset")
         switch = request.refiner_switch
         assert switch is not None, "resolve() sets refiner_switch when a refiner is named"
         second_role = Mode.INPAINT if request.mode is Mode.INPAINT else Mode.IMG2IMG
