@@ -4,6 +4,7 @@ inputs, the built-in resampling upscalers, default models per task, records, the
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -69,6 +70,20 @@ def test_other_filters(model):
                           np.asarray(IMAGE.resize((60, 48), resample)))
 
 
+def test_upscale_passes_past_the_budget_are_refused_before_running():
+    from toile.request import FamilyDefaults, Mode
+
+    defaults = FamilyDefaults(modes=frozenset({Mode.UPSCALE}), width=0, height=0, steps=2,
+                              guidance=1.0, size_multiple=1, min_side=1, upscale_factor=4,
+                              max_pixels=1024 * 1024)
+    image = Image.new("RGB", (200, 200))
+    resolved = resolve(GenerationRequest(prompt="", task="upscale", image=image, scale=5),
+                       defaults, "x")  # 1000x1000 fits; the second 4x pass (3200x3200) not
+    with pytest.raises(RequestError) as err:
+        plan_for(resolved, defaults)
+    assert err.value.field == "scale" and "2 passes" in str(err.value)
+
+
 def test_upscale_past_the_pixel_budget_names_scale():
     big = Image.new("RGB", (4000, 4000))
     with pytest.raises(RequestError) as err:
@@ -109,12 +124,12 @@ def test_plans():
                               guidance=1.0, size_multiple=1, min_side=1)
     resolved = resolve(GenerationRequest(prompt="", task="upscale", image=IMAGE, scale=8),
                        defaults, "x")
-    plan = plan_for(resolved, upscale_factor=4)
+    plan = plan_for(resolved, replace(defaults, upscale_factor=4))
     assert [s.role for s in plan.stages] == [StageRole.BASE, StageRole.UPSCALE]
     assert all(s.request.scale == 4 for s in plan.stages)
     refined = resolve(GenerationRequest(prompt="a", refiner="r"), FamilyDefaults(
         modes=frozenset({Mode.TXT2IMG}), width=64, height=64, steps=2, guidance=1.0), "x")
-    plan = plan_for(refined, upscale_factor=1)
+    plan = plan_for(refined, replace(defaults, upscale_factor=1))
     assert [(s.role, s.handoff) for s in plan.stages] == [
         (StageRole.BASE, Handoff.IMAGES), (StageRole.REFINER, Handoff.LATENTS)]
 

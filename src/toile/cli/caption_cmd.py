@@ -24,8 +24,8 @@ def add_parser(subparsers: Any) -> None:
         help="caption images (a folder or files)",
         description="Caption each image with a reader model (BLIP, BLIP-2, a vision-language "
         "model; greedy decoding, so a caption is reproducible). Prints one caption per image "
-        "(PATH<TAB>CAPTION; a single image: the caption alone). Folders are read one level "
-        "deep (.png .jpg .jpeg .webp .bmp).",
+        "(PATH<TAB>CAPTION; a single image: the caption alone). Folders are read with their "
+        "subfolders, as toile finetune reads them (.png .jpg .jpeg .webp .bmp).",
     )
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders of them")
     p.add_argument("--long", action="store_true", help="a longer description (default: one "
@@ -41,14 +41,13 @@ def add_parser(subparsers: Any) -> None:
 
 def image_paths(sources: list[str]) -> list[Path]:
     """Image files named, and the images directly inside folders named, in order."""
-    from toile.data.folders import IMAGE_SUFFIXES
+    from toile.data.folders import IMAGE_SUFFIXES, iter_image_files
 
     found: list[Path] = []
     for source in sources:
         path = Path(source)
-        if path.is_dir():
-            found += sorted(p for p in path.iterdir()
-                            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        if path.is_dir():  # the walk fine-tuning uses, so both see the same images
+            found += list(iter_image_files(path))
         elif path.is_file():
             found.append(path)
         else:

@@ -56,6 +56,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the LoRA .safetensors file (or the model folder with --method full)")
     parser.add_argument("--prompt", metavar="TEXT",
                         help="caption for images without a .txt (DreamBooth instance prompt)")
+    parser.add_argument("--caption-with", metavar="MODEL",
+                        help="first caption the images that have no NAME.txt with this reader "
+                        "model (id or path), writing NAME.txt beside each so the captions can "
+                        "be read and edited (default: uncaptioned images take --prompt)")
     parser.add_argument("--method", choices=("lora", "full"), default="lora")
     parser.add_argument("--steps", type=int, default=500, help="optimizer steps (default 500)")
     parser.add_argument("--rank", type=int, default=4, help="LoRA rank (default 4)")
@@ -159,6 +163,8 @@ def run(args: argparse.Namespace) -> int:
     from toile.train.finetune.runner import FinetuneRunner
 
     config = config_from_args(args)
+    if args.caption_with:
+        caption_uncaptioned(args.images, args.caption_with, progress=not args.no_progress)
     command = "toile finetune " + shlex.join(sys.argv[2:] if sys.argv[1:2] == ["finetune"]
                                              else sys.argv[1:])
     runner = FinetuneRunner(config, command=command)
@@ -172,6 +178,31 @@ def run(args: argparse.Namespace) -> int:
         }
         print(json.dumps(summary) if args.json else f"wrote {result.out}")
     return 0
+
+
+def caption_uncaptioned(images: str, model: str, *, progress: bool = True) -> int:
+    """Write ``NAME.txt`` for each image under ``images`` that has no caption yet, with the
+    reader ``model``; returns how many were written."""
+    import os
+    from pathlib import Path
+
+    from toile.cli.caption_cmd import caption_files
+    from toile.data.folders import iter_image_files, read_caption
+    from toile.engine.engine import Engine
+    from toile.errors import RequestError
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise RequestError("caption_with", "caption before a multi-process run (`toile caption "
+                           "DIR --write-txt --model MODEL`), so processes do not race")
+    if not Path(images).is_dir():
+        raise RequestError("caption_with", f"needs a folder of images; {images} is not one")
+    missing = [path for path in iter_image_files(Path(images)) if read_caption(path) is None]
+    if not missing:
+        return 0
+    done = list(caption_files(Engine(), model, missing, write_txt=True, overwrite=True,
+                              progress=progress))
+    print(f"captioned {len(done)} images with {model}", file=sys.stderr)
+    return len(done)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,10 +14,10 @@ import math
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
-from toile.request import Mode
+from toile.request import Mode, resolve_budget
 
 if TYPE_CHECKING:
-    from toile.request import GenerationRequest, ResolvedRequest
+    from toile.request import FamilyDefaults, GenerationRequest, ResolvedRequest
 
 
 class StageRole(enum.StrEnum):
@@ -57,12 +57,13 @@ def upscale_passes(scale: float, factor: int) -> int:
     return max(1, math.ceil(math.log(scale) / math.log(factor) - 1e-9))
 
 
-def plan_for(resolved: ResolvedRequest, upscale_factor: int) -> Plan:
-    """The stages of ``resolved`` (its model's defaults already applied).
+def plan_for(resolved: ResolvedRequest, defaults: FamilyDefaults) -> Plan:
+    """The stages of ``resolved`` (its model's ``defaults`` already applied).
 
     - generate with a refiner: base, then the refiner by latent hand-off;
     - upscale by more than the model's ``upscale_factor``: that many passes of the model, each
-      by its factor (the engine resizes the last output to the exact size asked for);
+      by its factor (the engine resizes the last output to the exact size asked for); the
+      largest pass must fit the model's pixel budget too, checked before any pass runs;
     - everything else: one base stage.
     """
     request = resolved.request
@@ -70,8 +71,15 @@ def plan_for(resolved: ResolvedRequest, upscale_factor: int) -> Plan:
     stages = [base]
     if request.refiner is not None:
         stages.append(Stage(StageRole.REFINER, request.refiner, request, Handoff.LATENTS))
+    upscale_factor = defaults.upscale_factor
     if resolved.mode is Mode.UPSCALE and resolved.scale is not None:
         passes = upscale_passes(resolved.scale, upscale_factor)
+        assert request.image is not None
+        reach = max(upscale_factor, 1) ** passes
+        width, height = request.image.size
+        resolve_budget(width * reach, height * reach, defaults.max_pixels, "scale",
+                       f" ({passes} passes of a {upscale_factor}x upscaler make "
+                       f"{width * reach}x{height * reach} before the final resize)")
         if passes > 1:
             step = replace(request, scale=float(upscale_factor))
             stages = [Stage(StageRole.BASE, request.model, step)]

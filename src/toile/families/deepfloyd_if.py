@@ -9,6 +9,14 @@ folder* holding one diffusers folder per stage::
       stage_3/   StableDiffusionUpscalePipeline (the SD x4 upscaler) optional, needs stage_2
 
 A plain ``IFPipeline`` folder (no cascade around it) is detected too and runs stage I alone.
+A plain ``IFSuperResolutionPipeline`` folder (``stage_2`` of a cascade, or IF-II downloaded on
+its own) is variant ``stage-ii``: an x4 upscaler of the input image (the upscale task). Used
+alone it encodes the prompt itself, so its folder must hold the T5 ``text_encoder`` and
+``tokenizer`` (the published IF-II repositories do); a stage II saved without them, as a
+cascade's usually is, is refused at load naming what is missing. Its steps, guidance and noise
+level default to ``IFSuperResolutionPipeline``'s (50, 4.0, 250); any input size is taken (padded
+to what its U-Net divides, the output cropped back to exactly 4x). A standalone SD x4 upscaler
+(a cascade's ``stage_3``) is the ``sd-upscale`` family's.
 The img2img / inpainting variants of each stage (``IFImg2ImgPipeline``,
 ``IFInpaintingSuperResolutionPipeline``, ...) are built from the same weights with
 ``from_pipe``. Stage II's own text encoder is never loaded (``text_encoder=None``): the T5
@@ -52,7 +60,6 @@ LoRA files are not supported for the cascade (a stage-I LoRA would not steer sta
 from __future__ import annotations
 
 import enum
-
 import inspect
 import math
 from collections.abc import Callable
@@ -65,6 +72,7 @@ from toile.families.diffusers_common import (
     load_pipeline,
     pipeline_class_name,
     read_component_config,
+    read_model_index,
     sampler_menu,
     vae_preview,
 )
@@ -91,6 +99,7 @@ ALL_MODES = frozenset({Mode.TXT2IMG, Mode.IMG2IMG, Mode.INPAINT, Mode.OUTPAINT})
 SR_FACTOR = 4  # IF stage II: 64 -> 256 px
 UPSCALER_NOISE_LEVEL = 100  # diffusers' IF docs (and DeepFloyd's README) for stage III
 NO_SAFETY = {"safety_checker": None, "feature_extractor": None, "watermarker": None}
+STAGE2_ALONE = "stage-ii"  # the variant of a standalone stage II folder (an x4 upscaler)
 
 
 class IFStage(enum.IntEnum):
@@ -212,24 +221,88 @@ def stage_callback(
     return callback
 
 
+def check_own_text_encoder(path: Path) -> None:
+    """A standalone stage II encodes its prompt itself: its folder must name and hold a T5
+    ``text_encoder`` and ``tokenizer`` (a cascade's stage II borrows stage I's instead)."""
+    index = read_model_index(path) or {}
+    missing = [
+        name for name in ("text_encoder", "tokenizer")
+        if not isinstance(index.get(name), list) or None in index[name]
+        or not (path / name).is_dir()
+    ]
+    if missing:
+        raise ModelFormatError(
+            f"{path} is a DeepFloyd IF stage II folder without its own {' and '.join(missing)}: "
+            "used alone it needs the T5 text encoder and tokenizer (IF-II checkpoints ship them; "
+            "a cascade's stage II borrows stage I's). Copy stage I's text_encoder/ and "
+            "tokenizer/ folders into it and name them in its model_index.json, or run the "
+            "cascade folder (stage_1/ + stage_2/) instead"
+        )
+
+
+def upscale_with_stage2(
+    pipe: Any, request: ResolvedRequest, ctx: RunContext
+) -> list[Image.Image]:
+    """Stage II alone: the input image is its low-res image, upscaled 4x with the prompt.
+
+    The prompt is encoded without diffusers' caption cleaning, as the cascade encodes it (the
+    same words give the same embeddings either way). The input goes in as a [-1, 1] tensor
+    (padded to the U-Net's multiple, the output cropped back), one per image, so image ``i``
+    draws all its noise from its own generator and a batch equals singles.
+    """
+    from toile.families.sd_upscale import crop_outputs, level_factor, pad_to_geometry
+
+    limit = pipe.image_noising_scheduler.config.num_train_timesteps
+    if request.noise_level is not None and request.noise_level >= limit:
+        raise RequestError("noise_level", f"must be below {limit} for IF stage II (its noising "
+                           f"schedule's length), got {request.noise_level}")
+    assert request.request.image is not None  # the upscale task requires one
+    image = request.request.image.convert("RGB")
+    # Stage II runs at 4 x the input's side, which its U-Net's levels must divide.
+    unet = level_factor(pipe.unet)
+    multiple = unet // math.gcd(unet, SR_FACTOR)
+    source = pad_to_geometry(image, multiple, multiple)
+    count = len(request.seeds)
+    images = pipe(
+        prompt=[request.prompt] * count,
+        negative_prompt=[request.negative_prompt] * count if request.negative_prompt else None,
+        image=image_tensor(source, source.size).repeat(count, 1, 1, 1),
+        width=source.width * SR_FACTOR,
+        height=source.height * SR_FACTOR,
+        num_inference_steps=request.steps,
+        guidance_scale=request.guidance,
+        noise_level=request.noise_level,
+        generator=cpu_generators(request.seeds),
+        output_type="pil",
+        callback=stage_callback(ctx, "upscale", request.steps, pixel_preview),
+        callback_steps=1,
+        clean_caption=False,
+    ).images
+    return crop_outputs(images, (image.width * SR_FACTOR, image.height * SR_FACTOR))
+
+
 class IFFamily:
     name = "if"
     typical_scheduler = "DDPMScheduler"  # what its published checkpoints declare
     # Each stage keeps its own scheduler (DDPM with learned variance): no sampler choice.
     fixed_sampler = True
     title = "DeepFloyd IF"
-    # Variants name how many stages the folder holds; every cascade runs every mode.
+    # Variants name how many stages the folder holds; every cascade runs every mode. A stage II
+    # folder alone is an x4 upscaler.
     capabilities: ClassVar[dict[str, frozenset[Mode]]] = {
-        f"{count}-stage": ALL_MODES for count in (1, 2, 3)
+        **{f"{count}-stage": ALL_MODES for count in (1, 2, 3)},
+        STAGE2_ALONE: frozenset({Mode.UPSCALE}),
     }
     lora = False
 
     def detect(self, path: Path) -> bool:
-        if pipeline_class_name(path) in STAGE1_PIPELINES:
+        if pipeline_class_name(path) in STAGE1_PIPELINES | STAGE2_PIPELINES:
             return True
         return path.is_dir() and pipeline_class_name(path / "stage_1") in STAGE1_PIPELINES
 
     def variant(self, path: Path) -> str:
+        if pipeline_class_name(path) in STAGE2_PIPELINES:
+            return STAGE2_ALONE
         return f"{len(stage_folders(path))}-stage"
 
     def load(self, path: Path, device: str, dtype: torch.dtype) -> LoadedModel:
@@ -245,6 +318,8 @@ class IFFamily:
 
         from toile.io.weights import check_folder_weights
 
+        if pipeline_class_name(path) in STAGE2_PIPELINES:
+            return self._load_stage2_alone(path, device, dtype)
         folders = stage_folders(path)
         for folder in folders:
             # The engine checks a top-level diffusers folder; a cascade's stages are checked here.
@@ -289,14 +364,48 @@ class IFFamily:
             device=device,
             dtype=dtype,
             pipelines=pipelines,
-samplers=sampler_menu(stage1, self),
+            samplers=sampler_menu(stage1, self),
             supports_lora=self.lora,
             variant=f"{len(folders)}-stage",
+        )
+
+    def _load_stage2_alone(self, path: Path, device: str, dtype: torch.dtype) -> LoadedModel:
+        """A standalone stage II: an x4 upscaler with its own T5 encoder."""
+        from diffusers import IFSuperResolutionPipeline
+
+        check_own_text_encoder(path)
+        pipe = load_pipeline(
+            IFSuperResolutionPipeline, path, device, dtype, requires_safety_checker=False,
+            **NO_SAFETY,
+        )
+        defaults = FamilyDefaults(
+            modes=self.capabilities[STAGE2_ALONE],
+            width=0,  # an upscale's size is its input's times the scale
+            height=0,
+            steps=call_default(IFSuperResolutionPipeline, "num_inference_steps"),
+            guidance=call_default(IFSuperResolutionPipeline, "guidance_scale"),
+            size_multiple=1,  # any input: it is padded to what the U-Net needs
+            min_side=1,
+            upscale_factor=SR_FACTOR,
+            noise_level=call_default(IFSuperResolutionPipeline, "noise_level"),
+        )
+        return LoadedModel(
+            family=self.name,
+            path=path,
+            defaults=defaults,
+            device=device,
+            dtype=dtype,
+            pipelines={(IFStage.II, Mode.UPSCALE): pipe},
+            samplers=sampler_menu(pipe, self),
+            supports_lora=self.lora,
+            variant=STAGE2_ALONE,
         )
 
     def run(
         self, loaded: LoadedModel, request: ResolvedRequest, ctx: RunContext
     ) -> list[Image.Image]:
+        if request.mode is Mode.UPSCALE:
+            return upscale_with_stage2(loaded.pipelines[IFStage.II, Mode.UPSCALE], request, ctx)
         role = request.mode
         stage3 = loaded.pipelines.get((IFStage.III, Mode.UPSCALE))
         stages = 1 + ((IFStage.II, Mode.TXT2IMG) in loaded.pipelines) + (stage3 is not None)
