@@ -55,6 +55,14 @@ def test_readme_first_commands_and_family_table():
     )
 
 
+def test_readme_task_table_is_the_code():
+    from toile.cli.families_cmd import tasks_markdown
+
+    text = README.read_text()
+    table = text.split("<!-- tasks:start -->")[1].split("<!-- tasks:end -->")[0].strip()
+    assert table == tasks_markdown(), "stale: toile families --tasks --markdown"
+
+
 def test_readme_sampler_table_is_the_code():
     from toile.cli.samplers_cmd import markdown_table
 
