@@ -33,7 +33,10 @@ IMAGE = gradient_image(20, 16)
         ({"task": "caption", "image": IMAGE, "detail": "medium"}, "detail"),
         ({"task": "upscale", "image": IMAGE, "scale": 9}, "scale"),
         ({"task": "upscale", "image": IMAGE, "scale": 0.5}, "scale"),
-        ({"task": "upscale", "image": IMAGE, "width": 64}, "width"),
+        ({"task": "upscale", "image": IMAGE, "width": 64}, "height"),
+        ({"task": "upscale", "image": IMAGE, "width": 40, "height": 32, "scale": 2}, "scale"),
+        ({"task": "upscale", "image": IMAGE, "width": 400, "height": 32}, "width"),
+        ({"task": "upscale", "image": IMAGE, "width": 40, "height": 8}, "height"),
         ({"task": "generate", "scale": 2}, "scale"),
         ({"task": "generate", "image_guidance": 1.0}, "image_guidance"),
         ({"task": "upscale", "image": IMAGE, "mask": IMAGE.convert("L")}, "mask"),
@@ -59,6 +62,12 @@ def test_builtin_lanczos_upscale_is_pils_resize_and_recorded():
     assert record.scale == 2.5 and (record.width, record.height) == (50, 40)
     assert len(record.inputs["image"]) == 64
     assert [stage["role"] for stage in record.stages] == ["base"]
+
+
+def test_upscale_to_a_size():
+    result = Engine(policy=None).run(GenerationRequest(
+        prompt="", task="upscale", image=IMAGE, width=50, height=32))
+    assert result.images[0].size == (50, 32) and result.records[0].scale == 2.5
 
 
 @pytest.mark.parametrize("model", ["bicubic", "nearest"])

@@ -278,9 +278,7 @@ class GenerationRequest:
                 raise RequestError("loras", f"do not apply to the {task.value} task")
         if task is Task.UPSCALE:
             _check_float("scale", self.scale, 1.0, MAX_SCALE)
-            if self.width is not None or self.height is not None:
-                raise RequestError("width", "an upscale's size is the input's size times scale; "
-                                   "set scale, not width/height")
+            self._check_upscale_size()
         elif self.scale is not None:
             raise RequestError("scale", "only applies to the upscale task (task=upscale)")
         if self.image_guidance is not None:
@@ -291,6 +289,24 @@ class GenerationRequest:
             if task is not Task.UPSCALE:
                 raise RequestError("noise_level", "only applies to the upscale task")
             _check_int("noise_level", self.noise_level, 0, 1000)
+
+    def _check_upscale_size(self) -> None:
+        """An upscale's size is ``scale`` times the input's, or exactly ``width`` x ``height``
+        (both: AUTOMATIC1111's "scale to" size), each side 1 to 8 times the input's."""
+        assert self.image is not None
+        sizes = (self.width, self.height)
+        if sizes == (None, None):
+            return
+        if None in sizes:
+            raise RequestError("width" if self.width is None else "height",
+                               "an upscale to a size needs both width and height")
+        if self.scale is not None:
+            raise RequestError("scale", "give scale or width/height, not both")
+        for name, target, source in (("width", self.width, self.image.size[0]),
+                                     ("height", self.height, self.image.size[1])):
+            if not source <= target <= source * MAX_SCALE:
+                raise RequestError(name, f"{target} must be 1 to {MAX_SCALE:g} times the "
+                                   f"input's {source}")
 
     def _check_images(self) -> None:
         from PIL import Image
@@ -504,8 +520,12 @@ def _resolve_task(
     elif mode is Mode.UPSCALE:
         # Default: the model's own factor (one pass); a filter (factor 1) enlarges 4 times.
         native = defaults.upscale_factor if defaults.upscale_factor > 1 else DEFAULT_SCALE
-        scale = request.scale if request.scale is not None else float(native)
-        width, height = max(1, round(in_w * scale)), max(1, round(in_h * scale))
+        if request.width is not None and request.height is not None:  # "scale to" a size
+            width, height = request.width, request.height
+            scale = max(width / in_w, height / in_h)
+        else:
+            scale = request.scale if request.scale is not None else float(native)
+            width, height = max(1, round(in_w * scale)), max(1, round(in_h * scale))
         resolve_budget(width, height, defaults.max_pixels, "scale",
                        f" for the {family} family (input {in_w}x{in_h} times {scale:g})")
     else:
