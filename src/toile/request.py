@@ -206,6 +206,13 @@ class GenerationRequest:
     scale: float | None = None  # upscale: output side / input side (1-8)
     image_guidance: float | None = None  # edit: InstructPix2Pix's image guidance scale
     noise_level: int | None = None  # upscale: noise added to the low-res input (SD x4, IF II)
+    # Hires fix (A1111's enable_hr; txt2img only): generate at width x height, upscale the
+    # result hires_scale times with hires_upscaler (a model id, default lanczos), then img2img
+    # it at that size with hires_strength (A1111's denoising strength) for hires_steps.
+    hires_scale: float | None = None
+    hires_upscaler: str | None = None
+    hires_steps: int | None = None
+    hires_strength: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "task", parse_enum(Task, self.task, "task"))
@@ -245,6 +252,27 @@ class GenerationRequest:
             raise RequestError("loras", "must be a tuple of LoraSpec(path, scale)")
         self._check_images()
         self._check_task()
+        self._check_hires()
+
+    def _check_hires(self) -> None:
+        others = ("hires_upscaler", "hires_steps", "hires_strength")
+        if self.hires_scale is None:
+            for name in others:
+                if getattr(self, name) is not None:
+                    raise RequestError(name, "only applies with hires fix: set hires_scale")
+            return
+        _check_float("hires_scale", self.hires_scale, 1.0, MAX_SCALE, open_low=True)
+        if self.task is not Task.GENERATE or self.image is not None:
+            raise RequestError("hires_scale", "hires fix applies to txt2img only (no input "
+                               "image, task generate)")
+        if self.refiner is not None:
+            raise RequestError("hires_scale", "hires fix and a refiner cannot be combined yet; "
+                               "use one of them")
+        if self.hires_upscaler is not None and (not isinstance(self.hires_upscaler, str)
+                                                or not self.hires_upscaler):
+            raise RequestError("hires_upscaler", "must be a model id (a non-empty string)")
+        _check_int("hires_steps", self.hires_steps, 1, MAX_STEPS)
+        _check_float("hires_strength", self.hires_strength, 0.0, 1.0, open_low=True)
 
     def _check_task(self) -> None:
         """Each task's own inputs, and no field that only another task uses."""
@@ -366,11 +394,28 @@ class FamilyDefaults:
     max_pixels: int = 2048 * 2048
     min_side: int = 8
     refiner_switch: float = 0.8  # diffusers' ensemble-of-experts example, A1111's default
+    hires_strength: float = 0.7  # A1111's hires-fix denoising strength
     # edit: InstructPix2Pix's default image guidance; None: the model takes none (Kontext)
     image_guidance: float | None = 1.5
     # upscale: how much larger one pass of the model makes an image (1: any size in one pass)
     upscale_factor: int = 4
     noise_level: int | None = None  # upscale: the pipeline's default noise on the low-res input
+
+
+@dataclass(frozen=True)
+class Hires:
+    """A resolved hires fix: the upscaler (a model id), the second pass's size (the first
+    pass's times ``scale``, rounded to the model's multiple), steps and strength."""
+
+    scale: float
+    upscaler: str
+    width: int
+    height: int
+    steps: int
+    strength: float
+
+
+DEFAULT_HIRES_UPSCALER = "lanczos"  # a built-in filter (A1111 defaults to its latent resize)
 
 
 @dataclass(frozen=True)
@@ -390,6 +435,7 @@ class ResolvedRequest:
     image_guidance: float | None = None  # set for edits by a model that takes it
     scale: float | None = None  # upscale: output side / input side
     noise_level: int | None = None  # upscale: set when the model takes it
+    hires: Hires | None = None  # set exactly when request.hires_scale is
 
     @property
     def task(self) -> Task:
@@ -480,12 +526,14 @@ def resolve(
         )
     base_seed = request.seed if request.seed is not None else secrets.randbelow(2**32)
     seeds = tuple((base_seed + i) % (MAX_SEED + 1) for i in range(request.num_images))
+    steps = request.steps if request.steps is not None else defaults.steps
     return ResolvedRequest(
         request=request,
         mode=mode,
         width=width,
         height=height,
-        steps=request.steps if request.steps is not None else defaults.steps,
+        hires=_resolve_hires(request, defaults, family, width, height, steps),
+        steps=steps,
         guidance=request.guidance if request.guidance is not None else defaults.guidance,
         strength=strength,
         seeds=seeds,
@@ -561,3 +609,27 @@ def _image_guidance(request: GenerationRequest, defaults: FamilyDefaults,
         return None
     return request.image_guidance if request.image_guidance is not None else (
         defaults.image_guidance)
+
+
+def _resolve_hires(request: GenerationRequest, defaults: FamilyDefaults, family: str,
+                   width: int, height: int, steps: int) -> Hires | None:
+    if request.hires_scale is None:
+        return None
+    if Mode.IMG2IMG not in defaults.modes:
+        raise RequestError("hires_scale", f"hires fix needs img2img, which this {family} "
+                           "model does not run")
+    multiple = defaults.size_multiple
+    # A1111 rounds the second pass's size to the model's multiple the same way.
+    size = [max(multiple, round(side * request.hires_scale / multiple) * multiple)
+            for side in (width, height)]
+    resolve_budget(size[0], size[1], defaults.max_pixels, "hires_scale",
+                   f" for the {family} family ({width}x{height} times {request.hires_scale:g})")
+    return Hires(
+        scale=request.hires_scale,
+        upscaler=request.hires_upscaler or DEFAULT_HIRES_UPSCALER,
+        width=size[0],
+        height=size[1],
+        steps=request.hires_steps if request.hires_steps is not None else steps,
+        strength=request.hires_strength if request.hires_strength is not None
+        else defaults.hires_strength,
+    )

@@ -66,6 +66,9 @@ class ImageRecord:
     noise_level: int | None = None
     text: str | None = None
     stages: tuple[dict[str, str], ...] = ()
+    # Hires fix: scale, upscaler, steps, strength and the second pass's width/height (the
+    # record's width/height are the first pass's, as A1111's "Size" is).
+    hires: dict[str, Any] | None = None
     version: int = RECORD_VERSION
 
     def to_dict(self) -> dict[str, Any]:

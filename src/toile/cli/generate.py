@@ -82,6 +82,17 @@ def add_parser(subparsers: Any) -> None:
         help="fraction of the schedule the base runs before the refiner takes over (default 0.8)",
     )
     p.add_argument(
+        "--hires-scale", type=float, metavar="F",
+        help="hires fix (txt2img): generate at --width x --height, upscale F times, then "
+        "img2img at that size (default: off)",
+    )
+    p.add_argument("--hires-upscaler", metavar="MODEL",
+                   help="upscale model id for hires fix (default: lanczos)")
+    p.add_argument("--hires-steps", type=int, metavar="N",
+                   help="steps of the hires pass (default: --steps)")
+    p.add_argument("--hires-strength", type=float, metavar="F",
+                   help="denoising strength of the hires pass, (0, 1] (default 0.7)")
+    p.add_argument(
         "--device", choices=("cpu", "cuda", "mps"), help="default: cuda, else mps, else cpu"
     )
     p.add_argument(
@@ -139,7 +150,7 @@ def request_fields(args: argparse.Namespace) -> dict[str, Any]:
     }
     for name in (
         "seed", "steps", "guidance", "width", "height", "strength", "refiner", "refiner_switch",
-        "sampler", "schedule",
+        "sampler", "schedule", "hires_scale", "hires_upscaler", "hires_steps", "hires_strength",
     ):
         value = getattr(args, name)
         if value is not None:
@@ -220,20 +231,20 @@ def run(args: argparse.Namespace) -> int:
 
     paths = result.save(output, finish=finisher(credentials, ingredient_of(args)))
     if args.json:
-        images = [
+        images = [  # the file's size (a hires fix's record keeps the first pass's)
             {
                 "path": path,
                 "seed": rec.seed,
-                "width": rec.width,
-                "height": rec.height,
+                "width": image.size[0],
+                "height": image.size[1],
                 "record": rec.to_dict(),
             }
-            for path, rec in zip(paths, result.records, strict=True)
+            for path, rec, image in zip(paths, result.records, result.images, strict=True)
         ]
         print(json.dumps({"paths": paths, "images": images, "timings": result.timings}))
     else:
-        for path, rec in zip(paths, result.records, strict=True):
-            print(f"{path}  seed={rec.seed} {rec.width}x{rec.height}")
+        for path, rec, image in zip(paths, result.records, result.images, strict=True):
+            print(f"{path}  seed={rec.seed} {image.size[0]}x{image.size[1]}")
         for warning in result.records[0].safety.get("policy", {}).get("warnings", []):
             print(f"toile generate: warning: the prompt matches policy rule {warning['rule']} "
                   f"({warning['category']})", file=sys.stderr)

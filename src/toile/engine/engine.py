@@ -11,9 +11,9 @@ import contextlib
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from toile.engine.models import ModelEntry, ModelRegistry
 from toile.engine.plan import Handoff, Plan, Stage, StageRole, plan_for
@@ -36,6 +36,8 @@ if TYPE_CHECKING:
     import torch
 
     from toile.families.base import Family, LoadedModel
+    from toile.request import FamilyDefaults
+    from toile.samplers import SamplerMenu
 
 DEVICES = ("cpu", "cuda", "mps")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -79,6 +81,18 @@ class _Cached:
     loaded: LoadedModel
     model_hash: str
     load_s: float
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a loaded model declares, for callers that check requests before running them
+    (the server, at submit): ``resolve(request, info.defaults, info.family, info.samplers)``
+    gives the same answer the run would."""
+
+    id: str
+    family: str
+    defaults: FamilyDefaults
+    samplers: SamplerMenu | None
 
 
 class Engine:
@@ -143,6 +157,12 @@ class Engine:
             while len(self._cache) > self.cache_size:
                 self._cache.popitem(last=False)
             return cached
+
+    def model_info(self, model: str | None = None) -> ModelInfo:
+        """Load the model (or take it from the cache) and say what it declares."""
+        cached = self.load(model)
+        return ModelInfo(cached.entry.id, cached.family.name, cached.loaded.defaults,
+                         cached.loaded.samplers)
 
     def resolve(self, request: GenerationRequest) -> tuple[_Cached, ResolvedRequest]:
         if request.model is None and request.task is not Task.GENERATE:
@@ -225,7 +245,7 @@ class Engine:
             if resolved.task.makes_text:
                 return self._run_text(cached, resolved, ctx, warnings, start)
             self._check_loras(cached, request)
-            plan = plan_for(resolved, cached.loaded.defaults.upscale_factor)
+            plan = plan_for(resolved, cached.loaded.defaults)
             images, stages = self._run_plan(plan, cached, resolved, ctx)
             images, checks = apply_output_check(self.output_check, self.on_flag, images)
             marked = [apply_watermark(image, self.watermark) for image in images]  # final pixels
@@ -281,13 +301,9 @@ class Engine:
             if index == 0:
                 images = self._run_mode(model, resolved, ctx, partner)
             else:  # each previous image is this stage's input, with the same seed
-                images = [
-                    self._run_mode(model, resolve(
-                        replace(stage.request, image=image, seed=seed, num_images=1),
-                        model.loaded.defaults, model.family.name, model.loaded.samplers),
-                        ctx, partner)[0]
-                    for image, seed in zip(images, resolved.seeds, strict=True)
-                ]
+                assert stage.follow is not None
+                images = [self._run_follow_up(model, stage.follow(image, seed), ctx)
+                          for image, seed in zip(images, resolved.seeds, strict=True)]
             ran.append((stage.role, model))
             if partner is not None:
                 ran.append((following.role, partner))
@@ -301,11 +317,28 @@ class Engine:
                       for image in images]
         return images, ran
 
+    def _run_follow_up(self, model: _Cached, request: GenerationRequest,
+                       ctx: RunContext) -> Any:
+        """One image through a later stage (resolved against that stage's model)."""
+        resolved = resolve(request, model.loaded.defaults, model.family.name,
+                           model.loaded.samplers)
+        image = self._run_mode(model, resolved, ctx)[0]
+        size = (resolved.width, resolved.height)
+        if resolved.mode is Mode.UPSCALE and image.size != size:
+            from PIL import Image
+
+            image = image.resize(size, Image.Resampling.LANCZOS)
+        return image
+
     def _stage_model(self, base: _Cached, stage: Stage) -> _Cached:
         if stage.role is StageRole.REFINER:
             assert stage.model is not None
             return self._load_refiner(base, stage.model)
-        return base if stage.model in (None, base.entry.id) else self.load(stage.model)
+        if stage.model in (None, base.entry.id):
+            return base
+        # The plan comes back to the base after this model: keep both cached.
+        self.cache_size = max(self.cache_size, 2)
+        return self.load(stage.model)
 
     def _run_mode(self, cached: _Cached, resolved: ResolvedRequest, ctx: RunContext,
                   refiner: _Cached | None = None) -> list:
@@ -403,6 +436,7 @@ class Engine:
             scale=resolved.scale,
             image_guidance=resolved.image_guidance,
             noise_level=resolved.noise_level,
+            hires=asdict(resolved.hires) if resolved.hires is not None else None,
             model_id=cached.entry.id,
             family=cached.family.name,
             variant=cached.loaded.variant,

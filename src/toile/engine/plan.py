@@ -11,19 +11,23 @@ from __future__ import annotations
 
 import enum
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
-from toile.request import Mode, resolve_budget
+from toile.request import GenerationRequest, Mode, Task, resolve_budget
 
 if TYPE_CHECKING:
-    from toile.request import FamilyDefaults, GenerationRequest, ResolvedRequest
+    from PIL import Image
+
+    from toile.request import FamilyDefaults, Hires, ResolvedRequest
 
 
 class StageRole(enum.StrEnum):
     BASE = "base"  # the request's own model, on the request's own inputs
     REFINER = "refiner"  # finishes the low-noise end of the base's schedule
     UPSCALE = "upscale"  # one more pass of an upscaler on the previous stage's images
+    HIRES = "hires"  # hires fix's second pass: img2img at the upscaled size
 
 
 class Handoff(enum.StrEnum):
@@ -33,12 +37,17 @@ class Handoff(enum.StrEnum):
     LATENTS = "latents"  # the family hands its latents over mid-schedule (a refiner)
 
 
+# A stage fed images: its request for one previous output image and that image's seed.
+FollowUp = Callable[["Image.Image", int], "GenerationRequest"]
+
+
 @dataclass(frozen=True)
 class Stage:
     role: StageRole
     model: str | None  # a model id or path; None: the request's model
-    request: GenerationRequest  # the stage's request (an IMAGES stage gets its image later)
+    request: GenerationRequest  # the first stage's (and a refiner's) request
     handoff: Handoff = Handoff.IMAGES
+    follow: FollowUp | None = None  # a later IMAGES stage: its request per input image
 
 
 @dataclass(frozen=True)
@@ -81,7 +90,29 @@ def plan_for(resolved: ResolvedRequest, defaults: FamilyDefaults) -> Plan:
                        f" ({passes} passes of a {upscale_factor}x upscaler make "
                        f"{width * reach}x{height * reach} before the final resize)")
         if passes > 1:
-            step = replace(request, scale=float(upscale_factor))
-            stages = [Stage(StageRole.BASE, request.model, step)]
-            stages += [Stage(StageRole.UPSCALE, request.model, step)] * (passes - 1)
+            step = replace(request, scale=float(upscale_factor), width=None, height=None)
+            again = Stage(StageRole.UPSCALE, request.model, step, follow=lambda image, seed:
+                          replace(step, image=image, seed=seed, num_images=1))
+            stages = [Stage(StageRole.BASE, request.model, step), *[again] * (passes - 1)]
+    if resolved.hires is not None:
+        stages += hires_stages(request, resolved.hires)
     return Plan(tuple(stages))
+
+
+def hires_stages(request: GenerationRequest, hires: Hires) -> list[Stage]:
+    """Hires fix after the base's txt2img (AUTOMATIC1111's "Hires. fix"): the upscaler takes
+    each image to the second pass's size, then the base model runs img2img on it with the
+    hires strength and steps — same prompt, seed, sampler and LoRAs."""
+
+    def upscale(image: Image.Image, seed: int) -> GenerationRequest:
+        return GenerationRequest(prompt=request.prompt, task=Task.UPSCALE, image=image,
+                                 width=hires.width, height=hires.height, seed=seed,
+                                 model=hires.upscaler)
+
+    def second_pass(image: Image.Image, seed: int) -> GenerationRequest:
+        return replace(request, image=image, seed=seed, num_images=1, width=None, height=None,
+                       steps=hires.steps, strength=hires.strength, hires_scale=None,
+                       hires_upscaler=None, hires_steps=None, hires_strength=None)
+
+    return [Stage(StageRole.UPSCALE, hires.upscaler, request, follow=upscale),
+            Stage(StageRole.HIRES, request.model, request, follow=second_pass)]

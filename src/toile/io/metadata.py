@@ -44,6 +44,12 @@ def a1111_parameters(record: ImageRecord) -> str:
     ]
     if record.strength is not None and record.mode != "txt2img":
         items.append(("Denoising strength", f"{record.strength:g}"))
+    if record.hires is not None:  # A1111's hires-fix keys
+        hires = record.hires
+        items += [("Denoising strength", f"{hires['strength']:g}"),
+                  ("Hires upscale", f"{hires['scale']:g}"),
+                  ("Hires steps", str(hires["steps"])),
+                  ("Hires upscaler", hires["upscaler"])]
     if record.loras:
         # A1111 writes LoRAs as <lora:name:scale> in the prompt and hashes in "Lora hashes".
         hashes = ", ".join(f"{lora['name']}: {lora.get('hash', '')[:12]}" for lora in record.loras)
