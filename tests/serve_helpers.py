@@ -45,8 +45,14 @@ class ScriptedEngine:
         self._gate = threading.Event()
         self.steps: dict[str, list[int]] = {}
 
-    def load(self, model: str | None = None) -> Any:
-        return self.engine.load(model)
+    def model_info(self, model: str | None = None) -> Any:
+        return self.engine.model_info(model)
+
+    def default_model(self, task: Any) -> str:
+        return self.engine.default_model(task)
+
+    def models_for(self, task: Any) -> list[str]:
+        return self.engine.models_for(task)
 
     def release(self) -> None:
         self._gate.set()

@@ -557,16 +557,17 @@ def test_clients_see_only_their_own_jobs_and_the_admin_sees_all(scripted, tmp_pa
 def test_a_schema_1_database_gains_owners(tmp_path):
     import sqlite3
 
+    from toile.serve.spec import JobSpec
     from toile.serve.store import JobStore
 
     path = tmp_path / "jobs.sqlite3"
     store = JobStore(path)
-    store.insert("a" * 32, {"prompt": "x"}, body_hash="h")
+    store.insert("a" * 32, JobSpec(prompt="x", model=MODEL, seed=1), body_hash="h")
     store.close()
     with sqlite3.connect(path) as db:  # what toile before client tokens wrote
         db.execute("ALTER TABLE jobs DROP COLUMN owner")
         db.execute("PRAGMA user_version = 1")
     store = JobStore(path)
     assert store.get("a" * 32).owner == ""
-    assert store.pragma("user_version") == 2
+    assert store.pragma("user_version") == 3
     store.close()

@@ -110,7 +110,11 @@ def test_models_list_family_and_refiner_role(engine, tiny_models, tmp_path):
         "tiny-sdxl-refiner": ("sdxl", True),
         "tiny-sdxl-inpainting": ("sdxl", False),
         "vanished": (None, False),
+        # the built-in upscalers: resampling filters, never a refiner
+        **{name: ("resize", False) for name in ("lanczos", "bicubic", "nearest")},
     }
+    assert cards["lanczos"]["tasks"] == ["upscale"] and cards["vanished"]["tasks"] == []
+    assert cards[MODEL]["tasks"] == ["generate"]
     assert roles["toile-mini"][1] is False
     assert listing["models"] == list(cards)
     assert {"id", "object", "created", "owned_by"} <= set(listing["data"][0])

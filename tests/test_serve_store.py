@@ -5,17 +5,14 @@ from __future__ import annotations
 import pytest
 
 from toile.errors import RequestError
-from toile.serve.store import (
-    CANCELLED,
-    FAILED,
-    QUEUED,
-    RUNNING,
-    SUCCEEDED,
-    IdempotencyConflict,
-    ImageRow,
-    JobStore,
-    QueueFullError,
-)
+from toile.serve.spec import JobSpec, JobStatus
+from toile.serve.store import IdempotencyConflict, ImageRow, JobStore, QueueFullError
+
+QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = JobStatus
+
+
+def spec(prompt: str = "x") -> JobSpec:
+    return JobSpec(prompt=prompt, model="tiny-sd", seed=1)
 
 
 def test_sqlite_is_wal_with_full_sync(tmp_path):
@@ -27,8 +24,8 @@ def test_sqlite_is_wal_with_full_sync(tmp_path):
 
 def test_queue_order_claim_finish_and_positions(tmp_path):
     store = JobStore(tmp_path / "jobs.sqlite3")
-    a, _ = store.insert("a" * 32, {"prompt": "a"}, body_hash="1")
-    b, _ = store.insert("b" * 32, {"prompt": "b"}, body_hash="2")
+    a, _ = store.insert("a" * 32, spec("a"), body_hash="1")
+    b, _ = store.insert("b" * 32, spec("b"), body_hash="2")
     assert store.queue_position(a) == 1 and store.queue_position(b) == 2
     claimed = store.claim_next()
     assert claimed is not None and claimed.id == a.id
@@ -40,17 +37,17 @@ def test_queue_order_claim_finish_and_positions(tmp_path):
     assert store.image("c" * 32) == image
     assert store.counts()[QUEUED] == 1
     with pytest.raises(QueueFullError):
-        store.insert("d" * 32, {}, body_hash="3", max_queue=1)
+        store.insert("d" * 32, spec(), body_hash="3", max_queue=1)
     store.close()
 
 
 def test_idempotency_in_the_store(tmp_path):
     store = JobStore(tmp_path / "jobs.sqlite3")
-    first, created = store.insert("a" * 32, {}, body_hash="h", idempotency_key="k")
-    again, created_again = store.insert("b" * 32, {}, body_hash="h", idempotency_key="k")
+    first, created = store.insert("a" * 32, spec(), body_hash="h", idempotency_key="k")
+    again, created_again = store.insert("b" * 32, spec(), body_hash="h", idempotency_key="k")
     assert created and not created_again and again.id == first.id
     with pytest.raises(IdempotencyConflict):
-        store.insert("c" * 32, {}, body_hash="other", idempotency_key="k")
+        store.insert("c" * 32, spec(), body_hash="other", idempotency_key="k")
     store.close()
 
 
@@ -58,7 +55,7 @@ def test_recover_requeues_running_jobs_and_gives_up_after_max_attempts(tmp_path)
     path = tmp_path / "jobs.sqlite3"
     store = JobStore(path)
     for name in "abc":
-        store.insert(name * 32, {"prompt": name}, body_hash=name)
+        store.insert(name * 32, spec(name), body_hash=name)
     for _ in range(3):
         store.claim_next()
     store.cancel("c" * 32)  # running: cancel requested, then the server dies
@@ -79,7 +76,7 @@ def test_recover_requeues_running_jobs_and_gives_up_after_max_attempts(tmp_path)
 
 def test_cancel_queued_moves_it_once(tmp_path):
     store = JobStore(tmp_path / "jobs.sqlite3")
-    store.insert("a" * 32, {}, body_hash="h")
+    store.insert("a" * 32, spec(), body_hash="h")
     job, moved = store.cancel("a" * 32)
     assert moved and job.status == CANCELLED and job.finished_at is not None
     job, moved = store.cancel("a" * 32)

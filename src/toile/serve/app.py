@@ -30,10 +30,12 @@ from toile.errors import RequestError
 from toile.serve.auth import SecurityMiddleware
 from toile.serve.config import ServeConfig
 from toile.serve.jobs import JobNotFoundError, JobService
+from toile.serve.routes import a1111, openai, system
+from toile.serve.routes import jobs as job_routes
+from toile.serve.routes.common import field_from_loc
 from toile.serve.store import QueueFullError
 
 log = logging.getLogger("toile.serve")
-LOCATIONS = ("body", "query", "header", "path", "cookie")
 WEB_DIR = Path(__file__).parent / "web"
 DOCS_ASSETS_URL = "/static/swagger"
 
@@ -46,20 +48,6 @@ def web_page() -> FileResponse:
 def _error(status: int, kind: str, message: str, field: str | None = None, **extra: Any):
     body = {"error": {"type": kind, "field": field, "message": message, **extra}}
     return JSONResponse(body, status_code=status)
-
-
-def field_from_loc(loc: tuple[Any, ...] | list[Any]) -> str:
-    """pydantic's ``("body", "loras", 0, "scale")`` -> ``"loras[0].scale"``."""
-    parts = list(loc)
-    if len(parts) > 1 and parts[0] in LOCATIONS:
-        parts = parts[1:]
-    name = ""
-    for part in parts:
-        if isinstance(part, int):
-            name += f"[{part}]"
-        else:
-            name += f".{part}" if name else str(part)
-    return name or "body"
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -118,7 +106,6 @@ def create_app(config: ServeConfig | None = None, *, engine: Any = None) -> Fast
     """The server as an ASGI app. ``engine`` (tests, benchmarks) replaces the id-only Engine
     the lifespan would build; it must have been made with ``allow_paths=False``."""
     from toile import __version__
-    from toile.serve.routes import a1111, jobs, openai, system
 
     config = config if config is not None else ServeConfig()
 
@@ -151,7 +138,7 @@ def create_app(config: ServeConfig | None = None, *, engine: Any = None) -> Fast
     app.state.config = config
     _install_error_handlers(app)
     app.include_router(system.router)
-    app.include_router(jobs.router)
+    app.include_router(job_routes.router)
     app.include_router(openai.router)
     app.include_router(a1111.router)
     # The web page (plain files, no build step): "/" and "/static/...", public by design (auth).

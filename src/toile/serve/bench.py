@@ -37,6 +37,7 @@ from typing import Any
 
 from toile.serve.client import ServeClient, ServeHTTPError
 from toile.serve.process import ServerProcess
+from toile.serve.spec import JobStatus
 
 
 def percentile(samples: list[float], q: float) -> float:
@@ -87,7 +88,7 @@ def throughput(client: ServeClient, args: argparse.Namespace, concurrency: int) 
             latencies.append(latency)
             statuses.append(status)
     wall = time.perf_counter() - start
-    ok = statuses.count("succeeded")
+    ok = statuses.count(JobStatus.SUCCEEDED)
     return {
         "concurrency": concurrency,
         "requests": count,
@@ -111,7 +112,7 @@ def overhead(client: ServeClient, args: argparse.Namespace) -> dict[str, Any]:
     for index in range(args.direct_runs):
         fields = job_fields(args, 2000 + index)
         latency, status, generate_s = run_one(client, fields, args.job_timeout)
-        if status == "succeeded":
+        if status == JobStatus.SUCCEEDED:
             server_s.append(latency)
             if generate_s is not None:
                 # Same job, so immune to load drift: time spent outside the engine's run.
@@ -206,7 +207,7 @@ def durability(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         for job_id in accepted:
             try:
                 job = client.wait(job_id, timeout=max(1.0, deadline - time.monotonic()))
-                ok = job["status"] == "succeeded" or bool(job.get("error"))
+                ok = job["status"] == JobStatus.SUCCEEDED or bool(job.get("error"))
                 final[job_id] = job["status"] if ok else "failed-without-reason"
             except ServeHTTPError:
                 final[job_id] = "lost"
@@ -220,9 +221,9 @@ def durability(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     return {
         "reps": reps,
         "accepted": len(accepted),
-        "succeeded": values.count("succeeded"),
-        "failed_with_reason": values.count("failed"),
-        "cancelled": values.count("cancelled"),
+        "succeeded": values.count(JobStatus.SUCCEEDED),
+        "failed_with_reason": values.count(JobStatus.FAILED),
+        "cancelled": values.count(JobStatus.CANCELLED),
         "lost": values.count("lost") + values.count("failed-without-reason"),
         "unfinished_at_timeout": values.count("unfinished"),
         "stored_but_unacknowledged": len(known - set(accepted)),

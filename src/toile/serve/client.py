@@ -1,4 +1,4 @@
-"""A small HTTP client for the native API, standard library only (urllib).
+"""A small HTTP client for the native API, on urllib (no HTTP library needed).
 
 Used by the tests that talk to a real server process and by ``python -m toile.serve.bench``;
 handy from scripts too. Every wait is bounded by a timeout.
@@ -13,7 +13,7 @@ import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
-TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
+from toile.serve.spec import TERMINAL
 
 
 class ServeHTTPError(Exception):

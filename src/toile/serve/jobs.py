@@ -32,14 +32,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from toile.errors import ModelNotFoundError, RequestError, ToileError
+from toile.request import Outpaint, Task, parse_enum
 from toile.serve import schemas
 from toile.serve.events import EventHub, JobEvent
 from toile.serve.loras import ServerLoras
-from toile.serve.store import QUEUED, RUNNING, STATUSES, IdempotencyConflict, JobRow, JobStore
+from toile.serve.spec import JobSpec, JobStatus, LoraRef, upload_name
+from toile.serve.store import IdempotencyConflict, JobRow, JobStore
 from toile.serve.uploads import Upload, read_upload, write_durably
 
 if TYPE_CHECKING:
-    from toile.engine.models import ModelRegistry
+    from toile.engine.models import ModelEntry, ModelRegistry
     from toile.samplers import SamplerMenu
     from toile.serve.config import ServeConfig
     from toile.serve.webhooks import WebhookSender
@@ -48,7 +50,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("toile.serve")
 ID_PATTERN = re.compile(r"^[0-9a-f]{32}$")
 IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
-TERMINAL_EVENT = {"succeeded": "finished", "failed": "failed", "cancelled": "cancelled"}
+TERMINAL_EVENT = {
+    JobStatus.SUCCEEDED: "finished", JobStatus.FAILED: "failed",
+    JobStatus.CANCELLED: "cancelled",
+}
 MAX_LIST = 500
 
 
@@ -96,6 +101,8 @@ class JobService:
         self.webhooks = webhooks
         self.loras = ServerLoras(config.loras)
         self.worker: Worker | None = None
+        # The worker's engine: the service asks it which model serves a task (never to run)
+        self.engine: Any = None
         self.policy: Any = None  # toile.safety.policy.Policy, set by open()
         self._audit_lock = threading.Lock()
         self._lock_handle: Any = None
@@ -144,6 +151,7 @@ class JobService:
             )
             service = cls(config, store, EventHub(), engine.registry, webhooks)
             service.policy = policy
+            service.engine = engine
             service._lock_handle = lock
             service.worker = Worker(config, store, service.hub, engine, ended=service._job_ended,
                                     loras=service.loras)
@@ -180,7 +188,8 @@ class JobService:
         earlier job comes back with ``created=False``. ``client`` (the peer's address) goes
         into the policy's audit log; ``owner`` is the configured client that submits (its
         keys and jobs are its own). ``decoded``: the image/mask a route already decoded and
-        checked (an upload is decoded once per request), instead of base64 in ``body``."""
+        checked (an upload is decoded once per request, and compatibility routes hand over
+        bytes, not base64), instead of base64 in ``body``."""
         if idempotency_key is not None and not IDEMPOTENCY_KEY.match(idempotency_key):
             raise RequestError("Idempotency-Key", "must be 1-255 visible ASCII characters")
         if idempotency_key is not None and owner:
@@ -199,23 +208,48 @@ class JobService:
                 return self.view(existing), False
         job_id = uuid.uuid4().hex
         self._check_policy(body.prompt, owner or client, job_id)
-        stored, uploads = self._validate(body, decoded or {})
+        if body.question is not None:
+            self._check_policy(body.question, owner or client, job_id, "question")
+        spec, uploads = self._validate(job_id, body, decoded or {})
+        row, created = self._insert(job_id, spec, uploads, body, body_hash, idempotency_key,
+                                    owner)
+        if not created:
+            return self.view(row), False
+        self.hub.publish(
+            job_id, "queued",
+            {"status": JobStatus.QUEUED, "position": self.store.queue_position(row)},
+        )
+        if self.worker is not None:
+            # The images decoded at submit go to the worker in memory (an upload is decoded
+            # once); after a restart it reads the saved files instead.
+            self.worker.preload(job_id, {name: upload.image for name, upload in uploads.items()})
+            self.worker.wake()
+        return self.view(row), True
+
+    def _insert(
+        self,
+        job_id: str,
+        spec: JobSpec,
+        uploads: Mapping[str, Upload],
+        body: schemas.JobCreate,
+        body_hash: str,
+        idempotency_key: str | None,
+        owner: str,
+    ) -> tuple[JobRow, bool]:
+        """Write the uploads durably, then commit the job row naming them (the commit point);
+        on any failure, or when an earlier job had the same key, the files go again."""
         saved: list[Path] = []
+        files = spec.uploads()
         try:
             for name, upload in uploads.items():
-                file_name = f"{job_id}-{name}{upload.suffix}"
-                write_durably(self.config.uploads_dir / file_name, upload.data)
-                saved.append(self.config.uploads_dir / file_name)
-                stored[name] = file_name
+                path = self.config.uploads_dir / files[name]
+                write_durably(path, upload.data)
+                saved.append(path)
             try:
                 row, created = self.store.insert(
-                    job_id,
-                    stored,
-                    body_hash=body_hash,
-                    idempotency_key=idempotency_key,
-                    webhook=body.webhook,
-                    max_queue=self.config.max_queue,
-                    owner=owner,
+                    job_id, spec, body_hash=body_hash,
+                    idempotency_key=idempotency_key, webhook=body.webhook,
+                    max_queue=self.config.max_queue, owner=owner,
                 )
             except IdempotencyConflict as exc:
                 raise RequestError(
@@ -229,25 +263,16 @@ class JobService:
         if not created:
             for path in saved:
                 path.unlink(missing_ok=True)
-            return self.view(row), False
-        self.hub.publish(
-            job_id, "queued", {"status": QUEUED, "position": self.store.queue_position(row)}
-        )
-        if self.worker is not None:
-            # The images decoded at submit go to the worker in memory (an upload is decoded
-            # once); after a restart it reads the saved files instead.
-            self.worker.preload(job_id, {name: upload.image for name, upload in uploads.items()})
-            self.worker.wake()
-        return self.view(row), True
+        return row, created
 
-    def _check_policy(self, prompt: str, client: str, job_id: str) -> None:
-        """The prompt policy at submit: a blocked prompt is a 422 naming the rule id (never
-        its terms); refusals and warnings go to ``audit.jsonl`` in the data folder (time,
-        client, rule, prompt SHA-256 — not the prompt)."""
+    def _check_policy(self, prompt: str, client: str, job_id: str, field: str = "prompt") -> None:
+        """The prompt policy at submit (on ``field``: the prompt, or an answer's question): a
+        blocked text is a 422 naming the rule id (never its terms); refusals and warnings go to
+        ``audit.jsonl`` in the data folder (time, client, rule, text SHA-256 — not the text)."""
         from toile.safety.policy import PolicyError, enforce
 
         try:
-            warnings = enforce(self.policy, prompt, "prompt")
+            warnings = enforce(self.policy, prompt, field)
         except PolicyError as exc:
             self._audit(client, "refused", (exc.match,), prompt, None)
             raise
@@ -280,29 +305,72 @@ class JobService:
 
         width, height = size
         cap = self.config.max_image_pixels
-        known = self.worker.known_defaults.get(model or self.registry.default_id) if (
-            self.worker is not None) else None
+        known = self._known(model or self.registry.default_id)
         if known is not None:
-            cap = min(cap, known[0].max_pixels)
+            cap = min(cap, known.defaults.max_pixels)
         resolve_budget(width, height, cap, field)
 
+    def _known(self, model: str) -> Any:
+        """The worker's :class:`~toile.engine.engine.ModelInfo` of a model it has loaded."""
+        return self.worker.known_models.get(model) if self.worker is not None else None
+
+    def default_model(self, task: Task) -> str:
+        """The model a job of ``task`` runs on when it names none (fixed at submit): the
+        default model for generate, the engine's choice for the other tasks."""
+        if task is Task.GENERATE or self.engine is None:
+            return self.registry.default_id
+        return self.engine.default_model(task)
+
+    def models_for(self, task: Task) -> list[str]:
+        """Ids of the registered models that serve ``task`` (from configs; nothing loads)."""
+        return self.engine.models_for(task) if self.engine is not None else []
+
     def _validate(
-        self, body: schemas.JobCreate, decoded: Mapping[str, Upload]
-    ) -> tuple[dict[str, Any], dict[str, Upload]]:
-        """Everything that can be checked before running; returns the JSON to store and the
+        self, job_id: str, body: schemas.JobCreate, decoded: Mapping[str, Upload]
+    ) -> tuple[JobSpec, dict[str, Upload]]:
+        """Everything that can be checked before running; returns the spec to store and the
         decoded uploads. Builds the GenerationRequest so its own checks apply."""
-        from toile.engine.models import MODEL_ID
-        from toile.request import GenerationRequest, LoraSpec, Outpaint, resolve
-        from toile.serve.webhooks import allowed_networks, check_webhook_url
+        from toile.request import resolve
 
         config = self.config
         if body.steps is not None and body.steps > config.max_steps:
             raise RequestError("steps", f"must be at most {config.max_steps} on this server")
         if body.num_images > config.max_images:
             raise RequestError("num_images", f"must be at most {config.max_images} on this server")
-        model = body.model if body.model is not None else self.registry.default_id
+        task = parse_enum(Task, body.task, "task")
+        if task is Task.GENERATE and "prompt" not in body.model_fields_set:
+            # Only reading tasks and upscales do without one ("" is a prompt: the unconditional)
+            raise RequestError("prompt", "is required for the generate task")
+        model = body.model if body.model is not None else self.default_model(task)
+        entries = self._entries(model, body.refiner)
+        self._check_model_options(body, entries)
+        if body.webhook is not None:
+            from toile.serve.webhooks import allowed_networks, check_webhook_url
+
+            if not config.webhooks:
+                raise RequestError("webhook", "webhooks are turned off on this server")
+            check_webhook_url(body.webhook, allowed_networks(config.webhook_allow))
+        uploads = dict(decoded)
+        for name in ("image", "mask"):
+            text = getattr(body, name)
+            if text is not None and name not in uploads:
+                uploads[name] = read_upload(text, field=name, max_bytes=config.max_image_bytes,
+                                            max_pixels=config.max_image_pixels)
+        spec = _spec(job_id, body, task, model, uploads)
+        request = spec.request({name: upload.image for name, upload in uploads.items()},
+                               self.loras.path)
+        self._check_serves(entries["model"], task)
+        known = self._known(model)
+        if known is not None:  # the model has been loaded: check mode and size now, not later
+            resolve(request, known.defaults, known.family, known.samplers)
+        return spec, uploads
+
+    def _entries(self, model: str, refiner: str | None) -> dict[str, ModelEntry]:
+        """The registry entries of the job's model and refiner (ids only, never paths)."""
+        from toile.engine.models import MODEL_ID
+
         entries = {}
-        for name, value in (("model", model), ("refiner", body.refiner)):
+        for name, value in (("model", model), ("refiner", refiner)):
             if value is None:
                 continue
             if not MODEL_ID.match(value):
@@ -313,71 +381,41 @@ class JobService:
                 entries[name] = self.registry.resolve(value, allow_paths=False)
             except ModelNotFoundError as exc:
                 raise RequestError(name, str(exc)) from None
-        if body.refiner is not None:  # refuse a pair that cannot hand off before queueing
+        return entries
+
+    def _check_model_options(
+        self, body: schemas.JobCreate, entries: Mapping[str, ModelEntry]
+    ) -> None:
+        """Refuse a refiner pair or sampler the model cannot use before queueing, from configs
+        (nothing is loaded; a single file's sampler menu is known once the worker loaded it)."""
+        if body.refiner is not None:
             from toile.engine.engine import check_refiner
             from toile.families.registry import detect_family
 
             families = {name: detect_family(entry.path) for name, entry in entries.items()}
             check_refiner(families["model"], families["refiner"], body.refiner)
         if body.sampler is not None or body.schedule is not None:
-            # Refuse a sampler the model cannot use before queueing, from its configs (nothing
-            # is loaded; a single file's menu is known once the worker has loaded it).
             from toile.families.registry import checkpoint_samplers
 
             menu = checkpoint_samplers(entries["model"].path)
             if menu is not None:
                 menu.choose(body.sampler, body.schedule)
-        loras = []
-        for index, lora in enumerate(body.loras):
-            path = self.loras.path(lora.id, f"loras[{index}].id")
-            loras.append(LoraSpec(str(path), lora.scale))
-        if body.webhook is not None:
-            if not config.webhooks:
-                raise RequestError("webhook", "webhooks are turned off on this server")
-            check_webhook_url(body.webhook, allowed_networks(config.webhook_allow))
-        uploads = dict(decoded)
-        for name in ("image", "mask"):
-            text = getattr(body, name)
-            if text is not None and name not in uploads:
-                uploads[name] = read_upload(text, field=name, max_bytes=config.max_image_bytes,
-                                            max_pixels=config.max_image_pixels)
-        # Fix the seed now: a job re-run after a crash must make the same image.
-        seed = body.seed if body.seed is not None else secrets.randbelow(2**32)
-        fields: dict[str, Any] = {
-            "prompt": body.prompt,
-            "negative_prompt": body.negative_prompt,
-            "width": body.width,
-            "height": body.height,
-            "steps": body.steps,
-            "guidance": body.guidance,
-            "seed": seed,
-            "num_images": body.num_images,
-            "strength": body.strength,
-            "model": model,
-            "refiner": body.refiner,
-            "refiner_switch": body.refiner_switch,
-            "sampler": body.sampler,
-            "schedule": body.schedule,
-        }
-        outpaint = body.outpaint.model_dump() if body.outpaint is not None else None
-        request = GenerationRequest(
-            **fields,
-            image=uploads["image"].image if "image" in uploads else None,
-            mask=uploads["mask"].image if "mask" in uploads else None,
-            outpaint=Outpaint(**outpaint) if outpaint is not None else None,
-            loras=tuple(loras),
-        )
-        known = self.worker.known_defaults.get(model) if self.worker is not None else None
-        if known is not None:  # the model has been loaded: check mode and size now, not later
-            resolve(request, *known)
-        stored = {
-            **fields,
-            "image": None,
-            "mask": None,
-            "outpaint": outpaint,
-            "loras": [{"id": lora.id, "scale": lora.scale} for lora in body.loras],
-        }
-        return stored, uploads
+
+    def _check_serves(self, entry: ModelEntry, task: Task) -> None:
+        """A model that cannot do the task is a 422 naming ``model`` now, not a failed job
+        later (from its family's capability table; an unreadable model fails when it runs)."""
+        from toile.engine.models import served_tasks
+
+        try:
+            tasks = served_tasks(entry.path)
+        except (ToileError, OSError):
+            return
+        if task not in tasks:
+            serving = self.models_for(task)
+            others = f"models that do: {', '.join(serving)}" if serving else (
+                "no model on this server does")
+            raise RequestError("model", f"{entry.id!r} does not serve the {task.value} task; "
+                               f"{others}")
 
     # -- reads --------------------------------------------------------------------------------
 
@@ -395,24 +433,18 @@ class JobService:
     def list(
         self, statuses: Sequence[str] = (), limit: int = 100, owner: str | None = None
     ) -> schemas.JobList:
-        for status in statuses:
-            if status not in STATUSES:
-                raise RequestError(
-                    "status", f"must be one of {', '.join(STATUSES)}, got {status!r}"
-                )
+        """``statuses``: JobStatus values (a query's strings); anything else is a 422."""
+        wanted = tuple(parse_enum(JobStatus, status, "status") for status in statuses)
         if not 1 <= limit <= MAX_LIST:
             raise RequestError("limit", f"must be an integer in [1, {MAX_LIST}], got {limit}")
-        jobs = [self.view(row) for row in self.store.list(tuple(statuses), limit, owner)]
-        return schemas.JobList(jobs=jobs, queue_length=self.store.counts()[QUEUED])
+        jobs = [self.view(row) for row in self.store.list(wanted, limit, owner)]
+        return schemas.JobList(jobs=jobs, queue_length=self.store.counts()[JobStatus.QUEUED])
 
     def view(self, row: JobRow) -> schemas.Job:
-        progress = self.hub.progress(row.id) if row.status == RUNNING else None
-        request = dict(row.request)
-        for name in ("image", "mask"):
-            request[name] = request.get(name) is not None
+        progress = self.hub.progress(row.id) if row.status is JobStatus.RUNNING else None
         return schemas.Job(
             id=row.id,
-            status=row.status,  # type: ignore[arg-type]
+            status=row.status,
             created_at=row.created_at,
             started_at=row.started_at,
             finished_at=row.finished_at,
@@ -423,10 +455,14 @@ class JobService:
                 schemas.ImageOut(id=image.id, url=f"/v1/images/{image.id}", record=image.record)
                 for image in row.images
             ],
+            texts=[
+                schemas.TextOut(index=text.index, text=text.text, record=text.record)
+                for text in row.texts
+            ],
             error=(
                 schemas.ErrorInfo(message=row.error, field=row.error_field) if row.error else None
             ),
-            request=request,
+            request=row.spec.view() if row.spec is not None else {},
             webhook_status=row.webhook_status,
         )
 
@@ -454,7 +490,7 @@ class JobService:
             raise JobNotFoundError(f"no job with id {job_id!r}")
         if moved:
             self._job_ended(row)
-        elif row.status == RUNNING and self.worker is not None:
+        elif row.status is JobStatus.RUNNING and self.worker is not None:
             self.worker.cancel(job_id)
         return self.view(row)
 
@@ -462,12 +498,13 @@ class JobService:
 
     def _snapshot(self, job_id: str, live: dict[str, JobEvent | None]) -> list[JobEvent]:
         row = self._row(job_id)
-        if row.status == QUEUED:
+        if row.status is JobStatus.QUEUED:
             position = self.store.queue_position(row)
-            return [JobEvent("queued", job_id, {"status": QUEUED, "position": position})]
-        if row.status == RUNNING:
+            return [JobEvent("queued", job_id,
+                             {"status": JobStatus.QUEUED, "position": position})]
+        if row.status is JobStatus.RUNNING:
             started = live["started"] or JobEvent(
-                "started", job_id, {"status": RUNNING, "attempt": row.attempts}
+                "started", job_id, {"status": JobStatus.RUNNING, "attempt": row.attempts}
             )
             return [started] + ([live["progress"]] if live["progress"] is not None else [])
         data = self.view(row).model_dump(mode="json")
@@ -508,9 +545,8 @@ class JobService:
     def health(self) -> schemas.Health:
         counts = self.store.counts()
         alive = self.worker is not None and self.worker.alive
-        return schemas.Health(
-            ok=alive, queue_length=counts[QUEUED], running=counts[RUNNING], worker_alive=alive
-        )
+        return schemas.Health(ok=alive, queue_length=counts[JobStatus.QUEUED],
+                              running=counts[JobStatus.RUNNING], worker_alive=alive)
 
     async def status_events(
         self, keepalive_s: float | None = None
@@ -536,6 +572,40 @@ class JobService:
         )
 
 
+def _spec(job_id: str, body: schemas.JobCreate, task: Task, model: str,
+          uploads: Mapping[str, Upload]) -> JobSpec:
+    """The job's spec from its body, the model chosen and the uploads (named after the job)."""
+    # Fix the seed now: a job re-run after a crash must make the same result.
+    seed = body.seed if body.seed is not None else secrets.randbelow(2**32)
+    files = {name: upload_name(job_id, name, upload.suffix) for name, upload in uploads.items()}
+    return JobSpec(
+        prompt=body.prompt,
+        model=model,
+        seed=seed,
+        negative_prompt=body.negative_prompt,
+        task=task,
+        width=body.width,
+        height=body.height,
+        steps=body.steps,
+        guidance=body.guidance,
+        num_images=body.num_images,
+        strength=body.strength,
+        outpaint=Outpaint(**body.outpaint.model_dump()) if body.outpaint is not None else None,
+        loras=tuple(LoraRef(lora.id, lora.scale) for lora in body.loras),
+        refiner=body.refiner,
+        refiner_switch=body.refiner_switch,
+        sampler=body.sampler,
+        schedule=body.schedule,
+        question=body.question,
+        detail=body.detail,
+        scale=body.scale,
+        image_guidance=body.image_guidance,
+        noise_level=body.noise_level,
+        image=files.get("image"),
+        mask=files.get("mask"),
+    )
+
+
 def _model_card(model_id: str, path: Path) -> schemas.ModelCard:
     """The model's card with its family, and whether it can be a ``refiner``: what the engine
     needs to hand a txt2img schedule over to it (``check_refiner``, then the family's img2img
@@ -553,6 +623,7 @@ def _model_card(model_id: str, path: Path) -> schemas.ModelCard:
     except (ToileError, OSError, ValueError):
         return card
     card.family = family.name
+    card.tasks = [task.value for task in Task if task in {mode.task for mode in modes}]
     card.refiner = isinstance(family, RefinerHandoff) and Mode.IMG2IMG in modes
     card.samplers = _sampler_options(path)
     return card

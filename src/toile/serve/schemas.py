@@ -17,12 +17,18 @@ from toile.request import (
     MAX_IMAGES,
     MAX_LORA_SCALE,
     MAX_PROMPT_CHARS,
+    MAX_QUESTION_CHARS,
+    MAX_SCALE,
     MAX_SEED,
     MAX_SIDE,
     MAX_STEPS,
 )
+from toile.serve.spec import JobStatus
 
-Status = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+# toile.request.Task's and Detail's values: Literal rather than the enums because strict
+# validation of a Python dict (the compatibility routes build one) takes only enum members.
+TaskName = Literal["generate", "edit", "caption", "answer", "upscale"]
+DetailName = Literal["short", "long"]
 STRICT = ConfigDict(extra="forbid", strict=True)
 
 
@@ -43,11 +49,20 @@ class LoraIn(BaseModel):
 
 
 class JobCreate(BaseModel):
-    """A generation job. Images are base64 (or ``data:image/...;base64,`` URLs): PNG, JPEG or
-    WebP. ``null`` fields take the model's defaults."""
+    """A job. Images are base64 (or ``data:image/...;base64,`` URLs): PNG, JPEG or WebP.
+    ``null`` fields take the model's defaults.
+
+    ``task`` says what it is for: ``generate`` (from the prompt; ``image``/``mask``/``outpaint``
+    make it img2img, inpaint, outpaint), ``edit`` (``image`` changed by the instruction in
+    ``prompt``), ``caption`` (``image`` described in words, ``detail`` short or long),
+    ``answer`` (``question`` about ``image``) or ``upscale`` (``image`` made ``scale`` times
+    larger). Caption and answer jobs return ``texts`` instead of ``images``. With no ``model``
+    a task other than generate runs on the server's model for that task."""
 
     model_config = STRICT
-    prompt: str = Field(max_length=MAX_PROMPT_CHARS)
+    task: TaskName = Field("generate", description="generate, edit, caption, answer, upscale")
+    prompt: str = Field("", max_length=MAX_PROMPT_CHARS,
+                        description="what to make; an edit's instruction; optional otherwise")
     negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS)
     model: str | None = Field(None, max_length=64, description="a model id from GET /v1/models")
     width: int | None = Field(None, ge=8, le=MAX_SIDE)
@@ -56,7 +71,9 @@ class JobCreate(BaseModel):
     guidance: float | None = Field(None, ge=0.0, le=MAX_GUIDANCE)
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="chosen by the server if null")
     num_images: int = Field(1, ge=1, le=MAX_IMAGES)
-    image: str | None = Field(None, description="input image (img2img, inpaint, outpaint)")
+    image: str | None = Field(
+        None, description="input image: img2img, inpaint, outpaint; required by edit, caption, "
+        "answer and upscale")
     strength: float | None = Field(None, gt=0.0, le=1.0)
     mask: str | None = Field(None, description="inpainting mask; white = repaint")
     outpaint: OutpaintIn | None = None
@@ -74,6 +91,20 @@ class JobCreate(BaseModel):
     schedule: str | None = Field(
         None, max_length=64, description="automatic (null), karras, exponential, beta, sgm_uniform"
     )
+    question: str | None = Field(
+        None, max_length=MAX_QUESTION_CHARS, description="answer: what to ask about the image"
+    )
+    detail: DetailName = Field("short", description="caption: one sentence or a longer one")
+    scale: float | None = Field(
+        None, ge=1.0, le=MAX_SCALE, description="upscale: output side / input side (1-8); "
+        "null = the model's own factor"
+    )
+    image_guidance: float | None = Field(
+        None, ge=0.0, le=MAX_GUIDANCE, description="edit: how closely to keep the input image"
+    )
+    noise_level: int | None = Field(
+        None, ge=0, le=1000, description="upscale: noise added to the input (diffusion upscalers)"
+    )
     webhook: str | None = Field(
         None, max_length=2048, description="http(s) URL called with the job as JSON when it ends"
     )
@@ -81,7 +112,7 @@ class JobCreate(BaseModel):
 
 class JobAccepted(BaseModel):
     id: str
-    status: Status
+    status: JobStatus
     url: str
 
 
@@ -97,6 +128,14 @@ class ImageOut(BaseModel):
     record: dict[str, Any]
 
 
+class TextOut(BaseModel):
+    """A caption or answer, with the record that reproduces it (its ``text`` included)."""
+
+    index: int
+    text: str
+    record: dict[str, Any]
+
+
 class ErrorInfo(BaseModel):
     message: str
     field: str | None = None
@@ -104,7 +143,7 @@ class ErrorInfo(BaseModel):
 
 class Job(BaseModel):
     id: str
-    status: Status
+    status: JobStatus
     created_at: float
     started_at: float | None = None
     finished_at: float | None = None
@@ -112,6 +151,9 @@ class Job(BaseModel):
     progress: Progress | None = None
     attempts: int = 0
     images: list[ImageOut] = Field(default_factory=list, description="in batch order")
+    texts: list[TextOut] = Field(
+        default_factory=list, description="caption and answer jobs: the texts, in batch order"
+    )
     error: ErrorInfo | None = None
     request: dict[str, Any] = Field(
         default_factory=dict, description="the stored request (image inputs shown as true)"
@@ -145,6 +187,10 @@ class ModelCard(BaseModel):
     )
     refiner: bool = Field(
         False, description="can be a job's `refiner` (for a model of the same family)"
+    )
+    tasks: list[TaskName] = Field(
+        default_factory=list, description="the tasks a job on this model can have; empty if "
+        "its family cannot be read"
     )
     samplers: list[SamplerOption] = Field(
         default_factory=list,

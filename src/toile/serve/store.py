@@ -7,12 +7,12 @@ writes. Every state change is one short ``BEGIN IMMEDIATE`` transaction, so two 
 second server sharing the file) never interleave a read-then-write.
 
 Live progress is *not* stored here: it changes every step and means nothing after a restart
-(see ``events``). Status, attempts, errors and result images are.
+(see ``events``). Status, attempts, errors, result images and texts are.
 
-States: ``queued -> running -> succeeded | failed | cancelled``; ``queued -> cancelled``.
-A job found ``running`` at start-up was interrupted by a crash: it goes back to ``queued``, or
-to ``failed`` with a reason once it has been started ``max_attempts`` times (a job that kills
-the server every time must not loop forever).
+States (:class:`~toile.serve.spec.JobStatus`): ``queued -> running -> succeeded | failed |
+cancelled``; ``queued -> cancelled``. A job found ``running`` at start-up was interrupted by a
+crash: it goes back to ``queued``, or to ``failed`` with a reason once it has been started
+``max_attempts`` times (a job that kills the server every time must not loop forever).
 """
 
 from __future__ import annotations
@@ -27,17 +27,12 @@ from pathlib import Path
 from typing import Any
 
 from toile.errors import ToileError
+from toile.serve.spec import TERMINAL, JobSpec, JobStatus
 
-QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = (
-    "queued",
-    "running",
-    "succeeded",
-    "failed",
-    "cancelled",
-)
-STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
-TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED})
-SCHEMA_VERSION = 2  # 2: jobs.owner (the client that submitted)
+QUEUED, RUNNING = JobStatus.QUEUED, JobStatus.RUNNING  # the two states SQL here tests most
+# 2: jobs.owner (the client that submitted); 3: texts (caption and answer results), and
+# jobs.request holds a JobSpec (schema 2's request JSON reads as one).
+SCHEMA_VERSION = 3
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -67,6 +62,13 @@ CREATE TABLE IF NOT EXISTS images (
     record TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS images_by_job ON images (job_id, idx);
+CREATE TABLE IF NOT EXISTS texts (
+    job_id TEXT NOT NULL REFERENCES jobs (id),
+    idx INTEGER NOT NULL,
+    text TEXT NOT NULL,
+    record TEXT NOT NULL,
+    PRIMARY KEY (job_id, idx)
+);
 """
 
 
@@ -92,11 +94,21 @@ class ImageRow:
 
 
 @dataclass(frozen=True)
+class TextRow:
+    """A caption or answer a job wrote, with its record."""
+
+    job_id: str
+    index: int
+    text: str
+    record: dict[str, Any]
+
+
+@dataclass(frozen=True)
 class JobRow:
     seq: int
     id: str
-    status: str
-    request: dict[str, Any]
+    status: JobStatus
+    spec: JobSpec | None  # None only when the stored spec is damaged (see ``damaged``)
     created_at: float
     started_at: float | None = None
     finished_at: float | None = None
@@ -109,14 +121,15 @@ class JobRow:
     idempotency_key: str | None = None
     body_hash: str = ""
     images: tuple[ImageRow, ...] = field(default=())
+    texts: tuple[TextRow, ...] = field(default=())
     owner: str = ""  # the client (server config [clients]) that submitted it; "" = none
-    # Why the stored request cannot be read (a damaged row); the worker fails such a job with
+    # Why the stored spec cannot be read (a damaged row); the worker fails such a job with
     # this reason instead of stopping on it, and listings still show it.
     damaged: str | None = None
 
     @property
     def terminal(self) -> bool:
-        return self.status in TERMINAL
+        return self.status.terminal
 
 
 def _json_object(text: Any) -> tuple[dict[str, Any], str | None]:
@@ -129,6 +142,17 @@ def _json_object(text: Any) -> tuple[dict[str, Any], str | None]:
     if not isinstance(value, dict):
         return {}, "not a JSON object"
     return value, None
+
+
+def _spec(text: Any) -> tuple[JobSpec | None, str | None]:
+    """The stored spec, or ``(None, why)`` for a damaged row."""
+    value, damaged = _json_object(text)
+    if damaged is not None:
+        return None, damaged
+    try:
+        return JobSpec.from_dict(value), None
+    except (TypeError, ValueError, ToileError, KeyError) as exc:
+        return None, f"not a job spec: {exc}"
 
 
 class StoreDamagedError(ToileError):
@@ -225,12 +249,16 @@ class JobStore:
             ImageRow(r["id"], r["job_id"], r["idx"], r["file"], _json_object(r["record"])[0])
             for r in db.execute("SELECT * FROM images WHERE job_id = ? ORDER BY idx", (row["id"],))
         )
-        request, damaged = _json_object(row["request"])
+        texts = tuple(
+            TextRow(r["job_id"], r["idx"], r["text"], _json_object(r["record"])[0])
+            for r in db.execute("SELECT * FROM texts WHERE job_id = ? ORDER BY idx", (row["id"],))
+        )
+        spec, damaged = _spec(row["request"])
         return JobRow(
             seq=row["seq"],
             id=row["id"],
-            status=row["status"],
-            request=request,
+            status=JobStatus(row["status"]),
+            spec=spec,
             damaged=f"its stored request is damaged ({damaged})" if damaged else None,
             created_at=row["created_at"],
             started_at=row["started_at"],
@@ -244,6 +272,7 @@ class JobStore:
             idempotency_key=row["idempotency_key"],
             body_hash=row["body_hash"],
             images=images,
+            texts=texts,
             owner=row["owner"],
         )
 
@@ -252,7 +281,7 @@ class JobStore:
     def insert(
         self,
         job_id: str,
-        request: dict[str, Any],
+        spec: JobSpec,
         *,
         body_hash: str,
         idempotency_key: str | None = None,
@@ -288,7 +317,7 @@ class JobStore:
                     idempotency_key,
                     body_hash,
                     QUEUED,
-                    json.dumps(request, sort_keys=True),
+                    spec.to_json(),
                     webhook,
                     time.time(),
                     owner,
@@ -318,14 +347,16 @@ class JobStore:
     def finish(
         self,
         job_id: str,
-        status: str,
+        status: JobStatus,
         *,
         error: str | None = None,
         error_field: str | None = None,
         images: Iterable[ImageRow] = (),
+        texts: Iterable[TextRow] = (),
     ) -> JobRow | None:
-        """Move a running job to a terminal state, with its images in the same transaction.
-        The image files must already be on disk (fsynced): the row is the commit point."""
+        """Move a running job to a terminal state, with its images and texts in the same
+        transaction. The image files must already be on disk (fsynced): the row is the commit
+        point."""
         if status not in TERMINAL:
             raise ValueError(f"not a terminal status: {status}")
         with self._transaction() as db:
@@ -333,6 +364,11 @@ class JobStore:
                 db.execute(
                     "INSERT INTO images (id, job_id, idx, file, record) VALUES (?, ?, ?, ?, ?)",
                     (image.id, job_id, image.index, image.file, json.dumps(image.record)),
+                )
+            for text in texts:
+                db.execute(
+                    "INSERT INTO texts (job_id, idx, text, record) VALUES (?, ?, ?, ?)",
+                    (job_id, text.index, text.text, json.dumps(text.record)),
                 )
             db.execute(
                 "UPDATE jobs SET status = ?, finished_at = ?, error = ?, error_field = ? "
@@ -362,7 +398,7 @@ class JobStore:
             moved = db.execute(
                 "UPDATE jobs SET status = ?, finished_at = ?, cancel_requested = 1 "
                 "WHERE id = ? AND status = ?",
-                (CANCELLED, now, job_id, QUEUED),
+                (JobStatus.CANCELLED, now, job_id, QUEUED),
             ).rowcount
             db.execute(
                 "UPDATE jobs SET cancel_requested = 1 WHERE id = ? AND status = ?",
@@ -385,7 +421,7 @@ class JobStore:
                 if row["cancel_requested"]:
                     db.execute(
                         "UPDATE jobs SET status = ?, finished_at = ? WHERE id = ?",
-                        (CANCELLED, now, row["id"]),
+                        (JobStatus.CANCELLED, now, row["id"]),
                     )
                 elif row["attempts"] >= max_attempts:
                     reason = (
@@ -394,7 +430,7 @@ class JobStore:
                     )
                     db.execute(
                         "UPDATE jobs SET status = ?, finished_at = ?, error = ? WHERE id = ?",
-                        (FAILED, now, reason, row["id"]),
+                        (JobStatus.FAILED, now, reason, row["id"]),
                     )
                     failed.append(row["id"])
                 else:
@@ -406,8 +442,8 @@ class JobStore:
         return requeued, failed
 
     def delete_ended_before(self, cutoff: float) -> list[JobRow]:
-        """Delete the jobs that ended before ``cutoff`` (epoch seconds) with their image rows;
-        returns them (the caller removes their files)."""
+        """Delete the jobs that ended before ``cutoff`` (epoch seconds) with their image and text
+        rows; returns them (the caller removes their files)."""
         with self._transaction() as db:
             rows = db.execute(
                 f"SELECT * FROM jobs WHERE status IN ({', '.join('?' * len(TERMINAL))}) "
@@ -417,6 +453,7 @@ class JobStore:
             jobs = [job for row in rows if (job := self._job(db, row)) is not None]
             for job in jobs:
                 db.execute("DELETE FROM images WHERE job_id = ?", (job.id,))
+                db.execute("DELETE FROM texts WHERE job_id = ?", (job.id,))
                 db.execute("DELETE FROM jobs WHERE id = ?", (job.id,))
             return jobs
 
@@ -439,7 +476,7 @@ class JobStore:
             return self._job(self._db, row)
 
     def list(
-        self, statuses: Sequence[str] = (), limit: int = 100, owner: str | None = None
+        self, statuses: Sequence[JobStatus] = (), limit: int = 100, owner: str | None = None
     ) -> list[JobRow]:
         """The newest ``limit`` jobs (optionally of some statuses), oldest first: queue order."""
         clauses, args = [], list(statuses)
@@ -459,17 +496,17 @@ class JobStore:
 
     def queue_position(self, job: JobRow) -> int | None:
         """1 = next to run. None unless the job is queued."""
-        if job.status != QUEUED:
+        if job.status is not QUEUED:
             return None
         rows = self._read(
             "SELECT COUNT(*) FROM jobs WHERE status = ? AND seq < ?", (QUEUED, job.seq)
         )
         return int(rows[0][0]) + 1
 
-    def counts(self) -> dict[str, int]:
+    def counts(self) -> dict[JobStatus, int]:
         rows = self._read("SELECT status, COUNT(*) FROM jobs GROUP BY status")
-        found = dict.fromkeys(STATUSES, 0)
-        found.update({row[0]: int(row[1]) for row in rows})
+        found = dict.fromkeys(JobStatus, 0)
+        found.update({JobStatus(row[0]): int(row[1]) for row in rows})
         return found
 
     def image(self, image_id: str) -> ImageRow | None:

@@ -18,52 +18,24 @@ import logging
 import threading
 import uuid
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from toile.errors import CancelledError, RequestError, ToileError
 from toile.serve.events import EventHub
 from toile.serve.loras import ServerLoras
-from toile.serve.store import CANCELLED, FAILED, SUCCEEDED, ImageRow, JobRow, JobStore
+from toile.serve.spec import JobSpec, JobStatus
+from toile.serve.store import ImageRow, JobRow, JobStore, TextRow
 from toile.serve.uploads import fsync_dir, fsync_file, load_saved
 
 if TYPE_CHECKING:
     from PIL import Image
 
+    from toile.engine.engine import ModelInfo
     from toile.progress import ProgressEvent
-    from toile.request import GenerationRequest
     from toile.serve.config import ServeConfig
 
 log = logging.getLogger("toile.serve")
 IDLE_WAIT_S = 0.5  # how long the loop sleeps when the queue is empty and nobody wakes it
-
-
-def stored_to_request(
-    stored: dict[str, Any], config: ServeConfig, loras: ServerLoras,
-    preloaded: dict[str, Any] | None = None,
-) -> GenerationRequest:
-    """Rebuild the GenerationRequest from the JSON the store holds (uploads from ``preloaded``
-    images decoded at submit, else from their files; LoRA ids looked up again). Raises
-    RequestError naming the field if that is no longer possible."""
-    from toile.request import GenerationRequest, LoraSpec, Outpaint
-
-    fields = dict(stored)
-    for name in ("image", "mask"):
-        file_name = fields.get(name)
-        if file_name is not None and preloaded and name in preloaded:
-            fields[name] = preloaded[name]
-        elif file_name is not None:
-            if Path(file_name).name != file_name:  # never a path, only names the server made
-                raise RequestError(name, "stored upload name is invalid")
-            fields[name] = load_saved(config.uploads_dir / file_name, field=name)
-    if fields.get("outpaint") is not None:
-        fields["outpaint"] = Outpaint(**fields["outpaint"])
-    specs = []
-    for index, lora in enumerate(fields.get("loras") or ()):
-        path = loras.path(lora["id"], f"loras[{index}].id")
-        specs.append(LoraSpec(str(path), float(lora["scale"])))
-    fields["loras"] = tuple(specs)
-    return GenerationRequest(**fields)
 
 
 def encode_preview(image: Image.Image, size: int) -> str:
@@ -120,9 +92,9 @@ class Worker:
         self.hub = hub
         self.engine = engine
         self.ended = ended
-        # model id -> (FamilyDefaults, family name), learnt from loads, so submit can check sizes
-        # model id -> resolve()'s arguments after the request (defaults, family, samplers)
-        self.known_defaults: dict[str, tuple[Any, str, Any]] = {}
+        # model id -> what the loaded model declares, learnt from runs, so submit can check a
+        # request's mode and size the way the run will
+        self.known_models: dict[str, ModelInfo] = {}
         self.credentials: Any = None  # C2PA signing config for result PNGs (None: unsigned)
         self._preloaded: dict[str, dict[str, Any]] = {}  # job id -> images decoded at submit
         self._wake = threading.Event()
@@ -209,24 +181,29 @@ class Worker:
                 self._user_cancelled.add(job.id)
                 cancel.set()
             self._pending_cancels.discard(job.id)
-        self.hub.publish(job.id, "started", {"status": "running", "attempt": job.attempts})
-        status, error, field, images = SUCCEEDED, None, None, []
+        self.hub.publish(job.id, "started",
+                         {"status": JobStatus.RUNNING, "attempt": job.attempts})
+        status, error, field = JobStatus.SUCCEEDED, None, None
+        images: list[ImageRow] = []
+        texts: list[TextRow] = []
         try:
             if cancel.is_set():  # cancelled between the claim and now: do not start at all
                 raise CancelledError("cancelled before it started")
-            if job.damaged is not None:
+            if job.spec is None:
                 raise ToileError(f"job {job.id} cannot run: {job.damaged}; submit it again")
-            with self._lock:
-                preloaded = self._preloaded.pop(job.id, None)
-            request = stored_to_request(job.request, self.config, self.loras, preloaded)
-            self._learn_defaults(request.model)
+            request = job.spec.request(self._inputs(job.id, job.spec), self.loras.path)
+            self._learn(job.spec.model)
             result = self.engine.run(
                 request,
                 progress=lambda event: self._progress(job.id, event),
                 cancel=cancel,
                 preview_every=self.config.preview_every,
             )
-            images = self._save_images(job, result)
+            if result.texts:  # caption, answer: one record per text, no image
+                texts = [TextRow(job.id, index, text, record.to_dict()) for index, (text, record)
+                         in enumerate(zip(result.texts, result.records, strict=True))]
+            else:
+                images = self._save_images(job, result)
         except CancelledError:
             with self._lock:
                 by_user = job.id in self._user_cancelled
@@ -234,9 +211,9 @@ class Worker:
                 self.store.requeue(job.id)  # shutting down: run it again after the restart
                 self._forget(job.id)
                 return
-            status = CANCELLED
+            status = JobStatus.CANCELLED
         except Exception as exc:  # MemoryError included: it subclasses Exception
-            status = FAILED
+            status = JobStatus.FAILED
             error, field = failure_reason(exc)
             if "out of memory" in error:
                 _empty_device_cache()
@@ -244,18 +221,30 @@ class Worker:
                 "job %s failed: %s", job.id, error, exc_info=not isinstance(exc, ToileError)
             )
         try:
-            final = self.store.finish(job.id, status, error=error, error_field=field, images=images)
+            final = self.store.finish(job.id, status, error=error, error_field=field,
+                                      images=images, texts=texts)
         finally:
             self._forget(job.id)  # if the store failed, the row stays running: a restart re-queues
         if final is not None:
             self.ended(final)
 
+    def _inputs(self, job_id: str, spec: JobSpec) -> dict[str, Image.Image]:
+        """The job's input images: those decoded at submit (kept in memory), else its saved
+        upload files (after a restart)."""
+        with self._lock:
+            preloaded = self._preloaded.pop(job_id, None) or {}
+        return {
+            name: preloaded[name] if name in preloaded
+            else load_saved(self.config.uploads_dir / file_name, field=name)
+            for name, file_name in spec.uploads().items()
+        }
+
     def _ingredient(self, job: JobRow) -> tuple[bytes, str] | None:
         """The job's input image as uploaded (bytes, MIME type): an edit's C2PA ingredient."""
-        name = job.request.get("image")
-        if not isinstance(name, str) or Path(name).name != name:
+        name = job.spec.image if job.spec is not None else None
+        if name is None:
             return None
-        path = self.config.uploads_dir / name
+        path = self.config.uploads_dir / name  # a plain file name: JobSpec checked it
         suffix = path.suffix.lower().lstrip(".")
         fmt = {"jpg": "image/jpeg", "jpeg": "image/jpeg", "webp": "image/webp"}.get(
             suffix, "image/png")
@@ -266,14 +255,10 @@ class Worker:
             self._running.pop(job_id, None)
             self._user_cancelled.discard(job_id)
 
-    def _learn_defaults(self, model: str | None) -> None:
-        load = getattr(self.engine, "load", None)
-        if load is None or model is None or model in self.known_defaults:
-            return
-        cached = load(model)
-        self.known_defaults[model] = (
-            cached.loaded.defaults, cached.family.name, cached.loaded.samplers
-        )
+    def _learn(self, model: str) -> None:
+        """Load the model (the run needs it anyway) and keep what it declares for submit."""
+        if model not in self.known_models:
+            self.known_models[model] = self.engine.model_info(model)
 
     def _progress(self, job_id: str, event: ProgressEvent) -> None:
         data: dict[str, Any] = {"step": event.step, "total": event.total, "stage": event.stage}

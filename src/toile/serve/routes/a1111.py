@@ -13,6 +13,7 @@ field, 409 when the job was interrupted, 500 when it failed.
 from __future__ import annotations
 
 import asyncio
+import html
 import json
 import threading
 import time
@@ -29,15 +30,29 @@ from toile.serve import schemas
 from toile.serve.jobs import JobService
 from toile.serve.routes.a1111_payload import (
     A1111_NAMES,
+    EXTRAS_NAMES,
+    INTERROGATE_NAMES,
+    ExtrasBatchBody,
+    ExtrasBody,
+    ExtrasSingleBody,
     Img2ImgBody,
+    InterrogateBody,
     Processing,
     Txt2ImgBody,
+    caption_model,
+    check_extras,
+    crop_to,
+    extras_scale,
     img2img_inputs,
     request_fields,
     resolve_model,
+    upscaler_model,
+    upscalers,
 )
+from toile.serve.routes.common import encode_png_b64, job_body, read_png_b64, run_to_end
 from toile.serve.routes.deps import caller, jobs
-from toile.serve.routes.openai import job_body, read_png_b64, run_to_end
+from toile.serve.spec import JobStatus
+from toile.serve.uploads import Upload, read_upload
 
 router = APIRouter(prefix="/sdapi/v1", tags=["a1111"])
 Service = Annotated[JobService, Depends(jobs)]
@@ -79,12 +94,12 @@ class A1111Response(BaseModel):
 
 
 # --------------------------------------------------------------------------- running
-def _answer(service: JobService, body: Processing, job: schemas.Job) -> Any:
-    """A1111's response for a finished job, or toile's error body for one that did not."""
-    from toile.io.metadata import a1111_parameters
-    from toile.result import ImageRecord
-
-    if job.status == "cancelled":
+def _failure(job: schemas.Job, names: dict[str, str] = A1111_NAMES) -> JSONResponse | None:
+    """toile's error body for a job that did not succeed (None if it did): 409 interrupted,
+    422 naming the A1111 field (``names``) its request was refused on, 500 failed."""
+    if job.status is JobStatus.SUCCEEDED:
+        return None
+    if job.status is JobStatus.CANCELLED:
         return JSONResponse(
             {
                 "error": {
@@ -96,15 +111,24 @@ def _answer(service: JobService, body: Processing, job: schemas.Job) -> Any:
             },
             status_code=409,
         )
-    if job.status != "succeeded":
-        error = job.error or schemas.ErrorInfo(message=f"job {job.id} ended as {job.status}")
-        field = A1111_NAMES.get(error.field or "", error.field)
-        status = 422 if field else 500
-        kind = "invalid_request" if field else "generation_failed"
-        return JSONResponse(
-            {"error": {"type": kind, "field": field, "message": error.message, "job_id": job.id}},
-            status_code=status,
-        )
+    error = job.error or schemas.ErrorInfo(message=f"job {job.id} ended as {job.status}")
+    field = names.get(error.field or "", error.field)
+    status = 422 if field else 500
+    kind = "invalid_request" if field else "generation_failed"
+    return JSONResponse(
+        {"error": {"type": kind, "field": field, "message": error.message, "job_id": job.id}},
+        status_code=status,
+    )
+
+
+def _answer(service: JobService, body: Processing, job: schemas.Job) -> Any:
+    """A1111's response for a finished job, or toile's error body for one that did not."""
+    from toile.io.metadata import a1111_parameters
+    from toile.result import ImageRecord
+
+    failure = _failure(job)
+    if failure is not None:
+        return failure
     records = [image.record for image in job.images]
     first = records[0] if records else {}
     info = {
@@ -179,6 +203,131 @@ async def img2img(body: Img2ImgBody, request: Request, service: Service) -> Any:
     return await _generate(request, service, body)
 
 
+# --------------------------------------------------------------------------- extras
+class ExtrasSingleResponse(BaseModel):
+    image: str = Field(description="base64 PNG")
+    html_info: str
+
+
+class ExtrasBatchResponse(BaseModel):
+    images: list[str] = Field(description="base64 PNGs, in imageList order")
+    html_info: str
+
+
+async def _upscale(
+    request: Request, service: JobService, body: ExtrasBody, text: str, field: str
+) -> tuple[str, str] | JSONResponse:
+    """One image of an extras call: (base64 PNG, A1111's infotext), or the error body. With
+    ``upscaler_1`` None the image comes back as it is, as A1111 does."""
+    config = service.config
+
+    def prepare() -> tuple[Upload, str | None, float]:
+        check_extras(body)
+        model = upscaler_model(service, body.upscaler_1)
+        upload = read_upload(text, field=field, max_bytes=config.max_image_bytes,
+                             max_pixels=config.max_image_pixels)
+        return upload, model, extras_scale(body, upload.image.size)
+
+    upload, model, scale = await run_in_threadpool(prepare)
+    if model is None:
+        return encode_png_b64(upload.image), ""
+    fields = {"task": "upscale", "model": model, "scale": scale}
+    job = await run_to_end(service, job_body(fields, EXTRAS_NAMES), request, EXTRAS_NAMES,
+                           {"image": upload})
+    failure = _failure(job, EXTRAS_NAMES)
+    if failure is not None:
+        return failure
+    info = f"Postprocess upscale by: {scale:.4g}, Postprocess upscaler: {body.upscaler_1}"
+    if body.resize_mode == 1:
+        size = (body.upscaling_resize_w, body.upscaling_resize_h)
+        info += f", Postprocess upscale to: {size[0]}x{size[1]}"
+        if body.upscaling_crop:
+            return await run_in_threadpool(_cropped, service, job, size), info
+    return await run_in_threadpool(read_png_b64, service, job.images[0].id), info
+
+
+def _cropped(service: JobService, job: schemas.Job, size: tuple[int, int]) -> str:
+    """The job's image cropped to ``size`` (A1111's ``upscaling_crop``), as base64 PNG; as it
+    came (its record chunks kept) when it already has that size."""
+    from PIL import Image
+
+    path, _record = service.image(job.images[0].id)
+    with Image.open(path) as image:
+        if image.size == size:
+            return read_png_b64(service, job.images[0].id)
+        return encode_png_b64(crop_to(image.convert("RGB"), size))
+
+
+def _html(info: str) -> str:
+    return f"<p>{html.escape(info)}</p>" if info else ""
+
+
+@router.post("/extra-single-image", response_model=ExtrasSingleResponse, responses=ERRORS)
+async def extra_single_image(body: ExtrasSingleBody, request: Request, service: Service) -> Any:
+    """Upscale one image with ``upscaler_1`` (an upscale job; blocks until it is done)."""
+    done = await _upscale(request, service, body, body.image, "image")
+    if isinstance(done, JSONResponse):
+        return done
+    image, info = done
+    return ExtrasSingleResponse(image=image, html_info=_html(info))
+
+
+@router.post("/extra-batch-images", response_model=ExtrasBatchResponse, responses=ERRORS)
+async def extra_batch_images(body: ExtrasBatchBody, request: Request, service: Service) -> Any:
+    """Upscale each image of ``imageList`` (one upscale job each, in order)."""
+    images, infos = [], []
+    for index, item in enumerate(body.imageList):
+        done = await _upscale(request, service, body, item.data, f"imageList[{index}].data")
+        if isinstance(done, JSONResponse):
+            return done
+        images.append(done[0])
+        infos.append(done[1])
+    return ExtrasBatchResponse(images=images, html_info=_html(infos[0]))
+
+
+@router.get("/upscalers")
+def list_upscalers(service: Service) -> list[dict[str, Any]]:
+    """``None``, A1111's ``Lanczos`` and ``Nearest`` (toile's built-in filters), and every
+    other model that serves upscale, by id. ``scale`` is the model's own factor once the
+    server has loaded it (null before, and for filters, which reach any scale); paths and
+    URLs are never shown."""
+    known = service.worker.known_models if service.worker is not None else {}
+    listing = []
+    for name, model in upscalers(service).items():
+        info = known.get(model) if model is not None else None
+        factor = info.defaults.upscale_factor if info is not None and info.family != "resize" \
+            else None
+        listing.append({"name": name, "model_name": model, "model_path": None,
+                        "model_url": None, "scale": factor})
+    return listing
+
+
+# --------------------------------------------------------------------------- interrogate
+class InterrogateResponse(BaseModel):
+    caption: str
+
+
+@router.post("/interrogate", response_model=InterrogateResponse, responses=ERRORS)
+async def interrogate(body: InterrogateBody, request: Request, service: Service) -> Any:
+    """Describe an image in words: a caption job on the model :func:`caption_model` picks
+    (A1111's ``clip`` and ``deepdanbooru`` mean the server's caption model); blocks until it
+    is done."""
+    config = service.config
+
+    def prepare() -> tuple[schemas.JobCreate, dict[str, Upload]]:
+        fields = {"task": "caption", "model": caption_model(service, body.model)}
+        upload = read_upload(body.image, field="image", max_bytes=config.max_image_bytes,
+                             max_pixels=config.max_image_pixels)
+        return job_body(fields, INTERROGATE_NAMES), {"image": upload}
+
+    job_create, uploads = await run_in_threadpool(prepare)
+    job = await run_to_end(service, job_create, request, INTERROGATE_NAMES, uploads)
+    failure = _failure(job, INTERROGATE_NAMES)
+    if failure is not None:
+        return failure
+    return InterrogateResponse(caption=job.texts[0].text if job.texts else "")
+
+
 # --------------------------------------------------------------------------- progress
 def _live_preview(service: JobService, job_id: str, loop: asyncio.AbstractEventLoop) -> Any:
     """The running job's latest progress event (with its preview, if it had one), read from
@@ -202,7 +351,7 @@ async def progress(
     """The running job (whichever API submitted it): progress 0-1, ETA in seconds, a preview
     (base64 PNG) and A1111's ``state``. Idle: progress 0 and ``job_count`` 0."""
     state = _state(request)
-    listing = await run_in_threadpool(service.list, ["running"], 10, caller(request).scope)
+    listing = await run_in_threadpool(service.list, [JobStatus.RUNNING], 10, caller(request).scope)
     job_count = len(listing.jobs) + listing.queue_length
     idle_state = {
         "skipped": False,
@@ -255,7 +404,7 @@ def interrupt(request: Request, service: Service) -> dict[str, Any]:
     """Stop the running job within one denoising step, as A1111's Interrupt button does (queued
     jobs stay queued). Its waiting txt2img/img2img call answers 409. A client stops only its
     own job."""
-    listing = service.list(["running"], 10, caller(request).scope)
+    listing = service.list([JobStatus.RUNNING], 10, caller(request).scope)
     cancelled = [service.cancel(job.id).id for job in listing.jobs]
     return {"interrupted": cancelled}
 

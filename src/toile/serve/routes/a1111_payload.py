@@ -31,6 +31,13 @@ Mapping (see README "Serve"):
   ``do_not_save_*``, ``save_images``, and unknown fields (A1111 ignores them too); ``info``
   lists the unknown ones under ``toile_ignored``.
 
+Extras (``extra-single-image``, ``extra-batch-images``) are upscale jobs: ``upscaler_1`` names
+the model (:func:`upscaler_model`), ``upscaling_resize`` is the scale, or with ``resize_mode`` 1
+the scale that covers ``upscaling_resize_w`` x ``upscaling_resize_h`` (cropped to it when
+``upscaling_crop``). Face restoration (``gfpgan_visibility``, ``codeformer_visibility``) and a
+blended second upscaler (``upscaler_2`` with ``extras_upscaler_2_visibility``) are refused
+unless off. ``interrogate`` is a caption job (:func:`caption_model` says which model).
+
 Every refusal is a :class:`~toile.errors.RequestError` naming the A1111 field (a 422 once the
 routes answer it).
 """
@@ -43,10 +50,19 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from toile.errors import ModelNotFoundError, RequestError
-from toile.request import MAX_GUIDANCE, MAX_IMAGES, MAX_PROMPT_CHARS, MAX_SEED, MAX_SIDE, MAX_STEPS
+from toile.request import (
+    MAX_GUIDANCE,
+    MAX_IMAGES,
+    MAX_PROMPT_CHARS,
+    MAX_SCALE,
+    MAX_SEED,
+    MAX_SIDE,
+    MAX_STEPS,
+    Task,
+)
 from toile.samplers import DEFAULT_SAMPLER, check_sampler_name, parse_schedule
 from toile.serve.jobs import JobService
-from toile.serve.uploads import Upload
+from toile.serve.uploads import Upload, read_upload, upload_of
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -64,6 +80,14 @@ A1111_NAMES = {
     "sampler": "sampler_name",
     "schedule": "scheduler",
 }
+# JobCreate's field names -> the extras' and interrogate's.
+EXTRAS_NAMES = {"scale": "upscaling_resize", "model": "upscaler_1", "width": "upscaling_resize"}
+INTERROGATE_NAMES: dict[str, str] = {}
+# A1111's built-in resampling upscalers -> toile's built-in models of the same filter.
+A1111_UPSCALERS = {"Lanczos": "lanczos", "Nearest": "nearest"}
+NO_UPSCALER = "None"
+# A1111's interrogators; both mean "the server's caption model" here (see caption_model).
+A1111_INTERROGATORS = ("clip", "deepdanbooru")
 LORA_TAG = re.compile(r"<lora:([^:>]+)(?::([^>]*))?>")
 TITLE_HASH = re.compile(r"\s*\[[0-9a-fA-F]{6,64}\]$")
 
@@ -260,8 +284,6 @@ def img2img_inputs(
     checks (format sniffing, pixel cap before decoding); the job takes them as they are."""
     from PIL import ImageFilter, ImageOps
 
-    from toile.serve.uploads import read_upload, upload_of
-
     config = service.config
     if len(body.init_images) != 1:
         raise RequestError(
@@ -294,3 +316,123 @@ def img2img_inputs(
         mask = mask.filter(ImageFilter.GaussianBlur(body.mask_blur))
     uploads["mask"] = upload_of(mask)
     return uploads
+
+
+# --------------------------------------------------------------------------- extras
+class ExtrasBody(BaseModel):
+    """Fields common to ``extra-single-image`` and ``extra-batch-images`` (A1111's
+    ``ExtrasBaseRequest``). Lax types and unknown fields ignored, as A1111's API does."""
+
+    model_config = ConfigDict(extra="allow")
+    resize_mode: int = Field(0, ge=0, le=1, description="0: scale by upscaling_resize; 1: to "
+                             "upscaling_resize_w x upscaling_resize_h")
+    show_extras_results: bool = Field(True, description="ignored")
+    gfpgan_visibility: float = Field(0.0, ge=0.0, le=1.0, description="must be 0")
+    codeformer_visibility: float = Field(0.0, ge=0.0, le=1.0, description="must be 0")
+    codeformer_weight: float = Field(0.0, ge=0.0, le=1.0, description="ignored")
+    upscaling_resize: float = Field(2.0, ge=1.0, le=MAX_SCALE, description="the scale")
+    upscaling_resize_w: int = Field(512, ge=1, le=MAX_SIDE)
+    upscaling_resize_h: int = Field(512, ge=1, le=MAX_SIDE)
+    upscaling_crop: bool = Field(True, description="resize_mode 1: crop to exactly w x h")
+    upscaler_1: str = Field(NO_UPSCALER, max_length=200, description="GET /sdapi/v1/upscalers")
+    upscaler_2: str = Field(NO_UPSCALER, max_length=200, description="must be None (or have "
+                            "visibility 0)")
+    extras_upscaler_2_visibility: float = Field(0.0, ge=0.0, le=1.0)
+    upscale_first: bool = Field(False, description="ignored: there is no face restoration")
+
+
+class ExtrasSingleBody(ExtrasBody):
+    """``POST /sdapi/v1/extra-single-image``."""
+
+    image: str = Field(description="base64 PNG, JPEG or WebP (or a data URL)")
+
+
+class ImageData(BaseModel):
+    """One entry of ``imageList`` (A1111's ``FileData``)."""
+
+    model_config = ConfigDict(extra="allow")
+    data: str = Field(description="base64 PNG, JPEG or WebP (or a data URL)")
+    name: str = Field("", max_length=1000)
+
+
+class ExtrasBatchBody(ExtrasBody):
+    """``POST /sdapi/v1/extra-batch-images``."""
+
+    imageList: list[ImageData] = Field(min_length=1, max_length=MAX_IMAGES)
+
+
+def check_extras(body: ExtrasBody) -> None:
+    """Refuse what toile does not do, rather than return a picture the client did not ask
+    for: face restoration, and a second upscaler blended into the first."""
+    for name in ("gfpgan_visibility", "codeformer_visibility"):
+        if getattr(body, name):
+            raise RequestError(name, "face restoration is not supported by toile; leave it 0")
+    if body.upscaler_2 != NO_UPSCALER and body.extras_upscaler_2_visibility:
+        raise RequestError("upscaler_2", "blending a second upscaler is not supported; leave it "
+                           "None or set extras_upscaler_2_visibility to 0")
+
+
+def upscalers(service: JobService) -> dict[str, str | None]:
+    """The upscalers as A1111 lists them, name -> toile model id (None for ``None``): A1111's
+    names for the built-in filters, every other model that serves upscale by its id."""
+    serving = service.models_for(Task.UPSCALE)
+    named = {name: model for name, model in A1111_UPSCALERS.items() if model in serving}
+    others = {model: model for model in serving if model not in named.values()}
+    return {NO_UPSCALER: None, **named, **others}
+
+
+def upscaler_model(service: JobService, name: str) -> str | None:
+    """The model id ``upscaler_1`` names (None: ``None``, no upscaling); a built-in filter may
+    be named by its id too. An unknown name is a RequestError listing the known ones."""
+    listed = upscalers(service)
+    if name in listed:
+        return listed[name]
+    if name in A1111_UPSCALERS.values() and name in service.models_for(Task.UPSCALE):
+        return name
+    raise RequestError("upscaler_1", f"unknown upscaler {name!r}; this server has: "
+                       f"{', '.join(listed)}")
+
+
+def extras_scale(body: ExtrasBody, size: tuple[int, int]) -> float:
+    """The upscale factor: ``upscaling_resize``, or with ``resize_mode`` 1 the factor that
+    covers ``upscaling_resize_w`` x ``upscaling_resize_h`` (as A1111: the larger ratio)."""
+    if body.resize_mode == 0:
+        return float(body.upscaling_resize)
+    width, height = size
+    scale = max(body.upscaling_resize_w / width, body.upscaling_resize_h / height)
+    if not 1.0 <= scale <= MAX_SCALE:
+        raise RequestError(
+            "upscaling_resize_w", f"{body.upscaling_resize_w}x{body.upscaling_resize_h} is "
+            f"{scale:.3g} times the {width}x{height} image; toile upscales 1 to {MAX_SCALE:g} "
+            "times")
+    return scale
+
+
+def crop_to(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """The centre ``size`` of ``image``, black where it is smaller (A1111's upscaling_crop)."""
+    width, height = size
+    left, top = image.width // 2 - width // 2, image.height // 2 - height // 2
+    return image.crop((left, top, left + width, top + height))
+
+
+# --------------------------------------------------------------------------- interrogate
+class InterrogateBody(BaseModel):
+    """``POST /sdapi/v1/interrogate``."""
+
+    model_config = ConfigDict(extra="allow")
+    image: str = Field(description="base64 PNG, JPEG or WebP (or a data URL)")
+    model: str = Field("clip", max_length=64, description="clip, deepdanbooru or a model id")
+
+
+def caption_model(service: JobService, name: str) -> str | None:
+    """The model an ``interrogate`` call captions with. A registered model id is itself;
+    A1111's interrogator names, ``clip`` (BLIP caption + CLIP) and ``deepdanbooru`` (tags),
+    both mean the server's caption model (None: the job picks the task's default, ``toile
+    models default ID --task caption``), whose caption then comes back as A1111's
+    ``caption``. Anything else is a RequestError naming ``model``."""
+    if any(entry.id == name for entry in service.registry.entries()):
+        return name
+    if name.lower() in A1111_INTERROGATORS:
+        return None
+    raise RequestError("model", f"unknown interrogator {name!r}; use clip, deepdanbooru or a "
+                       "model id from GET /sdapi/v1/sd-models")

@@ -25,6 +25,10 @@ Mapping (see README "Serve"):
   the mask's alpha is inverted. Without a mask, an image with transparent pixels uses them as
   the mask (as DALL-E 2 did); an opaque image without a mask is an img2img job. A ``size``
   other than the image's resizes the image and mask to it.
+- Edits on an edit model (one whose family serves the edit task, and that cannot inpaint the
+  masked request) are instruction edits, as OpenAI's current models do: the prompt says what
+  to change, ``image_guidance`` (extension) how closely to keep the image; a mask part is
+  refused there, an image's transparency ignored.
 
 Errors are OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}`` (plus toile's
 ``field``, the same as ``param``): 400 for bad input, 409 for a cancelled job, 500 for a failed
@@ -34,9 +38,6 @@ official client does not run the same failing job three times.
 
 from __future__ import annotations
 
-import base64
-import contextlib
-import io
 import re
 import time
 from collections.abc import Callable, Coroutine
@@ -50,80 +51,33 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from toile.errors import RequestError
-from toile.request import MAX_GUIDANCE, MAX_IMAGES, MAX_PROMPT_CHARS, MAX_SEED, MAX_SIDE, MAX_STEPS
+from toile.engine.models import served_tasks
+from toile.errors import RequestError, ToileError
+from toile.request import (
+    MAX_GUIDANCE,
+    MAX_IMAGES,
+    MAX_PROMPT_CHARS,
+    MAX_SEED,
+    MAX_SIDE,
+    MAX_STEPS,
+    Task,
+)
 from toile.serve import schemas
 from toile.serve.jobs import JobNotFoundError, JobService
-from toile.serve.routes.deps import caller, jobs
+from toile.serve.routes.common import field_from_loc, job_body, read_png_b64, renamed, run_to_end
+from toile.serve.routes.deps import jobs
+from toile.serve.spec import JobStatus
 from toile.serve.store import QueueFullError
-from toile.serve.uploads import Upload, upload_of
+from toile.serve.uploads import Upload, check_image_bytes, upload_of
 
 if TYPE_CHECKING:
     from PIL import Image
 
 Service = Annotated[JobService, Depends(jobs)]
-WAIT_POLL_S = 1.0  # how often a waiting request checks that its client is still there
 OPENAI_MODEL_PREFIXES = ("dall-e-", "gpt-image-", "chatgpt-image")
 SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
 # JobCreate's field names -> the names an OpenAI client used for them.
 OPENAI_NAMES = {"num_images": "n", "width": "size", "height": "size"}
-
-
-# ------------------------------------------------------------------ shared with the A1111 API
-def job_body(fields: dict[str, Any], names: dict[str, str]) -> schemas.JobCreate:
-    """A native job body from a compatibility API's values; a bad value is a RequestError
-    naming the field as *that* API's client spelled it (``names``)."""
-    try:
-        return schemas.JobCreate.model_validate(fields)
-    except ValidationError as exc:
-        error = exc.errors()[0]
-        field = ".".join(str(part) for part in error.get("loc", ())) or "body"
-        raise RequestError(names.get(field, field), str(error.get("msg", "is invalid"))) from None
-
-
-def renamed(exc: RequestError, names: dict[str, str]) -> RequestError:
-    """The same error, its field spelled as the compatibility API's client knows it."""
-    field = exc.field or ""
-    message = str(exc).removeprefix(f"{field}: ")
-    base = field.split("[")[0].split(".")[0]
-    new = names.get(field) or names.get(base) or field
-    return RequestError(new, message)
-
-
-async def run_to_end(
-    service: JobService,
-    body: schemas.JobCreate,
-    request: Request,
-    names: dict[str, str],
-    uploads: dict[str, Upload] | None = None,
-) -> schemas.Job:
-    """Submit a job and wait until it ends (see the module docstring for why). Validation
-    errors come back renamed for the caller's API. If the client disconnects while waiting,
-    the job is cancelled. ``uploads``: images the route already decoded (never twice)."""
-    try:
-        client = request.client.host if request.client else ""
-        owner = caller(request).owner
-        job, _ = await run_in_threadpool(service.submit, body, None, client, owner, uploads)
-    except RequestError as exc:
-        raise renamed(exc, names) from None
-    async with contextlib.aclosing(service.events(job.id, keepalive_s=WAIT_POLL_S)) as events:
-        async for event in events:
-            if event is None and await request.is_disconnected():
-                await run_in_threadpool(service.cancel, job.id)
-                break
-    return await run_in_threadpool(service.get, job.id)
-
-
-def read_png_b64(service: JobService, image_id: str) -> str:
-    """A result PNG (with its record chunks) as base64."""
-    path, _record = service.image(image_id)
-    return base64.b64encode(path.read_bytes()).decode("ascii")
-
-
-def encode_png_b64(image: Image.Image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def parse_size(text: str | None, field: str = "size") -> tuple[int | None, int | None]:
@@ -177,8 +131,6 @@ class OpenAIError(Exception):
 
 
 def _from_validation(exc: RequestValidationError) -> OpenAIError:
-    from toile.serve.app import field_from_loc
-
     errors = list(exc.errors())
     errors.sort(key=lambda e: e.get("type") != "extra_forbidden")
     first = errors[0] if errors else {"loc": ("body",), "msg": "invalid request"}
@@ -284,6 +236,9 @@ class EditFields(ImageOptions):
 
     input_fidelity: Literal["high", "low"] | None = Field(None, description="ignored")
     strength: float | None = Field(None, gt=0.0, le=1.0, description="toile extension")
+    image_guidance: float | None = Field(
+        None, ge=0.0, le=MAX_GUIDANCE, description="toile extension: an instruction edit's "
+        "image guidance")
 
 
 def _model(name: str | None) -> str | None:
@@ -313,7 +268,7 @@ def _finish(
 ) -> dict[str, Any]:
     """The finished job as an ImagesResponse, or the OpenAI error for a job that did not
     succeed."""
-    if job.status == "cancelled":
+    if job.status is JobStatus.CANCELLED:
         raise OpenAIError(
             409,
             f"job {job.id} was cancelled before it finished",
@@ -321,7 +276,7 @@ def _finish(
             code="job_cancelled",
             job_id=job.id,
         )
-    if job.status != "succeeded":
+    if job.status is not JobStatus.SUCCEEDED:
         error = job.error or schemas.ErrorInfo(message=f"job {job.id} ended as {job.status}")
         if error.field:
             param = renamed(RequestError(error.field, error.message), OPENAI_NAMES).field
@@ -379,7 +334,6 @@ def _decode(data: bytes, field: str, max_pixels: int) -> Image.Image:
     """Format sniffed and pixels counted from the header before decoding (uploads.py's
     checks); unlike the native API's uploads, the alpha channel is kept: it is the mask."""
     from toile.io.images import open_image
-    from toile.serve.uploads import check_image_bytes
 
     check_image_bytes(data, field=field, max_pixels=max_pixels)
     return open_image(data, field=field, max_pixels=max_pixels)
@@ -425,6 +379,18 @@ def edit_inputs(
     return rgb, toile_mask
 
 
+def instruction_edit(service: JobService, model: str | None, *, masked: bool) -> bool:
+    """Whether an edit on ``model`` (None: the default) is an instruction edit: the model's
+    family serves the edit task, and the request is not an inpaint it can do (a mask, on a
+    model that also generates). From configs; nothing is loaded."""
+    try:
+        entry = service.registry.resolve(model or service.registry.default_id, allow_paths=False)
+        tasks = served_tasks(entry.path)
+    except (ToileError, OSError):
+        return False  # an unknown or unreadable model: the job's own checks say what is wrong
+    return Task.EDIT in tasks and not (masked and Task.GENERATE in tasks)
+
+
 @router.post(
     "/images/edits",
     responses=ERRORS,
@@ -436,7 +402,8 @@ def edit_inputs(
     },
 )
 async def edit_images(request: Request, service: Service) -> dict[str, Any]:
-    """OpenAI's ``images.edit`` (multipart): inpainting with a mask, img2img without one."""
+    """OpenAI's ``images.edit`` (multipart): on an edit model (InstructPix2Pix, Kontext...) the
+    prompt is the instruction; on other models inpainting with a mask, img2img without one."""
     config = service.config
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise RequestError("image", "send multipart/form-data with the image as a file part")
@@ -466,13 +433,21 @@ async def edit_images(request: Request, service: Service) -> dict[str, Any]:
 
     def prepare() -> tuple[schemas.JobCreate, dict[str, Upload]]:
         size = parse_size(options.size)
+        model = _model(options.model)
         if size[0] is not None and size[1] is not None:  # before any resizing work
-            service.check_output_size(_model(options.model), (size[0], size[1]), "size")
+            service.check_output_size(model, (size[0], size[1]), "size")
         image = _decode(data, "image", config.max_image_pixels)
         mask = _decode(mask_data, "mask", config.max_image_pixels) if mask_data else None
         rgb, toile_mask = edit_inputs(image, mask, size)
         fields = {**_fields(options), "width": None, "height": None}  # the image sets the size
         fields["strength"] = options.strength
+        fields["image_guidance"] = options.image_guidance
+        if instruction_edit(service, model, masked=toile_mask is not None):
+            if mask is not None:
+                raise RequestError("mask", f"{model or 'the default model'} edits by the "
+                                   "instruction in the prompt and takes no mask; leave it out")
+            fields["task"] = "edit"
+            toile_mask = None  # transparent pixels: the instruction says what to change
         uploads = {"image": upload_of(rgb)}  # decoded once here; the job takes them as they are
         if toile_mask is not None:
             uploads["mask"] = upload_of(toile_mask)
