@@ -67,7 +67,7 @@ def run_scenes(args: argparse.Namespace) -> int:
     finally:
         bar.close()
     data = report.to_dict()
-    data["model"] = engine.load(args.model).entry.id
+    data["model"] = engine.model_info(args.model).id
     data["settings"] = {
         "n": args.n,
         "seed": args.seed,

@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     if menu is None:  # a single file: its scheduler is known once loaded
         from toile.engine.engine import Engine
 
-        menu = Engine(device="cpu").load(args.model).loaded.samplers
+        menu = Engine(device="cpu").model_info(args.model).samplers
     if menu is None:
         print(f"{entry.id}: one fixed sampler")
         return 0

@@ -11,18 +11,20 @@ import contextlib
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from toile.engine.models import ModelEntry, ModelRegistry
+from toile.engine.loaded import CachedModel, ModelInfo
+from toile.engine.models import ModelRegistry
 from toile.engine.plan import Handoff, Plan, Stage, StageRole, plan_for
+from toile.engine.records import build_record, prompt_syntax, stage_info
 from toile.errors import ModelFormatError, RequestError, ToileError, UnsupportedModeError
 from toile.families.base import RefinerHandoff, TextReader
 from toile.families.registry import detect_family
 from toile.progress import ProgressCallback, RunContext
 from toile.request import GenerationRequest, Mode, ResolvedRequest, Task, resolve
-from toile.result import GenerationResult, ImageRecord
+from toile.result import GenerationResult
 from toile.safety.output_check import FlagAction, OutputCheck
 from toile.safety.output_check import apply as apply_output_check
 from toile.safety.policy import Policy, enforce
@@ -30,14 +32,12 @@ from toile.safety.provenance import label as provenance_label
 from toile.safety.watermark import WatermarkConfig
 from toile.safety.watermark import apply as apply_watermark
 from toile.safety.watermark import default_config as default_watermark
-from toile.samplers import DEFAULT_SAMPLER, scheduler_swapped
+from toile.samplers import scheduler_swapped
 
 if TYPE_CHECKING:
     import torch
 
-    from toile.families.base import Family, LoadedModel
-    from toile.request import FamilyDefaults
-    from toile.samplers import SamplerMenu
+    from toile.families.base import Family
 
 DEVICES = ("cpu", "cuda", "mps")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -74,27 +74,6 @@ def pick_dtype(dtype: str | None, device: str, gpu_default: str = "float16") -> 
     return getattr(torch, dtype)
 
 
-@dataclass
-class _Cached:
-    entry: ModelEntry
-    family: Family
-    loaded: LoadedModel
-    model_hash: str
-    load_s: float
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What a loaded model declares, for callers that check requests before running them
-    (the server, at submit): ``resolve(request, info.defaults, info.family, info.samplers)``
-    gives the same answer the run would."""
-
-    id: str
-    family: str
-    defaults: FamilyDefaults
-    samplers: SamplerMenu | None
-
-
 class Engine:
     """Registry + cache of loaded models + ``run``. Thread-safe: one run at a time per engine."""
 
@@ -129,10 +108,10 @@ class Engine:
         pick_dtype(dtype, self.device)  # reject a bad --dtype before any model loads
         self.cache_size = cache_size
         self.allow_paths = allow_paths
-        self._cache: OrderedDict[str, _Cached] = OrderedDict()
+        self._cache: OrderedDict[str, CachedModel] = OrderedDict()
         self._lock = threading.RLock()
 
-    def load(self, model: str | None = None) -> _Cached:
+    def load(self, model: str | None = None) -> CachedModel:
         """Load (or fetch from the cache) the model named by id or path."""
         from toile.io.weights import check_folder_weights, model_hash
         from toile.logs import quiet_libraries
@@ -152,7 +131,7 @@ class Engine:
             start = time.perf_counter()
             loaded = family.load(entry.path, self.device, dtype)
             load_s = time.perf_counter() - start
-            cached = _Cached(entry, family, loaded, model_hash(entry.path), load_s)
+            cached = CachedModel(entry, family, loaded, model_hash(entry.path), load_s)
             self._cache[key] = cached
             while len(self._cache) > self.cache_size:
                 self._cache.popitem(last=False)
@@ -164,7 +143,7 @@ class Engine:
         return ModelInfo(cached.entry.id, cached.family.name, cached.loaded.defaults,
                          cached.loaded.samplers)
 
-    def resolve(self, request: GenerationRequest) -> tuple[_Cached, ResolvedRequest]:
+    def resolve(self, request: GenerationRequest) -> tuple[CachedModel, ResolvedRequest]:
         if request.model is None and request.task is not Task.GENERATE:
             request = replace(request, model=self.default_model(request.task))
         cached = self.load(request.model)
@@ -255,7 +234,7 @@ class Engine:
         policy = {"policy": {"warnings": [m.to_dict() for m in warnings]}} if warnings else {}
         refiner = next((m for role, m in stages if role is StageRole.REFINER), None)
         records = [
-            replace(self._record(cached, resolved, seed, timings, refiner),
+            replace(build_record(cached, resolved, seed, timings, refiner),
                     stages=tuple(stage_info(role, m) for role, m in stages),
                     safety=policy | ({"output": check} if check else {})
                     | {"watermark": outcome.to_dict()})
@@ -264,7 +243,7 @@ class Engine:
         return GenerationResult(images=images, records=records, timings=timings,
                                 finish_png=provenance_label)
 
-    def _run_text(self, cached: _Cached, resolved: ResolvedRequest, ctx: RunContext,
+    def _run_text(self, cached: CachedModel, resolved: ResolvedRequest, ctx: RunContext,
                   warnings: list, start: float) -> GenerationResult:
         """Caption or answer: the family's reader writes one text per seed."""
         family = cached.family
@@ -278,17 +257,17 @@ class Engine:
         timings = {"load_s": round(cached.load_s, 4),
                    "generate_s": round(time.perf_counter() - start, 4)}
         policy = {"policy": {"warnings": [m.to_dict() for m in warnings]}} if warnings else {}
-        records = [replace(self._record(cached, resolved, seed, timings), text=text,
+        records = [replace(build_record(cached, resolved, seed, timings), text=text,
                            safety=policy)
                    for seed, text in zip(resolved.seeds, texts, strict=True)]
         return GenerationResult(images=[], records=records, timings=timings, texts=texts)
 
-    def _run_plan(self, plan: Plan, cached: _Cached, resolved: ResolvedRequest,
-                  ctx: RunContext) -> tuple[list, list[tuple[StageRole, _Cached]]]:
+    def _run_plan(self, plan: Plan, cached: CachedModel, resolved: ResolvedRequest,
+                  ctx: RunContext) -> tuple[list, list[tuple[StageRole, CachedModel]]]:
         """Run the plan's stages in order; returns the final images and (role, model) of each
         stage that ran."""
         stages = list(plan.stages)
-        ran: list[tuple[StageRole, _Cached]] = []
+        ran: list[tuple[StageRole, CachedModel]] = []
         images: list = []
         index = 0
         while index < len(stages):
@@ -317,7 +296,7 @@ class Engine:
                       for image in images]
         return images, ran
 
-    def _run_follow_up(self, model: _Cached, request: GenerationRequest,
+    def _run_follow_up(self, model: CachedModel, request: GenerationRequest,
                        ctx: RunContext) -> Any:
         """One image through a later stage (resolved against that stage's model)."""
         resolved = resolve(request, model.loaded.defaults, model.family.name,
@@ -330,7 +309,7 @@ class Engine:
             image = image.resize(size, Image.Resampling.LANCZOS)
         return image
 
-    def _stage_model(self, base: _Cached, stage: Stage) -> _Cached:
+    def _stage_model(self, base: CachedModel, stage: Stage) -> CachedModel:
         if stage.role is StageRole.REFINER:
             assert stage.model is not None
             return self._load_refiner(base, stage.model)
@@ -340,8 +319,8 @@ class Engine:
         self.cache_size = max(self.cache_size, 2)
         return self.load(stage.model)
 
-    def _run_mode(self, cached: _Cached, resolved: ResolvedRequest, ctx: RunContext,
-                  refiner: _Cached | None = None) -> list:
+    def _run_mode(self, cached: CachedModel, resolved: ResolvedRequest, ctx: RunContext,
+                  refiner: CachedModel | None = None) -> list:
         """One stage: run the request's mode (outpaint as inpaint on the extended canvas;
         inpainting keeps the unmasked pixels), alone or handing off to ``refiner``."""
         from toile.engine.outpaint import composite, extend_canvas
@@ -378,14 +357,14 @@ class Engine:
         return images
 
     @staticmethod
-    def _check_count(cached: _Cached, images: list, resolved: ResolvedRequest) -> None:
+    def _check_count(cached: CachedModel, images: list, resolved: ResolvedRequest) -> None:
         if len(images) != len(resolved.seeds):
             raise RuntimeError(
                 f"{cached.family.name} returned {len(images)} images "
                 f"for {len(resolved.seeds)} seeds"
             )
 
-    def _load_refiner(self, base: _Cached, refiner: str) -> _Cached:
+    def _load_refiner(self, base: CachedModel, refiner: str) -> CachedModel:
         """The refiner model of a base -> refiner hand-off, checked against the base first."""
         entry = self.registry.resolve(refiner, allow_paths=self.allow_paths)
         check_refiner(base.family, detect_family(entry.path), refiner)
@@ -394,7 +373,7 @@ class Engine:
         return self.load(refiner)
 
     @staticmethod
-    def _check_loras(cached: _Cached, request: GenerationRequest) -> None:
+    def _check_loras(cached: CachedModel, request: GenerationRequest) -> None:
         from toile.io.lora_info import check_lora_file
         from toile.io.weights import refuse_pickle
 
@@ -414,114 +393,6 @@ class Engine:
             except ModelFormatError as exc:
                 raise RequestError("loras.path", str(exc)) from None
 
-    def _record(
-        self,
-        cached: _Cached,
-        resolved: ResolvedRequest,
-        seed: int,
-        timings: dict[str, float],
-        refiner: _Cached | None = None,
-    ) -> ImageRecord:
-        from toile.io.weights import model_hash
-
-        request = resolved.request
-        outpaint = request.outpaint
-        syntax = prompt_syntax(cached.family, request)
-        text_task = resolved.task.makes_text
-        return ImageRecord(
-            task=resolved.task.value,
-            inputs=input_hashes(request),
-            question=request.question,
-            detail=request.detail.value if resolved.task is Task.CAPTION else None,
-            scale=resolved.scale,
-            image_guidance=resolved.image_guidance,
-            noise_level=resolved.noise_level,
-            hires=asdict(resolved.hires) if resolved.hires is not None else None,
-            model_id=cached.entry.id,
-            family=cached.family.name,
-            variant=cached.loaded.variant,
-            model_hash=cached.model_hash,
-            mode=resolved.mode.value,
-            prompt=request.prompt,
-            negative_prompt=request.negative_prompt,
-            width=resolved.width,
-            height=resolved.height,
-            steps=resolved.steps,
-            guidance=resolved.guidance,
-            seed=seed,
-            strength=resolved.strength,
-            outpaint=(
-                (outpaint.left, outpaint.top, outpaint.right, outpaint.bottom) if outpaint else None
-            ),
-            loras=tuple(
-                {"name": Path(lo.path).stem, "hash": model_hash(lo.path), "scale": lo.scale}
-                for lo in request.loras
-            ),
-            refiner_id=refiner.entry.id if refiner is not None else None,
-            refiner_hash=refiner.model_hash if refiner is not None else None,
-            refiner_switch=resolved.refiner_switch,
-            prompt_weights=syntax.weights,
-            prompt_note=syntax.note,
-            sampler=resolved.sampler.name if resolved.sampler is not None else (
-                "" if text_task else DEFAULT_SAMPLER),
-            schedule=resolved.sampler.schedule.value if resolved.sampler is not None else "",
-            device=cached.loaded.device,
-            dtype=str(cached.loaded.dtype).removeprefix("torch."),
-            software=software_versions(),
-            timings=timings,
-        )
-
-
-def input_hashes(request: GenerationRequest) -> dict[str, str]:
-    """SHA-256 of each input image's pixels (mode, size and RGB(A)/L bytes), so a record names
-    exactly which picture went in, whatever file format carried it."""
-    import hashlib
-
-    found = {}
-    for name in ("image", "mask"):
-        image = getattr(request, name)
-        if image is not None:
-            digest = hashlib.sha256(f"{image.mode}:{image.size[0]}x{image.size[1]}:".encode())
-            digest.update(image.tobytes())
-            found[name] = digest.hexdigest()
-    return found
-
-
-def stage_info(role: StageRole, model: _Cached) -> dict[str, str]:
-    return {"role": role.value, "model_id": model.entry.id, "family": model.family.name,
-            "model_hash": model.model_hash}
-
-
-@dataclass(frozen=True)
-class PromptSyntax:
-    """What became of a prompt's A1111 syntax: ``weights`` (the parsed pieces, for a family that
-    applies them), or ``plain`` (prompt, negative) words for one that cannot, with ``note``."""
-
-    weights: tuple[tuple[str, float], ...] = ()
-    plain: tuple[str, str] | None = None
-    note: str = ""
-
-
-def prompt_syntax(family: Family, request: GenerationRequest) -> PromptSyntax:
-    """Families whose text encoders are CLIP (``prompt_weights = True``: SD, SDXL) weight the
-    tokens; the others (T5, toile's sentence encoder) get the words without the syntax, never
-    literal brackets, and the record says so."""
-    from toile import prompt_syntax as syntax
-
-    prompt, negative = request.prompt, request.negative_prompt
-    if not (syntax.has_syntax(prompt) or syntax.has_syntax(negative)):
-        return PromptSyntax()
-    if getattr(family, "prompt_weights", False):
-        pieces = syntax.parse(prompt)
-        return PromptSyntax(weights=tuple((p.text, p.weight) for p in pieces))
-    plain = (syntax.plain_text(prompt), syntax.plain_text(negative))
-    return PromptSyntax(
-        plain=plain,
-        note=f"A1111 emphasis syntax removed: the {family.name} family's text encoders take no "
-        f"weights; the model was given the prompt {plain[0]!r}",
-    )
-
-
 def check_refiner(base: Family, refiner: Family, refiner_name: str) -> None:
     """A refiner hand-off needs a base family that has one and a refiner of the same family
     (cheap: families are detected from configs, nothing is loaded)."""
@@ -535,13 +406,3 @@ def check_refiner(base: Family, refiner: Family, refiner_name: str) -> None:
         )
 
 
-def software_versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    found = {}
-    for name in ("toile", "torch", "diffusers", "transformers", "peft"):
-        try:
-            found[name] = version(name)
-        except PackageNotFoundError:
-            continue
-    return found

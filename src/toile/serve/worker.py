@@ -30,7 +30,7 @@ from toile.serve.uploads import fsync_dir, fsync_file, load_saved
 if TYPE_CHECKING:
     from PIL import Image
 
-    from toile.engine.engine import ModelInfo
+    from toile.engine.loaded import ModelInfo
     from toile.progress import ProgressEvent
     from toile.serve.config import ServeConfig
 

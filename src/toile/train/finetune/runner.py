@@ -213,7 +213,7 @@ class FinetuneRunner:
         acc, config = self.accelerator, self.config
         if acc.is_main_process:
             engine = Engine(device=config.device, cache_size=1)
-            defaults = engine.load(config.model).loaded.defaults
+            defaults = engine.model_info(config.model).defaults
             resolution = self._resolution(defaults)
             self.echo(f"class images: {config.num_class_images} of {config.class_prompt!r} in "
                       f"{config.class_images_dir}")
