@@ -66,13 +66,26 @@ def test_hires_bad_input(fields, field):
     assert err.value.field == field
 
 
+def test_no_step_left_is_refused_before_running(tiny_models):
+    engine = Engine(policy=None)
+    model = str(tiny_models("sd"))
+    with pytest.raises(RequestError) as err:
+        engine.run(GenerationRequest("a cat", model=model, steps=2, width=32, height=32,
+                                     hires_scale=2.0, hires_strength=0.4))
+    assert err.value.field == "hires_strength"
+    with pytest.raises(RequestError) as err:
+        engine.run(GenerationRequest("a cat", model=model, steps=3, strength=0.2,
+                                     image=Image.new("RGB", (32, 32))))
+    assert err.value.field == "strength" and "at least" in str(err.value)
+
+
 def test_hires_on_img2img_and_unknown_upscaler_are_refused(tiny_models):
     with pytest.raises(RequestError) as err:
         GenerationRequest("a cat", image=Image.new("RGB", (32, 32)), hires_scale=2.0)
     assert err.value.field == "hires_scale"
     engine = Engine(policy=None)
     with pytest.raises(Exception, match="nope"):
-        engine.run(GenerationRequest("a cat", model=str(tiny_models("sd")), steps=1, width=32,
+        engine.run(GenerationRequest("a cat", model=str(tiny_models("sd")), steps=2, width=32,
                                      height=32, hires_scale=2.0, hires_upscaler="nope"))
 
 

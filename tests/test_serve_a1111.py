@@ -134,7 +134,11 @@ ERROR_CASES = [
     ({"width": 4}, "width"),
     ({"seed": -5}, "seed"),
     ({"batch_size": 4, "n_iter": 4}, "batch_size"),
-    ({"enable_hr": True}, "enable_hr"),
+    ({"enable_hr": True, "hr_upscaler": "ESRGAN_4x"}, "hr_upscaler"),
+    ({"enable_hr": True, "hr_scale": 9}, "hr_scale"),
+    ({"enable_hr": True, "hr_sampler_name": "Euler"}, "hr_sampler_name"),
+    ({"enable_hr": True, "hr_resize_x": 64, "hr_resize_y": 48}, "hr_resize_x"),
+    ({"enable_hr": True, "denoising_strength": 0}, "denoising_strength"),
     ({"restore_faces": True}, "restore_faces"),
     ({"alwayson_scripts": {"ControlNet": {"args": [1]}}}, "alwayson_scripts.ControlNet"),
     (
@@ -151,6 +155,26 @@ ERROR_CASES = [
     # Known id, but the tiny SD model has no refiner hand-off (only SDXL has): found at run time.
     ({"refiner_checkpoint": MODEL}, "refiner_checkpoint"),
 ]
+
+
+def test_hires_fix_with_webuiapi(scripted, tmp_path):
+    """webuiapi's txt2img with enable_hr: its default Latent upscaler runs as Lanczos (the
+    record says so), a named one as that model; the image is the hires size."""
+    with live_server(scripted, tmp_path / "data") as port:
+        api = webuiapi.WebUIApi(host="127.0.0.1", port=port, sampler="DDIM", steps=2)
+        result = api.txt2img(prompt="a red circle", seed=3, width=32, height=32,
+                             enable_hr=True, hr_scale=1.5, denoising_strength=0.5)
+        assert result.image.size == (48, 48)
+        record = result.info["toile_records"][0]
+        assert record["hires"]["upscaler"] == "lanczos" and record["hires"]["strength"] == 0.5
+        assert "Hires upscale: 1.5" in result.info["infotexts"][0]
+        named = api.txt2img(prompt="x", seed=3, width=32, height=32, enable_hr=True,
+                            hr_upscaler="Nearest", hr_resize_x=64, hr_resize_y=64,
+                            hr_second_pass_steps=2)
+        assert named.image.size == (64, 64)
+        assert named.info["toile_records"][0]["hires"] == {
+            "scale": 2.0, "upscaler": "nearest", "width": 64, "height": 64, "steps": 2,
+            "strength": 0.7}
 
 
 def test_errors_name_the_a1111_field(scripted, tmp_path):

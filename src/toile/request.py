@@ -513,6 +513,11 @@ def resolve(
         strength = request.strength if request.strength is not None else defaults.strength
     elif mode in (Mode.INPAINT, Mode.OUTPAINT):
         strength = request.strength if request.strength is not None else defaults.inpaint_strength
+    steps = request.steps if request.steps is not None else defaults.steps
+    if strength is not None and int(steps * strength) < 1:
+        # diffusers' img2img/inpaint denoise int(steps x strength) steps: none would run.
+        raise RequestError("strength", f"with {steps} steps, strength {strength:g} leaves no "
+                           f"step to run; use more steps or a strength of at least {1 / steps:g}")
     switch = None if request.refiner is None else (
         request.refiner_switch or defaults.refiner_switch)
     if switch is not None and strength is not None and strength <= 1 - switch:
@@ -526,7 +531,6 @@ def resolve(
         )
     base_seed = request.seed if request.seed is not None else secrets.randbelow(2**32)
     seeds = tuple((base_seed + i) % (MAX_SEED + 1) for i in range(request.num_images))
-    steps = request.steps if request.steps is not None else defaults.steps
     return ResolvedRequest(
         request=request,
         mode=mode,
@@ -624,12 +628,18 @@ def _resolve_hires(request: GenerationRequest, defaults: FamilyDefaults, family:
             for side in (width, height)]
     resolve_budget(size[0], size[1], defaults.max_pixels, "hires_scale",
                    f" for the {family} family ({width}x{height} times {request.hires_scale:g})")
+    hires_steps = request.hires_steps if request.hires_steps is not None else steps
+    strength = request.hires_strength if request.hires_strength is not None else (
+        defaults.hires_strength)
+    if int(hires_steps * strength) < 1:
+        raise RequestError("hires_strength", f"with {hires_steps} hires steps, strength "
+                           f"{strength:g} leaves no step to run; use more hires steps or a "
+                           f"strength of at least {1 / hires_steps:g}")
     return Hires(
         scale=request.hires_scale,
         upscaler=request.hires_upscaler or DEFAULT_HIRES_UPSCALER,
         width=size[0],
         height=size[1],
-        steps=request.hires_steps if request.hires_steps is not None else steps,
-        strength=request.hires_strength if request.hires_strength is not None
-        else defaults.hires_strength,
+        steps=hires_steps,
+        strength=strength,
     )

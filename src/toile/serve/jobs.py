@@ -400,6 +400,15 @@ class JobService:
             menu = checkpoint_samplers(entries["model"].path)
             if menu is not None:
                 menu.choose(body.sampler, body.schedule)
+        if body.hires_scale is not None:  # the upscaler: a registered id that upscales
+            from toile.request import DEFAULT_HIRES_UPSCALER
+
+            upscaler = body.hires_upscaler or DEFAULT_HIRES_UPSCALER
+            entry = self._entries(upscaler, None)["model"]
+            try:
+                self._check_serves(entry, Task.UPSCALE)
+            except RequestError as exc:
+                raise RequestError("hires_upscaler", exc.message) from None
 
     def _check_serves(self, entry: ModelEntry, task: Task) -> None:
         """A model that cannot do the task is a 422 naming ``model`` now, not a failed job
@@ -601,6 +610,10 @@ def _spec(job_id: str, body: schemas.JobCreate, task: Task, model: str,
         scale=body.scale,
         image_guidance=body.image_guidance,
         noise_level=body.noise_level,
+        hires_scale=body.hires_scale,
+        hires_upscaler=body.hires_upscaler,
+        hires_steps=body.hires_steps,
+        hires_strength=body.hires_strength,
         image=files.get("image"),
         mask=files.get("mask"),
     )

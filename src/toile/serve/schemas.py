@@ -105,6 +105,19 @@ class JobCreate(BaseModel):
     noise_level: int | None = Field(
         None, ge=0, le=1000, description="upscale: noise added to the input (diffusion upscalers)"
     )
+    hires_scale: float | None = Field(
+        None, gt=1.0, le=MAX_SCALE, description="hires fix (txt2img): upscale the image this "
+        "many times, then img2img it at that size; null = off"
+    )
+    hires_upscaler: str | None = Field(
+        None, max_length=64, description="hires fix: upscale model id (default lanczos)"
+    )
+    hires_steps: int | None = Field(
+        None, ge=1, le=MAX_STEPS, description="hires fix: steps of the second pass (= steps)"
+    )
+    hires_strength: float | None = Field(
+        None, gt=0.0, le=1.0, description="hires fix: denoising strength (0.7)"
+    )
     webhook: str | None = Field(
         None, max_length=2048, description="http(s) URL called with the job as JSON when it ends"
     )

@@ -94,6 +94,10 @@ class JobSpec:
     scale: float | None = None
     image_guidance: float | None = None
     noise_level: int | None = None
+    hires_scale: float | None = None
+    hires_upscaler: str | None = None
+    hires_steps: int | None = None
+    hires_strength: float | None = None
     image: str | None = None
     mask: str | None = None
 
@@ -195,4 +199,8 @@ class JobSpec:
             scale=self.scale,
             image_guidance=self.image_guidance,
             noise_level=self.noise_level,
+            hires_scale=self.hires_scale,
+            hires_upscaler=self.hires_upscaler,
+            hires_steps=self.hires_steps,
+            hires_strength=self.hires_strength,
         )

@@ -20,13 +20,19 @@ Mapping (see README "Serve"):
   A1111 name (``DDIMScheduler`` -> ``"DDIM"``, ``EulerDiscreteScheduler`` -> ``"Euler"``...) or
   diffusers class name are accepted; anything else is a 422 naming ``sampler_name``.
   ``scheduler`` must be ``"automatic"``.
-- Refused with a 422 naming the field unless left at A1111's "off" value: ``enable_hr``,
+- Hires fix (``enable_hr``): ``hr_scale`` (or ``hr_resize_x/y`` in the same aspect ratio),
+  ``hr_upscaler`` (an upscaler of ``GET /sdapi/v1/upscalers``; A1111's ``Latent*`` upscalers
+  resize latents, which toile's pixel-space hires fix cannot, so they run as Lanczos and the
+  record's ``hires.upscaler`` says ``lanczos``), ``hr_second_pass_steps``, and
+  ``denoising_strength`` -> the job's ``hires_*`` fields. A different checkpoint, sampler or
+  prompt for the second pass is a 422.
+- Refused with a 422 naming the field unless left at A1111's "off" value:
   ``restore_faces``, ``tiling``, ``subseed_strength``, ``styles``, ``script_name``,
   ``alwayson_scripts``, other ``override_settings``, more than one
   init image, ``resize_mode`` 2/3.
 - Accepted and ignored (sampler tuning and saving options with no toile equivalent):
   ``eta``, ``s_churn``, ``s_tmin``, ``s_tmax``, ``s_noise``, ``subseed``, ``seed_resize_*``,
-  ``hr_*``/``firstphase_*`` while ``enable_hr`` is off, ``inpainting_fill``,
+  ``hr_*`` while ``enable_hr`` is off, ``inpainting_fill``,
   ``inpaint_full_res*``, ``image_cfg_scale``, ``initial_noise_multiplier``,
   ``do_not_save_*``, ``save_images``, and unknown fields (A1111 ignores them too); ``info``
   lists the unknown ones under ``toile_ignored``.
@@ -79,6 +85,10 @@ A1111_NAMES = {
     "refiner_switch": "refiner_switch_at",
     "sampler": "sampler_name",
     "schedule": "scheduler",
+    "hires_scale": "hr_scale",
+    "hires_upscaler": "hr_upscaler",
+    "hires_steps": "hr_second_pass_steps",
+    "hires_strength": "denoising_strength",
 }
 # JobCreate's field names -> the extras' and interrogate's.
 EXTRAS_NAMES = {"scale": "upscaling_resize", "model": "upscaler_1", "width": "upscaling_resize"}
@@ -139,8 +149,68 @@ class Processing(BaseModel):
 class Txt2ImgBody(Processing):
     """``POST /sdapi/v1/txt2img``."""
 
-    enable_hr: bool = Field(False, description="hires fix: must be off")
-    denoising_strength: float | None = Field(None, description="hires fix only: ignored")
+    enable_hr: bool = Field(False, description="hires fix: txt2img, upscale, img2img")
+    denoising_strength: float | None = Field(None, gt=0.0, le=1.0,
+                                             description="hires fix's strength (0.7)")
+    hr_scale: float = Field(2.0, description="hires fix: upscale factor")
+    hr_upscaler: str | None = Field(None, max_length=200, description="hires fix: upscaler "
+                                    "(GET /sdapi/v1/upscalers; Latent* -> Lanczos, see docs)")
+    hr_second_pass_steps: int = Field(0, ge=0, le=MAX_STEPS, description="0 = steps")
+    hr_resize_x: int = Field(0, ge=0, le=MAX_SIDE, description="hires size instead of hr_scale")
+    hr_resize_y: int = Field(0, ge=0, le=MAX_SIDE, description="hires size instead of hr_scale")
+    hr_checkpoint_name: str | None = Field(None, description="must be unset (the same model)")
+    hr_sampler_name: str | None = Field(None, description="must be unset (the same sampler)")
+    hr_prompt: str = Field("", description="must be empty or the prompt")
+    hr_negative_prompt: str = Field("", description="must be empty or the negative prompt")
+    firstphase_width: int = Field(0, description="deprecated: must be 0")
+    firstphase_height: int = Field(0, description="deprecated: must be 0")
+
+
+# A1111's latent upscalers resize the latents; toile's hires fix upscales pixels, so they run as
+# Lanczos, and the job's record names the upscaler that ran (never silently: see docs).
+LATENT_UPSCALERS = ("Latent", "Latent (antialiased)", "Latent (bicubic)",
+                    "Latent (bicubic antialiased)", "Latent (nearest)", "Latent (nearest-exact)")
+
+
+def hires_fields(service: JobService, body: Txt2ImgBody) -> dict[str, Any]:
+    """A1111's hires fix (``enable_hr`` and its ``hr_*`` fields) as the job's hires fields."""
+    if not body.enable_hr:
+        return {}
+    for name, value in (("hr_checkpoint_name", body.hr_checkpoint_name),
+                        ("hr_sampler_name", body.hr_sampler_name)):
+        if value and value not in ("Use same checkpoint", "Use same sampler"):
+            raise RequestError(name, "toile's hires pass uses the first pass's model and "
+                               "sampler; leave it unset")
+    for name, value, same in (("hr_prompt", body.hr_prompt, body.prompt),
+                              ("hr_negative_prompt", body.hr_negative_prompt,
+                               body.negative_prompt)):
+        if value and value != same:
+            raise RequestError(name, "a different prompt for the hires pass is not supported")
+    if body.firstphase_width or body.firstphase_height:
+        raise RequestError("firstphase_width", "deprecated; use width/height and hr_scale")
+    scale = body.hr_scale
+    if body.hr_resize_x or body.hr_resize_y:
+        ratios = {round(size / side, 4) for size, side in
+                  ((body.hr_resize_x, body.width), (body.hr_resize_y, body.height)) if size}
+        if len(ratios) != 1:
+            raise RequestError("hr_resize_x", "toile's hires fix scales both sides alike; give "
+                               "hr_resize_x/y in the first pass's aspect ratio, or hr_scale")
+        scale = ratios.pop()
+    name = body.hr_upscaler or "Latent"
+    upscaler = None if name in LATENT_UPSCALERS else hires_upscaler(service, name)
+    return {"hires_scale": scale, "hires_upscaler": upscaler,
+            "hires_steps": body.hr_second_pass_steps or None,
+            "hires_strength": body.denoising_strength}
+
+
+def hires_upscaler(service: JobService, name: str) -> str:
+    try:
+        model = upscaler_model(service, name)
+    except RequestError as exc:
+        raise RequestError("hr_upscaler", exc.message) from None
+    if model is None:
+        raise RequestError("hr_upscaler", "hires fix needs an upscaler; None is not one")
+    return model
 
 
 class Img2ImgBody(Processing):
@@ -193,7 +263,6 @@ def _check_off(body: Processing) -> None:
     """Features toile does not have must be off: asking for them is an error, not a silent
     no-op that would return a different picture than the client expects."""
     flags = {
-        "enable_hr": getattr(body, "enable_hr", False),
         "restore_faces": body.restore_faces,
         "tiling": body.tiling,
         "subseed_strength": body.subseed_strength,
@@ -246,7 +315,9 @@ def request_fields(service: JobService, checkpoint: str | None, body: Processing
     refiner = None
     if body.refiner_checkpoint:  # A1111 sends "" or None for "no refiner"
         refiner = resolve_model(service, body.refiner_checkpoint, "refiner_checkpoint").id
+    hires = hires_fields(service, body) if isinstance(body, Txt2ImgBody) else {}
     return {
+        **hires,
         "refiner": refiner,
         "refiner_switch": body.refiner_switch_at if refiner is not None else None,
         "prompt": prompt,

@@ -1,5 +1,7 @@
 // toile's web page: one ES module, no build step, talking to the native API only
 // (/v1/models, /v1/events, /v1/jobs, /v1/jobs/{id}/events, /v1/images/{id}).
+// Tabs: Generate, Edit, Caption & Ask, Upscale. Every tab sends a job (`task` names it) and
+// follows it in the same Jobs list; images go to the gallery, captions and answers are text.
 //
 // Why fetch() everywhere, even for the event stream and images: with an API token every call
 // needs an Authorization header, which EventSource and <img src> cannot send. Events are read
@@ -14,16 +16,49 @@ const MAX_JOBS = 20;
 // Job event streams open at once: a browser allows six connections per server, and the
 // server's own stream, image downloads and new submissions need some of them.
 const MAX_JOB_STREAMS = 3;
-const FIELD_INPUTS = {
-  num_images: "num_images",
-  image: "image-file",
-  mask: "mask-canvas",
-  "outpaint.left": "outpaint-left",
-  "outpaint.top": "outpaint-top",
-  "outpaint.right": "outpaint-right",
-  "outpaint.bottom": "outpaint-bottom",
-  outpaint: "outpaint-left",
+// Each form of the page: its error line, and the input that an API field (a 422's `field`)
+// names there. Generate's other fields are inputs of the same id ("seed" is #seed); the task
+// forms list all of theirs, so an edit's "seed" never marks Generate's.
+const FORMS = {
+  generate: {
+    error: "form-error",
+    fields: {
+      image: "image-file",
+      mask: "mask-canvas",
+      "outpaint.left": "outpaint-left",
+      "outpaint.top": "outpaint-top",
+      "outpaint.right": "outpaint-right",
+      "outpaint.bottom": "outpaint-bottom",
+      outpaint: "outpaint-left",
+    },
+  },
+  edit: {
+    error: "edit-error",
+    fields: {
+      image: "edit-image", prompt: "edit-prompt", model: "edit-model", steps: "edit-steps",
+      guidance: "edit-guidance", image_guidance: "edit-image-guidance", seed: "edit-seed",
+    },
+  },
+  // Caption and Ask share the tab's image and its error line.
+  caption: { error: "read-error", fields: { image: "read-image", model: "caption-model", detail: "detail-short" } },
+  answer: { error: "read-error", fields: { image: "read-image", model: "answer-model", question: "question" } },
+  upscale: {
+    error: "upscale-error",
+    fields: {
+      image: "upscale-image", model: "upscaler", scale: "upscale-scale", prompt: "upscale-prompt",
+      noise_level: "noise-level",
+    },
+  },
 };
+// The model picker of each task, and its submit button (disabled while no model serves it).
+const PICKERS = {
+  edit: { select: "edit-model", button: "edit-submit" },
+  caption: { select: "caption-model", button: "caption-submit" },
+  answer: { select: "answer-model", button: "ask-submit" },
+  upscale: { select: "upscaler", button: "upscale-submit" },
+};
+// The family of the built-in resampling filters (lanczos, bicubic, nearest): no prompt, no noise.
+const FILTER_FAMILY = "resize";
 
 // ------------------------------------------------------------------ API with the token
 class ApiError extends Error {
@@ -139,21 +174,56 @@ function short(text, length = 60) {
 // ------------------------------------------------------------------ models, LoRAs and status
 const models = { cards: new Map() };
 
+/** Whether a model serves a task, from its card's `tasks`. A card without them (its family
+ * could not be read) is offered for Generate only, as before tasks: the server decides. */
+function serves(id, task) {
+  const tasks = models.cards.get(id)?.tasks || [];
+  return tasks.includes(task) || (task === "generate" && tasks.length === 0);
+}
+
+/** Fill a model picker with ``ids``: the current choice stays if it is still there, else
+ * ``preferred``, else the first. ``marked`` is labelled as the server's default. */
+function fillPicker(select, ids, preferred, marked = null) {
+  const current = select.value;
+  const chosen = [current, preferred, ids[0]].find((id) => id && ids.includes(id));
+  select.replaceChildren(...ids.map((id) => new Option(id === marked ? `${id} (default)` : id, id)));
+  if (chosen) select.value = chosen;
+}
+
 async function loadModels() {
   const listing = await getJSON("/v1/models");
   models.cards = new Map(listing.data.map((card) => [card.id, card]));
-  const select = $("#model");
-  const current = select.value;
-  select.replaceChildren(
-    ...listing.models.map((id) => {
-      const option = new Option(id === listing.default ? `${id} (default)` : id, id);
-      option.selected = current ? id === current : id === listing.default;
-      return option;
-    }),
-  );
+  const generators = listing.models.filter((id) => serves(id, "generate"));
+  fillPicker($("#model"), generators, listing.default, listing.default);
+  // The listing names only Generate's default; another task's picker starts on that model
+  // when it serves the task too, else on its first.
+  for (const [task, picker] of Object.entries(PICKERS)) {
+    const ids = listing.models.filter((id) => serves(id, task));
+    fillPicker($(`#${picker.select}`), ids, serves(listing.default, task) ? listing.default : null);
+  }
+  updateAvailability();
   updateRefiners();
   updateSamplers();
+  updateUpscaler();
   showLoras(listing.loras);
+}
+
+/** A task no model serves: its picker and button are disabled and a hint says why. */
+function updateAvailability() {
+  for (const picker of Object.values(PICKERS)) {
+    const select = $(`#${picker.select}`);
+    const none = select.options.length === 0;
+    select.disabled = none;
+    $(`#${picker.button}`).disabled = none;
+    $(`.no-models[data-for="${picker.select}"]`).hidden = !none;
+  }
+}
+
+/** Resampling filters take no prompt and add no noise: those inputs are off for them. */
+function updateUpscaler() {
+  const filter = models.cards.get($("#upscaler").value)?.family === FILTER_FAMILY;
+  $("#upscale-prompt").disabled = filter;
+  $("#noise-level").disabled = filter;
 }
 
 /** Offer as refiners only the models the server says can refine the chosen one: refiner
@@ -534,64 +604,280 @@ function buildBody() {
   return body;
 }
 
-function clearErrors() {
-  $("#form-error").textContent = "";
+/** A mistake the page finds before sending, shown like the server's 422 for that field. */
+const fieldError = (field, message) => new ApiError(0, { field, message });
+
+function clearErrors(form = "generate") {
+  $(`#${FORMS[form].error}`).textContent = "";
   for (const element of document.querySelectorAll("[aria-invalid]")) element.removeAttribute("aria-invalid");
 }
 
-function showError(message, field) {
-  $("#form-error").textContent = message;
-  const input = fieldInput(field);
+/** One line under the form that sent it; the input it names is marked and focused. */
+function showError(message, field, form = "generate") {
+  const line = $(`#${FORMS[form].error}`);
+  line.textContent = message;
+  const input = fieldInput(field, form);
   if (input) {
     input.setAttribute("aria-invalid", "true");
     input.focus();
   }
-  $("#form-error").scrollIntoView({ block: "nearest" });
+  line.scrollIntoView({ block: "nearest" });
 }
 
 /** The input a field error names: "loras[1].scale" is the second chosen LoRA's scale. */
-function fieldInput(field) {
-  const lora = /^loras\[(\d+)\]\.(id|scale)$/.exec(field || "");
-  if (lora) {
+function fieldInput(field, form = "generate") {
+  if (!field) return null;
+  const lora = /^loras\[(\d+)\]\.(id|scale)$/.exec(field);
+  if (form === "generate" && lora) {
     const row = loraRows().filter((r) => r.use.checked)[Number(lora[1])];
     return row ? (lora[2] === "id" ? row.use : row.scale) : null;
   }
-  const id = FIELD_INPUTS[field] || field;
+  const id = FORMS[form].fields[field] || (form === "generate" ? field : null);
   return id ? document.getElementById(id) : null;
 }
 
-async function submit(event) {
-  event.preventDefault();
-  clearErrors();
-  if (!$("#prompt").value.trim()) {
-    showError("Write a prompt first.", "prompt");
-    return;
-  }
-  const button = $("#generate");
+/** Send a job built by ``build`` (which may throw a fieldError) from ``form``: its button is
+ * held while the request is in flight; the job joins the Jobs list, and (its images) the
+ * gallery once it ends. ``onEnd(job)`` runs when it has ended. */
+async function submitJob(form, button, build, onEnd = null) {
+  clearErrors(form);
   button.disabled = true;
   try {
-    const body = buildBody();
+    const body = build();
     const accepted = await (await api("/v1/jobs", { method: "POST", json: body })).json();
-    const job = { id: accepted.id, status: accepted.status, request: body, images: [] };
+    const job = { id: accepted.id, status: accepted.status, request: body, images: [], texts: [], onEnd };
     addJob(job);
     announce(`Job submitted: “${jobTitle(job)}”.`);
     job.item.scrollIntoView({ block: "nearest" }); // its progress, wherever the page was
+    return job;
   } catch (error) {
-    showError(error.message, error.field);
+    showError(error.message, error.field, form);
+    return null;
   } finally {
     button.disabled = false;
+    updateAvailability();
+  }
+}
+
+function submit(event) {
+  event.preventDefault();
+  submitJob("generate", $("#generate"), () => {
+    if (!$("#prompt").value.trim()) throw fieldError("prompt", "Write a prompt first.");
+    return buildBody();
+  });
+}
+
+// ------------------------------------------------------------------ the task tabs
+// The input image of each task tab ({dataUrl, width, height}), as the API receives it.
+const taskImages = { edit: null, read: null, upscale: null };
+
+/** A tab's image: decoded here first (its size is shown, and a file the browser cannot read
+ * is refused at once), then previewed. */
+async function chooseTaskImage(tab, file, form) {
+  const preview = $(`#${tab}-preview`);
+  taskImages[tab] = null;
+  preview.hidden = true;
+  clearErrors(form);
+  if (file) {
+    const dataUrl = await readFile(file);
+    const image = new Image();
+    image.src = dataUrl;
+    try {
+      await image.decode();
+    } catch {
+      showError("That file is not an image this browser can read.", "image", form);
+      updateUpscaleSize();
+      return;
+    }
+    const { naturalWidth: width, naturalHeight: height } = image;
+    taskImages[tab] = { dataUrl, width, height };
+    const img = $("img", preview);
+    img.src = dataUrl;
+    img.alt = `The chosen image, ${width} by ${height} pixels`;
+    img.classList.toggle("small", width < 256);
+    $("figcaption", preview).textContent = `${file.name} · ${width} × ${height} px`;
+    preview.hidden = false;
+    announce(`Image loaded: ${width} by ${height} pixels.`);
+  }
+  updateUpscaleSize();
+}
+
+/** The tab's image, or the error asking for one. */
+function taskImage(tab, what) {
+  if (!taskImages[tab]) throw fieldError("image", `Choose an image to ${what} first.`);
+  return taskImages[tab].dataUrl;
+}
+
+/** Optional number inputs into ``body``: blank ones are left out (the model's defaults). */
+function putNumbers(body, inputs) {
+  for (const [key, id] of Object.entries(inputs)) {
+    const value = numberValue(id);
+    if (value !== undefined) body[key] = value;
+  }
+  return body;
+}
+
+function editBody() {
+  const image = taskImage("edit", "edit");
+  const prompt = $("#edit-prompt").value;
+  if (!prompt.trim()) throw fieldError("prompt", "Write an instruction first, e.g. “make the sky blue”.");
+  const body = { task: "edit", prompt, model: $("#edit-model").value, image };
+  return putNumbers(body, {
+    steps: "edit-steps", guidance: "edit-guidance", image_guidance: "edit-image-guidance", seed: "edit-seed",
+  });
+}
+
+function captionBody() {
+  const image = taskImage("read", "describe");
+  const detail = document.querySelector('input[name="detail"]:checked').value;
+  return { task: "caption", model: $("#caption-model").value, image, detail };
+}
+
+function answerBody() {
+  const image = taskImage("read", "ask about");
+  const question = $("#question").value;
+  if (!question.trim()) throw fieldError("question", "Write a question first.");
+  return { task: "answer", model: $("#answer-model").value, image, question };
+}
+
+function upscaleBody() {
+  const body = { task: "upscale", model: $("#upscaler").value, image: taskImage("upscale", "upscale") };
+  putNumbers(body, { scale: "upscale-scale" });
+  // What a filter cannot use is not sent (its inputs are disabled then).
+  if (!$("#upscale-prompt").disabled && $("#upscale-prompt").value.trim()) body.prompt = $("#upscale-prompt").value;
+  if (!$("#noise-level").disabled) putNumbers(body, { noise_level: "noise-level" });
+  return body;
+}
+
+/** Under the scale: the size the upscale will have (the server rounds each side). */
+function updateUpscaleSize() {
+  const image = taskImages.upscale;
+  const factor = numberValue("upscale-scale");
+  let text = "1 to 8 times the input's sides.";
+  if (image && factor >= 1 && factor <= 8) {
+    const [width, height] = [image.width, image.height].map((side) => Math.max(1, Math.round(side * factor)));
+    text = `${image.width} × ${image.height} px becomes ${width} × ${height} px.`;
+  } else if (image && factor === undefined) {
+    text = "Blank: the upscaler's own factor.";
+  }
+  $("#upscale-size").textContent = text;
+}
+
+// The Caption & Ask tab shows the text of its latest job (the Jobs list shows every one).
+let readJob = null;
+
+function showReadResult(job) {
+  if (job.id !== readJob) return;
+  const request = job.request;
+  $("#read-result").hidden = false;
+  $("#read-result-heading").textContent = request.task === "answer" ? "Answer" : "Caption";
+  const question = $("#read-question");
+  question.hidden = request.task !== "answer";
+  question.textContent = request.task === "answer" ? `Q: ${request.question}` : "";
+  const output = $("#read-output");
+  output.classList.toggle("muted", job.status !== "succeeded");
+  if (job.status === "succeeded") output.textContent = job.texts.map((text) => text.text).join("\n\n");
+  else if (job.status === "failed") output.textContent = `Failed: ${job.error?.message || "unknown error"}`;
+  else if (job.status === "cancelled") output.textContent = "Cancelled.";
+  else output.textContent = "Working…";
+}
+
+async function submitRead(form, button, build) {
+  const job = await submitJob(form, button, build, showReadResult);
+  if (job) {
+    readJob = job.id;
+    showReadResult(job);
+  }
+}
+
+const TAB_KEYS = { ArrowLeft: -1, ArrowRight: 1, ArrowUp: -1, ArrowDown: 1 };
+
+/** Show one tab's panel (the ARIA tabs pattern: only the chosen tab is in the Tab order). */
+function selectTab(tab, { focus = false } = {}) {
+  for (const other of document.querySelectorAll('[role="tab"]')) {
+    const selected = other === tab;
+    other.setAttribute("aria-selected", String(selected));
+    other.tabIndex = selected ? 0 : -1;
+    document.getElementById(other.getAttribute("aria-controls")).hidden = !selected;
+  }
+  if (focus) tab.focus();
+}
+
+function setUpTabs() {
+  const tabs = [...document.querySelectorAll('[role="tab"]')];
+  for (const tab of tabs) tab.addEventListener("click", () => selectTab(tab));
+  $('[role="tablist"]').addEventListener("keydown", (event) => {
+    const index = tabs.indexOf(document.activeElement);
+    if (index < 0) return;
+    let next = null;
+    if (event.key in TAB_KEYS) next = (index + TAB_KEYS[event.key] + tabs.length) % tabs.length;
+    else if (event.key === "Home") next = 0;
+    else if (event.key === "End") next = tabs.length - 1;
+    if (next === null) return;
+    event.preventDefault();
+    selectTab(tabs[next], { focus: true });
+  });
+  // The skip link goes to the shown tab's first control (Generate's prompt is hidden on others).
+  $(".skip-link").addEventListener("click", (event) => {
+    const panel = document.querySelector('[role="tabpanel"]:not([hidden])');
+    const first = panel?.querySelector("input, textarea, select");
+    if (!first) return;
+    event.preventDefault();
+    first.focus();
+  });
+
+  const forms = [
+    ["edit-form", "edit", "edit-submit", editBody],
+    ["upscale-form", "upscale", "upscale-submit", upscaleBody],
+  ];
+  for (const [id, form, button, build] of forms) {
+    $(`#${id}`).addEventListener("submit", (event) => {
+      event.preventDefault();
+      submitJob(form, $(`#${button}`), build);
+    });
+  }
+  $("#caption-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    submitRead("caption", $("#caption-submit"), captionBody);
+  });
+  $("#ask-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    submitRead("answer", $("#ask-submit"), answerBody);
+  });
+  for (const [tab, form] of [["edit", "edit"], ["read", "caption"], ["upscale", "upscale"]]) {
+    $(`#${tab}-image`).addEventListener("change", (event) => chooseTaskImage(tab, event.target.files[0], form));
+  }
+  $("#upscaler").addEventListener("change", updateUpscaler);
+  $("#upscale-scale").addEventListener("input", updateUpscaleSize);
+  // Ctrl/Cmd+Enter sends from a text box, as on Generate's prompt.
+  for (const [box, form] of [["edit-prompt", "edit-form"], ["upscale-prompt", "upscale-form"]]) {
+    $(`#${box}`).addEventListener("keydown", (event) => {
+      if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) $(`#${form}`).requestSubmit();
+    });
   }
 }
 
 // ------------------------------------------------------------------ jobs: one list for both panels
-// The page's jobs, newest first: {id, status, request, images, error, queue_position, progress,
-// item, done}. The Jobs list and the gallery are both drawn from it, so they always agree; on
+// The page's jobs, newest first: {id, status, request, images, texts, error, queue_position,
+// progress, item, done, onEnd}. The Jobs list and the gallery are both drawn from it, so they always agree; on
 // load it is filled from GET /v1/jobs, so they agree after a reload too.
 const jobs = [];
 
-function jobTitle(job) {
-  return short(job.request?.prompt || "(no prompt)");
+/** What a job is, in one line, from its request (the page's body, or the API's stored view:
+ * both have `task` and the task's inputs). */
+function jobTitle(job, length = 60) {
+  const request = job.request || {};
+  const model = request.model ? ` · ${request.model}` : "";
+  let title;
+  if (request.task === "edit") title = `Edit: ${request.prompt}`;
+  else if (request.task === "caption") title = `Caption (${request.detail || "short"})${model}`;
+  else if (request.task === "answer") title = `Ask: ${request.question}`;
+  else if (request.task === "upscale") title = `Upscale${request.scale != null ? ` ×${request.scale}` : ""}${model}`;
+  else title = request.prompt || "(no prompt)";
+  return short(title, length);
 }
+
+const isTextJob = (job) => ["caption", "answer"].includes(job.request?.task);
 
 const jobTemplate = () => {
   const item = document.createElement("li");
@@ -616,7 +902,7 @@ function jobElement(job) {
   item.dataset.job = job.id;
   const title = jobTitle(job);
   $(".job-title", item).textContent = title;
-  $(".job-title", item).title = job.request?.prompt || "";
+  $(".job-title", item).title = jobTitle(job, Infinity);
   $("progress", item).setAttribute("aria-label", `Progress of “${title}”`);
   $(".preview", item).alt = `Preview of “${title}”`;
   $(".cancel", item).setAttribute("aria-label", `Cancel “${title}”`);
@@ -741,10 +1027,15 @@ async function follow(job) {
 function jobEnded(job, data) {
   if (job.done) return;
   job.done = true;
-  Object.assign(job, { status: data.status, images: data.images || [], error: data.error });
+  Object.assign(job, {
+    status: data.status, images: data.images || [], texts: data.texts || [], error: data.error,
+  });
   showEnded(job);
+  job.onEnd?.(job);
   const title = jobTitle(job);
-  if (job.status === "succeeded") {
+  if (job.status === "succeeded" && isTextJob(job)) {
+    announce(`“${title}” finished: ${short(job.texts.map((text) => text.text).join(" "), 100)}`);
+  } else if (job.status === "succeeded") {
     const count = job.images.length;
     announce(`“${title}” finished: ${count} image${count === 1 ? "" : "s"}.`);
   } else if (job.status === "cancelled") {
@@ -761,7 +1052,20 @@ function showEnded(job) {
   item.classList.add(`is-${job.status}`);
   $(".cancel", item)?.remove();
   const meter = $("progress", item);
-  if (job.status === "succeeded") {
+  if (job.status === "succeeded" && isTextJob(job)) {
+    meter.value = meter.max;
+    status.textContent = `Done · ${job.request.task}`;
+    // The caption or answer itself, in full: text results live in the Jobs list.
+    const texts = document.createElement("div");
+    texts.className = "job-texts";
+    for (const text of job.texts || []) {
+      const paragraph = document.createElement("p");
+      paragraph.className = "job-text";
+      paragraph.textContent = text.text;
+      texts.append(paragraph);
+    }
+    item.append(texts);
+  } else if (job.status === "succeeded") {
     meter.value = meter.max;
     const count = job.images.length;
     status.textContent = `Done · ${count} image${count === 1 ? "" : "s"}`;
@@ -773,16 +1077,27 @@ function showEnded(job) {
 }
 
 // ------------------------------------------------------------------ gallery
+/** A card's heading: the prompt, or what an edit or upscale did. */
+function recordTitle(record) {
+  if (record.task === "edit") return `Edited: ${record.prompt}`;
+  if (record.task === "upscale") return `Upscaled ×${record.scale}${record.prompt ? `: ${record.prompt}` : ""}`;
+  return record.prompt || "(no prompt)";
+}
+
 function recordSummary(record, request) {
+  // A resampling filter runs no steps: steps, guidance, seed and sampler mean nothing for it.
+  const denoised = record.steps > 0;
   const rows = [
     ["Model", record.model_id],
     ["Mode", record.mode],
     ["Size", `${record.width}×${record.height}`],
-    ["Steps", record.steps],
-    ["Guidance", record.guidance],
-    ["Seed", record.seed],
   ];
-  if (record.sampler) rows.push(["Sampler", record.sampler]);
+  if (record.scale != null) rows.push(["Scale", `×${record.scale}`]);
+  if (denoised) rows.push(["Steps", record.steps], ["Guidance", record.guidance]);
+  if (record.image_guidance != null) rows.push(["Image guidance", record.image_guidance]);
+  if (record.noise_level != null) rows.push(["Noise level", record.noise_level]);
+  if (denoised) rows.push(["Seed", record.seed]);
+  if (denoised && record.sampler) rows.push(["Sampler", record.sampler]);
   if (record.schedule && record.schedule !== "automatic") rows.push(["Schedule", scheduleLabel(record.schedule)]);
   if (record.strength != null && record.mode !== "txt2img") rows.push(["Strength", record.strength]);
   if (record.refiner_id) rows.push(["Refiner", `${record.refiner_id} from ${record.refiner_switch}`]);
@@ -807,7 +1122,8 @@ async function galleryCard(image, job) {
   card.dataset.job = job.id;
   const figure = document.createElement("figure");
   const img = document.createElement("img");
-  img.alt = `${record.prompt || "image"} (seed ${record.seed})`;
+  const title = recordTitle(record);
+  img.alt = record.steps > 0 ? `${record.prompt || "image"} (seed ${record.seed})` : title;
   img.width = record.width;
   img.height = record.height;
   img.decoding = "async";
@@ -816,7 +1132,7 @@ async function galleryCard(image, job) {
   const caption = document.createElement("figcaption");
   const prompt = document.createElement("p");
   prompt.className = "card-prompt";
-  prompt.textContent = record.prompt || "(no prompt)";
+  prompt.textContent = title;
   const details = document.createElement("details");
   const summary = document.createElement("summary");
   summary.textContent = "Record";
@@ -829,11 +1145,16 @@ async function galleryCard(image, job) {
   use.type = "button";
   use.className = "secondary use-settings";
   use.textContent = "Use these settings";
-  use.setAttribute("aria-label", `Use the settings of “${short(record.prompt || "image")}”, seed ${record.seed}`);
+  use.setAttribute(
+    "aria-label",
+    record.steps > 0
+      ? `Use the settings of “${short(record.prompt || "image")}”, seed ${record.seed}`
+      : `Use the settings of “${short(title)}”`,
+  );
   use.addEventListener("click", () => useSettings(record, job.request));
   const download = document.createElement("a");
   download.href = img.src;
-  download.download = `toile-${record.seed}.png`;
+  download.download = record.task && record.task !== "generate" ? `toile-${record.task}-${record.seed}.png` : `toile-${record.seed}.png`;
   download.textContent = "Download";
   actions.append(use, download);
   caption.append(prompt, recordSummary(record, job.request), details, actions);
@@ -881,7 +1202,22 @@ async function drawGallery() {
   $("#gallery-empty").hidden = drawn.length > 0;
 }
 
+/** Put a result's settings back in the form of its task (and show that tab). An edit's or
+ * upscale's input image is not kept by the server: the tab keeps whatever image it has. */
 function useSettings(record, request) {
+  if (record.task === "edit") return useTaskSettings("edit", record, {
+    "edit-prompt": record.prompt, "edit-steps": record.steps, "edit-guidance": record.guidance,
+    "edit-image-guidance": record.image_guidance, "edit-seed": record.seed,
+  }, "edit-model", "edit-prompt");
+  if (record.task === "upscale") {
+    useTaskSettings("upscale", record, {
+      "upscale-scale": record.scale, "upscale-prompt": record.prompt, "noise-level": record.noise_level,
+    }, "upscaler", "upscale-scale");
+    updateUpscaler();
+    updateUpscaleSize();
+    return;
+  }
+  selectTab($("#tab-generate"));
   $("#prompt").value = record.prompt || "";
   $("#negative_prompt").value = record.negative_prompt || "";
   const select = $("#model");
@@ -926,6 +1262,14 @@ function restoreSampler(record, request) {
 
 const hasOption = (select, value) => [...select.options].some((option) => option.value === value);
 
+function useTaskSettings(tab, record, values, picker, focus) {
+  selectTab($(`#tab-${tab}`));
+  if (hasOption($(`#${picker}`), record.model_id)) $(`#${picker}`).value = record.model_id;
+  for (const [id, value] of Object.entries(values)) $(`#${id}`).value = value ?? "";
+  $(`#${focus}`).focus();
+  announce(`Settings loaded from “${short(recordTitle(record))}”.`);
+}
+
 // ------------------------------------------------------------------ start
 function bind() {
   $("#generate-form").addEventListener("submit", submit);
@@ -950,6 +1294,7 @@ function bind() {
   });
   $("#token-dialog").addEventListener("cancel", (event) => event.preventDefault());
   setUpCanvas();
+  setUpTabs();
   updateMode();
 }
 
