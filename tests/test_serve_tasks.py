@@ -153,8 +153,11 @@ def test_upscale_and_caption_jobs_and_bad_inputs(scripted, tmp_path):
         assert response.status_code == 202, response.text
         job = wait_job(client, response.json()["id"])
         assert job["request"]["model"] == "lanczos" and job["status"] == "succeeded", job
-        models = {card["id"]: card for card in client.get("/v1/models").json()["data"]}
+        listing = client.get("/v1/models").json()
+        models = {card["id"]: card for card in listing["data"]}
         assert models[CAPTIONER]["tasks"] == ["caption"] and models[EDITOR]["tasks"] == ["edit"]
+        assert listing["task_defaults"]["upscale"] == "lanczos"
+        assert listing["task_defaults"]["caption"] == CAPTIONER
 
 
 # --------------------------------------------------------------------------- A1111

@@ -321,6 +321,12 @@ class JobService:
             return self.registry.default_id
         return self.engine.default_model(task)
 
+    def _default_or_none(self, task: Task) -> str | None:
+        try:
+            return self.default_model(task)
+        except RequestError:  # none serves it, or several and none chosen
+            return None
+
     def models_for(self, task: Task) -> list[str]:
         """Ids of the registered models that serve ``task`` (from configs; nothing loads)."""
         return self.engine.models_for(task) if self.engine is not None else []
@@ -576,6 +582,7 @@ class JobService:
         return schemas.ModelList(
             data=[_model_card(entry.id, entry.path) for entry in entries],
             default=self.registry.default_id,
+            task_defaults={task.value: self._default_or_none(task) for task in Task},
             models=[entry.id for entry in entries],
             loras=self.loras.ids(),
         )

@@ -219,6 +219,9 @@ class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard] = Field(default_factory=list)
     default: str
+    # The model each task runs on when a job names none (null: none serves it, or several do
+    # and none is set with `toile models default ID --task TASK`).
+    task_defaults: dict[str, str | None] = Field(default_factory=dict)
     models: list[str]
     loras: list[str]
 

@@ -195,11 +195,13 @@ async function loadModels() {
   models.cards = new Map(listing.data.map((card) => [card.id, card]));
   const generators = listing.models.filter((id) => serves(id, "generate"));
   fillPicker($("#model"), generators, listing.default, listing.default);
-  // The listing names only Generate's default; another task's picker starts on that model
-  // when it serves the task too, else on its first.
+  // Each task's picker starts on the model the server runs that task on by default
+  // (task_defaults), labelled so; with none, on its first model.
+  const taskDefaults = listing.task_defaults || {};
   for (const [task, picker] of Object.entries(PICKERS)) {
     const ids = listing.models.filter((id) => serves(id, task));
-    fillPicker($(`#${picker.select}`), ids, serves(listing.default, task) ? listing.default : null);
+    const own = taskDefaults[task] ?? null;
+    fillPicker($(`#${picker.select}`), ids, own, own);
   }
   updateAvailability();
   updateRefiners();
