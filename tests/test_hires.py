@@ -98,3 +98,17 @@ def test_cli_hires(tiny_models, toile_home, tmp_path):
     image = json.loads(proc.stdout)["images"][0]
     assert image["record"]["hires"]["upscaler"] == "lanczos"
     assert (image["width"], image["height"]) == (64, 64)
+
+
+def test_hires_with_an_upscaler_model_runs_its_passes(tiny_models):
+    """A 2x upscaler asked for 3x in hires fix: two passes, then resized to the hires size."""
+    from toile.engine.models import ModelRegistry
+
+    registry = ModelRegistry()
+    registry.add("x2", tiny_models("sd_latent_x2"))
+    engine = Engine(registry, policy=None)
+    result = engine.run(GenerationRequest("a cat", model=str(tiny_models("sd")), steps=2,
+                                          width=16, height=16, seed=2, hires_scale=3.0,
+                                          hires_upscaler="x2"))
+    assert result.images[0].size == (48, 48)
+    assert [s["role"] for s in result.records[0].stages] == ["base", "upscale", "hires"]

@@ -298,16 +298,15 @@ class Engine:
 
     def _run_follow_up(self, model: CachedModel, request: GenerationRequest,
                        ctx: RunContext) -> Any:
-        """One image through a later stage (resolved against that stage's model)."""
+        """One image through a later stage (resolved against that stage's model); an upscaler
+        runs its own plan (passes of its factor, resized to the size asked for)."""
         resolved = resolve(request, model.loaded.defaults, model.family.name,
                            model.loaded.samplers)
-        image = self._run_mode(model, resolved, ctx)[0]
-        size = (resolved.width, resolved.height)
-        if resolved.mode is Mode.UPSCALE and image.size != size:
-            from PIL import Image
-
-            image = image.resize(size, Image.Resampling.LANCZOS)
-        return image
+        if resolved.mode is Mode.UPSCALE:
+            images, _ = self._run_plan(plan_for(resolved, model.loaded.defaults), model,
+                                       resolved, ctx)
+            return images[0]
+        return self._run_mode(model, resolved, ctx)[0]
 
     def _stage_model(self, base: CachedModel, stage: Stage) -> CachedModel:
         if stage.role is StageRole.REFINER:
