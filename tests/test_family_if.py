@@ -299,7 +299,7 @@ def test_size_errors(engine, cascade, cascade3):
 
 def test_strength_that_leaves_no_step_is_a_request_error(engine, cascade):
     init = gradient_image(32, 32)
-    with pytest.raises(RequestError, match="strength: 0.3 x 2 steps leaves no denoising step"):
+    with pytest.raises(RequestError, match="with 2 steps, strength 0.3 leaves no step"):
         engine.run(
             GenerationRequest(PROMPT, model=str(cascade), steps=2, image=init, strength=0.3)
         )

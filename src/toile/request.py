@@ -395,6 +395,9 @@ class FamilyDefaults:
     min_side: int = 8
     refiner_switch: float = 0.8  # diffusers' ensemble-of-experts example, A1111's default
     hires_strength: float = 0.7  # A1111's hires-fix denoising strength
+    # img2img/inpaint run int(steps x strength) of the steps (diffusers' convention); False
+    # for a model that runs all its steps from t = strength (toile's own)
+    partial_steps: bool = True
     # edit: InstructPix2Pix's default image guidance; None: the model takes none (Kontext)
     image_guidance: float | None = 1.5
     # upscale: how much larger one pass of the model makes an image (1: any size in one pass)
@@ -514,10 +517,6 @@ def resolve(
     elif mode in (Mode.INPAINT, Mode.OUTPAINT):
         strength = request.strength if request.strength is not None else defaults.inpaint_strength
     steps = request.steps if request.steps is not None else defaults.steps
-    if strength is not None and int(steps * strength) < 1:
-        # diffusers' img2img/inpaint denoise int(steps x strength) steps: none would run.
-        raise RequestError("strength", f"with {steps} steps, strength {strength:g} leaves no "
-                           f"step to run; use more steps or a strength of at least {1 / steps:g}")
     switch = None if request.refiner is None else (
         request.refiner_switch or defaults.refiner_switch)
     if switch is not None and strength is not None and strength <= 1 - switch:
@@ -529,6 +528,7 @@ def resolve(
             f"at or after the switch to the refiner ({switch:g}); use a strength above "
             f"{1 - switch:g} or a refiner_switch above {1 - strength:g}",
         )
+    check_steps_left(steps, strength, defaults, "strength")
     base_seed = request.seed if request.seed is not None else secrets.randbelow(2**32)
     seeds = tuple((base_seed + i) % (MAX_SEED + 1) for i in range(request.num_images))
     return ResolvedRequest(
@@ -631,10 +631,7 @@ def _resolve_hires(request: GenerationRequest, defaults: FamilyDefaults, family:
     hires_steps = request.hires_steps if request.hires_steps is not None else steps
     strength = request.hires_strength if request.hires_strength is not None else (
         defaults.hires_strength)
-    if int(hires_steps * strength) < 1:
-        raise RequestError("hires_strength", f"with {hires_steps} hires steps, strength "
-                           f"{strength:g} leaves no step to run; use more hires steps or a "
-                           f"strength of at least {1 / hires_steps:g}")
+    check_steps_left(hires_steps, strength, defaults, "hires_strength")
     return Hires(
         scale=request.hires_scale,
         upscaler=request.hires_upscaler or DEFAULT_HIRES_UPSCALER,
@@ -643,3 +640,13 @@ def _resolve_hires(request: GenerationRequest, defaults: FamilyDefaults, family:
         steps=hires_steps,
         strength=strength,
     )
+
+
+def check_steps_left(steps: int, strength: float | None, defaults: FamilyDefaults,
+                     field_name: str) -> None:
+    """diffusers' img2img and inpaint denoise int(steps x strength) steps: refuse a request
+    that would run none (the pipeline would fail deep inside on an empty batch)."""
+    if strength is not None and defaults.partial_steps and int(steps * strength) < 1:
+        raise RequestError(field_name, f"with {steps} steps, strength {strength:g} leaves no "
+                           f"step to run; use more steps or a strength of at least "
+                           f"{1 / steps:g}")

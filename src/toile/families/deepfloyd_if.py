@@ -421,14 +421,8 @@ class IFFamily:
         # classifier-free guidance even when stage I does not).
         pipe1 = loaded.pipelines[IFStage.I, role]
         steps1 = request.steps
-        if request.strength is not None:
+        if request.strength is not None:  # at least 1: resolve refuses a strength leaving none
             steps1 = min(int(request.steps * request.strength), request.steps)
-            if steps1 < 1:
-                raise RequestError(
-                    "strength",
-                    f"{request.strength} x {request.steps} steps leaves no denoising step to run; "
-                    "raise strength or steps",
-                )
         positive, negative = pipe1.encode_prompt(
             request.prompt,
             do_classifier_free_guidance=True,

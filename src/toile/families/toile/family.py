@@ -67,6 +67,7 @@ class ToileFamily:
             size_multiple=config.size_multiple,
             max_pixels=MAX_PIXELS,
             min_side=config.size_multiple,
+            partial_steps=False,  # img2img runs every step, from t = strength
         )
         return LoadedModel(
             family=self.name,
