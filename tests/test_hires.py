@@ -55,7 +55,7 @@ def test_hires_batch_equals_singles(tiny_models):
         ({"hires_steps": 3}, "hires_steps"),
         ({"hires_scale": 1.0}, "hires_scale"),
         ({"hires_scale": 9.0}, "hires_scale"),
-        ({"hires_scale": 2.0, "hires_strength": 0.0}, "hires_strength"),
+        ({"hires_scale": 2.0, "hires_strength": -0.1}, "hires_strength"),
         ({"hires_scale": 2.0, "refiner": "x"}, "hires_scale"),
         ({"hires_scale": 2.0, "hires_upscaler": ""}, "hires_upscaler"),
     ],
@@ -112,3 +112,15 @@ def test_hires_with_an_upscaler_model_runs_its_passes(tiny_models):
                                           hires_upscaler="x2"))
     assert result.images[0].size == (48, 48)
     assert [s["role"] for s in result.records[0].stages] == ["base", "upscale", "hires"]
+
+
+def test_hires_strength_zero_upscales_only(tiny_models):
+    model = str(tiny_models("sd"))
+    engine = Engine(policy=None)
+    fields = {"model": model, "seed": 5, "steps": 2, "width": 32, "height": 32}
+    result = engine.run(GenerationRequest("a cat", hires_scale=2.0, hires_strength=0.0,
+                                          **fields))
+    base = engine.run(GenerationRequest("a cat", **fields)).images[0]
+    expected = base.resize((64, 64), Image.Resampling.LANCZOS)
+    assert np.array_equal(np.asarray(result.images[0]), np.asarray(expected))
+    assert [s["role"] for s in result.records[0].stages] == ["base", "upscale"]

@@ -138,7 +138,7 @@ ERROR_CASES = [
     ({"enable_hr": True, "hr_scale": 9}, "hr_scale"),
     ({"enable_hr": True, "hr_sampler_name": "Euler"}, "hr_sampler_name"),
     ({"enable_hr": True, "hr_resize_x": 64, "hr_resize_y": 48}, "hr_resize_x"),
-    ({"enable_hr": True, "denoising_strength": 0}, "denoising_strength"),
+    ({"enable_hr": True, "denoising_strength": 1.5}, "denoising_strength"),
     ({"restore_faces": True}, "restore_faces"),
     ({"alwayson_scripts": {"ControlNet": {"args": [1]}}}, "alwayson_scripts.ControlNet"),
     (

@@ -208,7 +208,8 @@ class GenerationRequest:
     noise_level: int | None = None  # upscale: noise added to the low-res input (SD x4, IF II)
     # Hires fix (A1111's enable_hr; txt2img only): generate at width x height, upscale the
     # result hires_scale times with hires_upscaler (a model id, default lanczos), then img2img
-    # it at that size with hires_strength (A1111's denoising strength) for hires_steps.
+    # it at that size with hires_strength (A1111's denoising strength; 0 = no second pass,
+    # the upscaled image as it is) for hires_steps.
     hires_scale: float | None = None
     hires_upscaler: str | None = None
     hires_steps: int | None = None
@@ -272,7 +273,8 @@ class GenerationRequest:
                                                 or not self.hires_upscaler):
             raise RequestError("hires_upscaler", "must be a model id (a non-empty string)")
         _check_int("hires_steps", self.hires_steps, 1, MAX_STEPS)
-        _check_float("hires_strength", self.hires_strength, 0.0, 1.0, open_low=True)
+        # 0: upscale only, no second pass (the upscaled image unchanged)
+        _check_float("hires_strength", self.hires_strength, 0.0, 1.0)
 
     def _check_task(self) -> None:
         """Each task's own inputs, and no field that only another task uses."""
@@ -631,7 +633,8 @@ def _resolve_hires(request: GenerationRequest, defaults: FamilyDefaults, family:
     hires_steps = request.hires_steps if request.hires_steps is not None else steps
     strength = request.hires_strength if request.hires_strength is not None else (
         defaults.hires_strength)
-    check_steps_left(hires_steps, strength, defaults, "hires_strength")
+    if strength > 0:  # 0: no second pass at all
+        check_steps_left(hires_steps, strength, defaults, "hires_strength")
     return Hires(
         scale=request.hires_scale,
         upscaler=request.hires_upscaler or DEFAULT_HIRES_UPSCALER,

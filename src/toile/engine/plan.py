@@ -114,5 +114,7 @@ def hires_stages(request: GenerationRequest, hires: Hires) -> list[Stage]:
                        steps=hires.steps, strength=hires.strength, hires_scale=None,
                        hires_upscaler=None, hires_steps=None, hires_strength=None)
 
-    return [Stage(StageRole.UPSCALE, hires.upscaler, request, follow=upscale),
-            Stage(StageRole.HIRES, request.model, request, follow=second_pass)]
+    stages = [Stage(StageRole.UPSCALE, hires.upscaler, request, follow=upscale)]
+    if hires.strength > 0:  # strength 0 changes nothing: the upscaled image is the result
+        stages.append(Stage(StageRole.HIRES, request.model, request, follow=second_pass))
+    return stages

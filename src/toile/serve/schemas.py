@@ -116,7 +116,7 @@ class JobCreate(BaseModel):
         None, ge=1, le=MAX_STEPS, description="hires fix: steps of the second pass (= steps)"
     )
     hires_strength: float | None = Field(
-        None, gt=0.0, le=1.0, description="hires fix: denoising strength (0.7)"
+        None, ge=0.0, le=1.0, description="hires fix: denoising strength (0.7; 0 = upscale only)"
     )
     webhook: str | None = Field(
         None, max_length=2048, description="http(s) URL called with the job as JSON when it ends"

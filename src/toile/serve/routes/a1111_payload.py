@@ -150,8 +150,8 @@ class Txt2ImgBody(Processing):
     """``POST /sdapi/v1/txt2img``."""
 
     enable_hr: bool = Field(False, description="hires fix: txt2img, upscale, img2img")
-    denoising_strength: float | None = Field(None, gt=0.0, le=1.0,
-                                             description="hires fix's strength (0.7)")
+    denoising_strength: float | None = Field(None, ge=0.0, le=1.0, description="hires fix's "
+                                             "strength (0.7; 0 = upscale only); else ignored")
     hr_scale: float = Field(2.0, description="hires fix: upscale factor")
     hr_upscaler: str | None = Field(None, max_length=200, description="hires fix: upscaler "
                                     "(GET /sdapi/v1/upscalers; Latent* -> Lanczos, see docs)")
