@@ -590,3 +590,47 @@ def test_jobs_and_gallery_agree_and_keep_batch_order_across_a_reload(engine, bro
         expect(jobs.first.locator(".job-status")).to_have_text("Done · 2 images")
         assert errors == []
         page.close()
+
+
+def test_hires_fix_controls(engine, browser, tmp_path):
+    """The folded Hires fix section: a scale and an upscaler (the server's upscale models)
+    go in the request as hires_*, the image comes back at the hires size, the card says so,
+    and "use these settings" opens the section with the values back."""
+    from playwright.sync_api import expect
+
+    with live_server(ScriptedEngine(engine), tmp_path / "data") as port:
+        url = f"http://127.0.0.1:{port}"
+        page, errors = open_page(browser, url)
+        expect(page.locator("body")).to_have_attribute("data-ready", "true")
+        assert option_values(page.locator("#hires_upscaler")) == ["lanczos", "bicubic", "nearest"]
+        page.locator("#hires summary").click()
+        page.get_by_label("Prompt", exact=True).fill("a red circle")
+        page.get_by_label("Steps", exact=True).fill("2")
+        page.get_by_label("Seed", exact=True).fill("3")
+        page.get_by_label("Upscale by").fill("2")
+        page.get_by_label("Hires upscaler").select_option("nearest")
+        page.get_by_label("Hires strength").fill("0.5")
+        with page.expect_request(
+            lambda r: r.method == "POST" and urlsplit(r.url).path == "/v1/jobs"
+        ) as sent:
+            page.get_by_role("button", name="Generate").click()
+        payload = sent.value.post_data_json
+        assert (payload["hires_scale"], payload["hires_upscaler"], payload["hires_strength"]) == (
+            2, "nearest", 0.5)
+        expect(page.locator("#jobs .job").first.locator(".job-status")).to_have_text(
+            "Done · 1 image")
+        job_id = page.locator("#jobs .job").first.get_attribute("data-job")
+        job = wait_succeeded(url, job_id)
+        record = job["images"][0]["record"]
+        assert record["hires"]["upscaler"] == "nearest"
+        width, height = record["hires"]["width"], record["hires"]["height"]
+        assert (width, height) == (record["width"] * 2, record["height"] * 2)
+        card = page.locator(f'#gallery .card[data-job="{job_id}"]')
+        expect(card.locator("dl")).to_contain_text("×2 with nearest")
+        page.get_by_label("Upscale by").fill("")
+        page.locator("#hires summary").click()  # fold it again
+        card.get_by_role("button", name="Use the settings").click()
+        expect(page.get_by_label("Upscale by")).to_have_value("2")
+        expect(page.get_by_label("Hires upscaler")).to_have_value("nearest")
+        assert errors == []
+        page.close()

@@ -130,7 +130,7 @@ def test_each_tab_runs_its_task_and_offers_only_its_models(engine, browser, tmp_
         assert option_values(page.get_by_label("Edit model")) == [EDITOR]
         assert option_values(page.get_by_label("Caption model")) == [CAPTIONER]
         assert option_values(page.get_by_label("Answer model")) == [ANSWERER]
-        assert option_values(page.get_by_label("Upscaler")) == UPSCALERS
+        assert option_values(page.get_by_label("Upscaler", exact=True)) == UPSCALERS
         expect(page.locator("#edit-form")).to_be_hidden()
 
         # ---- Upscale: a 16x12 image twice as large with lanczos
@@ -139,7 +139,7 @@ def test_each_tab_runs_its_task_and_offers_only_its_models(engine, browser, tmp_
         expect(page.locator("#generate-form")).to_be_hidden()
         page.set_input_files("#upscale-image", str(small))
         expect(page.locator("#upscale-preview figcaption")).to_contain_text("16 × 12 px")
-        upscaler = page.get_by_label("Upscaler")
+        upscaler = page.get_by_label("Upscaler", exact=True)
         expect(upscaler).to_have_value("lanczos")
         scale = page.get_by_label("Scale factor")
         scale.fill("2")

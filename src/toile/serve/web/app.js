@@ -203,6 +203,8 @@ async function loadModels() {
     const own = taskDefaults[task] ?? null;
     fillPicker($(`#${picker.select}`), ids, own, own);
   }
+  const upscalers = listing.models.filter((id) => serves(id, "upscale"));
+  fillPicker($("#hires_upscaler"), upscalers, "lanczos");
   updateAvailability();
   updateRefiners();
   updateSamplers();
@@ -590,6 +592,15 @@ function buildBody() {
       body.refiner = refiner;
       const at = numberValue("refiner_switch");
       if (at !== undefined) body.refiner_switch = at;
+    }
+    const hires = numberValue("hires_scale");
+    if (hires !== undefined) {  // hires fix: only with text to image, as in A1111
+      body.hires_scale = hires;
+      body.hires_upscaler = $("#hires_upscaler").value || undefined;
+      for (const id of ["hires_steps", "hires_strength"]) {
+        const value = numberValue(id);
+        if (value !== undefined) body[id] = value;
+      }
     }
     return body;
   }
@@ -1103,6 +1114,11 @@ function recordSummary(record, request) {
   if (record.schedule && record.schedule !== "automatic") rows.push(["Schedule", scheduleLabel(record.schedule)]);
   if (record.strength != null && record.mode !== "txt2img") rows.push(["Strength", record.strength]);
   if (record.refiner_id) rows.push(["Refiner", `${record.refiner_id} from ${record.refiner_switch}`]);
+  if (record.hires) {
+    const hires = record.hires;
+    rows.push(["Hires fix", `×${hires.scale} with ${hires.upscaler} to ${hires.width}×${hires.height}, ` +
+      `${hires.steps} steps at ${hires.strength}`]);
+  }
   const loras = request?.loras || [];
   if (loras.length) rows.push(["LoRAs", loras.map((lora) => `${lora.id} × ${lora.scale}`).join(", ")]);
   const list = document.createElement("dl");
@@ -1227,10 +1243,14 @@ function useSettings(record, request) {
   updateRefiners();
   const refiner = $("#refiner");
   refiner.value = [...refiner.options].some((option) => option.value === record.refiner_id) ? record.refiner_id : "";
+  const hires = record.hires || {};
   const values = {
     width: record.width, height: record.height, steps: record.steps, guidance: record.guidance, seed: record.seed,
-    refiner_switch: record.refiner_switch,
+    refiner_switch: record.refiner_switch, hires_scale: hires.scale, hires_steps: hires.steps,
+    hires_strength: hires.strength,
   };
+  if (hires.upscaler) $("#hires_upscaler").value = hires.upscaler;
+  $("#hires").open = Boolean(record.hires);
   for (const [id, value] of Object.entries(values)) $(`#${id}`).value = value ?? "";
   restoreSampler(record, request);
   // The record names LoRA files; the job's request names the ids this server knows them by.
