@@ -70,9 +70,9 @@ def test_a_hub_id_says_toile_loads_from_disk_and_how_to_get_it(toile_home, tmp_p
                  "-o", str(tmp_path / "x.png"), home=toile_home, check=False)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
     assert "loads models from disk" in proc.stderr
-    assert "hf download someone/some-model-1.0 --local-dir DIR" in proc.stderr
+    assert "toile models pull someone/some-model-1.0" in proc.stderr
     proc = toile("models", "add", "x", "someone/some-model-1.0", home=toile_home, check=False)
-    assert proc.returncode == 2 and "hf download" in proc.stderr
+    assert proc.returncode == 2 and "toile models pull" in proc.stderr
 
 
 def test_a_file_that_is_not_an_image_is_named(toile_home, tmp_path):

@@ -60,7 +60,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 
 def runs_with_the_built_in_model(argv: list[str], folder: Path) -> bool:
-    if argv[0] not in RUNNABLE or argv[1:2] in (["add"], ["remove"], ["default"]):
+    if argv[0] not in RUNNABLE or argv[1:2] in (["add"], ["remove"], ["default"], ["pull"]):
         return False
     args = parse(argv)
     if getattr(args, "model", None) not in (None, "toile-mini"):

@@ -33,9 +33,8 @@ class ModelNotFoundError(ToileError, LookupError):
         if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", text) and ".." not in text:
             return cls(
                 f"no such file or folder: {text}; if {text!r} is a Hugging Face Hub id, note "
-                "that toile loads models from disk only: download it first (`hf download "
-                f"{text} --local-dir DIR`) and pass DIR, or register it with "
-                "`toile models add ID DIR`"
+                "that toile loads models from disk only: install it first with `toile models "
+                f"pull {text}` (verified hashes, registered), then use its id"
             )
         return cls(f"no such file or folder: {text}")
 
