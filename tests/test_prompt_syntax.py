@@ -9,7 +9,14 @@ import torch
 from helpers import max_abs_diff
 from toile.engine.engine import Engine
 from toile.errors import RequestError
-from toile.prompt_syntax import parse, plain_text
+from toile.prompt_syntax import (
+    has_editing,
+    joint_schedule,
+    parse,
+    plain_text,
+    prompt_schedule,
+    text_at,
+)
 from toile.request import GenerationRequest
 
 
@@ -40,15 +47,81 @@ def test_plain_text_drops_the_syntax():
     assert plain_text("a ((red:1.3)) cat BREAK [on] a \\(mat\\)") == "a red cat on a (mat)"
 
 
-@pytest.mark.parametrize("prompt", ["a [cat:dog:0.5]", "a [cat|dog] in a box", "[x::3]"])
-def test_prompt_editing_and_alternation_are_refused(prompt):
+@pytest.mark.parametrize(
+    ("prompt", "steps", "expected"),
+    [  # A1111's own examples (prompt_parser.get_learned_conditioning_prompt_schedules)
+        ("test", 10, [(10, "test")]),
+        ("a [b:3]", 10, [(3, "a "), (10, "a b")]),
+        ("a [b: 3]", 10, [(3, "a "), (10, "a b")]),
+        ("a [[[b]]:2]", 10, [(2, "a "), (10, "a [[b]]")]),
+        ("[(a:2):3]", 10, [(3, ""), (10, "(a:2)")]),
+        ("a [b : c : 1] d", 10, [(1, "a b  d"), (10, "a  c  d")]),
+        ("a[b:[c:d:2]:1]e", 10, [(1, "abe"), (2, "ace"), (10, "ade")]),
+        ("a [unbalanced", 10, [(10, "a [unbalanced")]),
+        ("a [b:.5] c", 10, [(5, "a  c"), (10, "a b c")]),
+        ("((a][:b:c [d:3]", 10, [(3, "((a][:b:c "), (10, "((a][:b:c d")]),
+        ("[a|(b:1.1)]", 4, [(1, "a"), (2, "(b:1.1)"), (3, "a"), (4, "(b:1.1)")]),
+        ("[fe|]male", 3, [(1, "female"), (2, "male"), (3, "female")]),
+        ("[fe|||]male", 6, [(1, "female"), (4, "male"), (5, "female"), (6, "male")]),
+        # [from::when] removes, [to:when] adds; a decimal point makes a fraction of the steps
+        ("[from::2] x", 4, [(2, "from x"), (4, " x")]),
+        ("[cat:dog:0.5]", 4, [(2, "cat"), (4, "dog")]),
+        ("[cat:dog:1.0]", 4, [(4, "cat")]),  # a fraction of 1: never switches
+        ("[cat:dog:9]", 4, [(4, "cat")]),  # past the last step: capped, never switches
+        ("[cat:dog:0]", 4, [(4, "dog")]),
+        ("[cat:dog:0.1]", 4, [(4, "dog")]),  # int(0.4) = 0
+        # nesting, and editing inside emphasis
+        ("[[a|b]:c:2]", 3, [(1, "a"), (2, "b"), (3, "c")]),
+        ("([red:blue:1] cat:1.2)", 2, [(1, "(red cat:1.2)"), (2, "(blue cat:1.2)")]),
+        ("\\[a:b:1\\] [x|y]", 2, [(1, "\\[a:b:1\\] x"), (2, "\\[a:b:1\\] y")]),
+    ],
+)
+def test_prompt_schedule_follows_a1111(prompt, steps, expected):
+    assert prompt_schedule(prompt, steps) == expected
+
+
+def test_a1111_test_payload_prompt():
+    # The prompt of A1111's own API test payload, at 3 steps.
+    prompt = "((emphasis)), (emphasis1:1.1), [to:1], [from::2], [from:to:0.3], [alt|alt1]"
+    schedule = prompt_schedule(prompt, 3)
+    assert schedule == [
+        (1, "((emphasis)), (emphasis1:1.1), , from, to, alt"),
+        (2, "((emphasis)), (emphasis1:1.1), to, from, to, alt1"),
+        (3, "((emphasis)), (emphasis1:1.1), to, , to, alt"),
+    ]
+    assert has_editing(prompt)
+    # Each step's text is read for emphasis as any prompt is.
+    assert pieces(schedule[1][1])[:3] == [("emphasis", 1.21), (", ", 1.0), ("emphasis1", 1.1)]
+    GenerationRequest(prompt)  # accepted
+
+
+def test_joint_schedule_merges_both_prompts():
+    assert joint_schedule("a [b|c]", "x [y:z:1]", 4) == [
+        (1, "a b", "x y"), (2, "a c", "x z"), (3, "a b", "x z"), (4, "a c", "x z")]
+    assert joint_schedule("a cat", "", 5) == [(5, "a cat", "")]
+    assert text_at(prompt_schedule("[a:b:2]", 4), 3) == "b"
+
+
+def test_has_editing():
+    assert has_editing("[a:b:2]") and has_editing("x [a|b]") and has_editing("[a::0.5]")
+    for prompt in ("plain", "(a:1.2) [faint]", "a \\[b:c:2\\]", "a [b:c", "(a|b)"):
+        assert not has_editing(prompt), prompt
+
+
+@pytest.mark.parametrize("prompt", ["a [cat:dog] in a box", "[a|b:2]", "[a:b:c]", "[a:b:1:2]"])
+def test_malformed_editing_is_refused_not_kept_as_text(prompt):
     with pytest.raises(RequestError) as info:
         GenerationRequest(prompt)
-    assert info.value.field == "prompt" and "not support" in str(info.value)
+    assert info.value.field == "prompt" and "prompt editing" in str(info.value)
     with pytest.raises(RequestError) as info:
         GenerationRequest("ok", negative_prompt=prompt)
     assert info.value.field == "negative_prompt"
     GenerationRequest("a \\[cat:dog\\] sign")  # escaped brackets are literal text
+
+
+@pytest.mark.parametrize("prompt", ["a [cat:dog:0.5]", "a [cat|dog] in a box", "[x::3]"])
+def test_prompt_editing_and_alternation_are_accepted(prompt):
+    assert GenerationRequest(prompt, negative_prompt=prompt).prompt == prompt
 
 
 @pytest.fixture(scope="module")

@@ -214,6 +214,9 @@ class GenerationRequest:
     hires_upscaler: str | None = None
     hires_steps: int | None = None
     hires_strength: float | None = None
+    # Seamless tiling (A1111's "Tiling"): the denoiser's and VAE's convolutions pad
+    # circularly, so the image's edges continue each other (toile.families.tiling).
+    tiling: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "task", parse_enum(Task, self.task, "task"))
@@ -279,6 +282,10 @@ class GenerationRequest:
     def _check_task(self) -> None:
         """Each task's own inputs, and no field that only another task uses."""
         task = self.task
+        if not isinstance(self.tiling, bool):
+            raise RequestError("tiling", f"must be true or false, got {self.tiling!r}")
+        if self.tiling and task is not Task.GENERATE:
+            raise RequestError("tiling", "tiling applies to the generate task")
         if task is not Task.GENERATE:
             if self.image is None:
                 raise RequestError("image", f"the {task.value} task needs an input image")

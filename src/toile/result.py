@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     Finisher = Callable[[bytes, "ImageRecord"], bytes]
 
 RECORD_VERSION = 1
+SCHEDULES = ("prompt_schedule", "negative_prompt_schedule")  # ImageRecord's editing schedules
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,11 @@ class ImageRecord:
     # weights get the plain words).
     prompt_weights: tuple[tuple[str, float], ...] = ()
     prompt_note: str = ""
+    # A1111 prompt editing / alternation: (last step, text) for each run of steps with one text,
+    # steps counted from 1 (over the steps that run), for the prompt and the negative prompt;
+    # empty when neither uses it. ``prompt_weights`` are then the first run's.
+    prompt_schedule: tuple[tuple[int, str], ...] = ()
+    negative_prompt_schedule: tuple[tuple[int, str], ...] = ()
     sampler: str = ""  # toile.samplers' name (A1111's), e.g. "Euler", "DPM++ 2M"
     schedule: str = ""  # "automatic" (the checkpoint's own spacing), "karras", ...
     device: str = "cpu"
@@ -69,6 +75,7 @@ class ImageRecord:
     # Hires fix: scale, upscaler, steps, strength and the second pass's width/height (the
     # record's width/height are the first pass's, as A1111's "Size" is).
     hires: dict[str, Any] | None = None
+    tiling: bool = False  # seamless tiling (A1111's "Tiling") was on
     version: int = RECORD_VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -76,6 +83,8 @@ class ImageRecord:
         data["loras"] = [dict(lora) for lora in self.loras]
         data["stages"] = [dict(stage) for stage in self.stages]
         data["prompt_weights"] = [list(piece) for piece in self.prompt_weights]
+        for name in SCHEDULES:
+            data[name] = [list(run) for run in getattr(self, name)]
         data["outpaint"] = list(self.outpaint) if self.outpaint is not None else None
         return data
 
@@ -93,6 +102,8 @@ class ImageRecord:
         values["prompt_weights"] = tuple(
             (str(text), float(weight)) for text, weight in values.get("prompt_weights", ())
         )
+        for name in SCHEDULES:
+            values[name] = tuple((int(end), str(text)) for end, text in values.get(name, ()))
         if values.get("outpaint") is not None:
             values["outpaint"] = tuple(values["outpaint"])
         return cls(**values)

@@ -92,6 +92,11 @@ def add_parser(subparsers: Any) -> None:
                    help="steps of the hires pass (default: --steps)")
     p.add_argument("--hires-strength", type=float, metavar="F",
                    help="denoising strength of the hires pass, (0, 1] (default 0.7)")
+    p.add_argument(  # default None: only passed to the request when given
+        "--tiling", action="store_true", default=None,
+        help="seamless tiling (A1111's Tiling): edges wrap around, so the image repeats "
+        "without a seam (sd, sdxl and toile models)",
+    )
     p.add_argument(
         "--device", choices=("cpu", "cuda", "mps"), help="default: cuda, else mps, else cpu"
     )
@@ -151,6 +156,7 @@ def request_fields(args: argparse.Namespace) -> dict[str, Any]:
     for name in (
         "seed", "steps", "guidance", "width", "height", "strength", "refiner", "refiner_switch",
         "sampler", "schedule", "hires_scale", "hires_upscaler", "hires_steps", "hires_strength",
+        "tiling",
     ):
         value = getattr(args, name)
         if value is not None:

@@ -76,6 +76,7 @@ from toile.families.diffusers_common import (
     sampler_menu,
     vae_preview,
 )
+from toile.families.tiling import check_tiling
 from toile.request import FamilyDefaults, Mode
 
 if TYPE_CHECKING:
@@ -294,6 +295,9 @@ class IFFamily:
         STAGE2_ALONE: frozenset({Mode.UPSCALE}),
     }
     lora = False
+    # Its stages are U-Nets, but the cascade enlarges each stage's image for the next with
+    # filters that do not wrap around, so the final image would show a seam (tiling.py).
+    tiling = False
 
     def detect(self, path: Path) -> bool:
         if pipeline_class_name(path) in STAGE1_PIPELINES | STAGE2_PIPELINES:
@@ -404,6 +408,7 @@ class IFFamily:
     def run(
         self, loaded: LoadedModel, request: ResolvedRequest, ctx: RunContext
     ) -> list[Image.Image]:
+        check_tiling(self, request)
         if request.mode is Mode.UPSCALE:
             return upscale_with_stage2(loaded.pipelines[IFStage.II, Mode.UPSCALE], request, ctx)
         role = request.mode

@@ -85,15 +85,22 @@ def derive(pipeline_cls: Any, base: Any, **kwargs: Any) -> Any:
     return pipe
 
 
+# diffusers' callback_on_step_end(pipe, step, timestep, tensors) -> tensors to set in the loop
+StepEnd = Callable[[Any, int, Any, dict[str, Any]], dict[str, Any]]
+
+
 def step_callback(
     ctx: RunContext,
     stage: str = "denoise",
     preview: Callable[[Any, torch.Tensor], Image.Image | None] | None = None,
-) -> Callable[[Any, int, Any, dict[str, Any]], dict[str, Any]]:
+    then: StepEnd | None = None,
+) -> StepEnd:
     """A ``callback_on_step_end`` that reports progress and raises on cancel.
 
     ``preview(pipe, latents)`` turns the current latents into a small image; it is only called
-    when the context wants a preview at this step.
+    when the context wants a preview at this step. ``then``, another ``callback_on_step_end``
+    (prompt editing's switch of embeddings), runs after the report — a cancelled run stops
+    first — and what it returns goes back to the pipeline.
     """
 
     def callback(pipe: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -106,7 +113,7 @@ def step_callback(
                 return preview(pipe, latents)
 
         ctx.on_step(step + 1, total, stage, make_preview, state=latents)
-        return {}
+        return then(pipe, step, timestep, kwargs) if then is not None else {}
 
     return callback
 

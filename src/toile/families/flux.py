@@ -71,6 +71,7 @@ from toile.families.diffusers_common import (
     sampler_menu,
     step_callback,
 )
+from toile.families.tiling import check_tiling
 from toile.request import FamilyDefaults, Mode
 
 if TYPE_CHECKING:
@@ -172,6 +173,9 @@ class FluxFamily:
     }
     lora = True
     gpu_dtype = "bfloat16"  # FLUX.1 activations overflow float16
+    # Its transformer places patches by position (rotary embeddings; the patch embedding is a
+    # linear layer): a circular VAE alone would not make the picture wrap around (tiling.py).
+    tiling = False
 
     def detect(self, path: Path) -> bool:
         return pipeline_class_name(path) in FLUX_PIPELINES
@@ -235,6 +239,7 @@ class FluxFamily:
         self, loaded: LoadedModel, request: ResolvedRequest, ctx: RunContext
     ) -> list[Image.Image]:
         refuse_unsupported(request)
+        check_tiling(self, request)
         pipe = loaded.pipelines[request.mode]
         kwargs = base_kwargs(request, negative=False) | mode_kwargs(request)
         # Always pass the size: Flux's img2img pipeline would otherwise resize the input to

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from toile.families.base import LoadedModel
-from toile.families.clip_prompts import with_weighted_prompts
+from toile.families.clip_prompts import scheduled_prompt_kwargs, with_weighted_prompts
 from toile.families.diffusers_common import (
     base_kwargs,
     derive,
@@ -38,6 +38,7 @@ from toile.families.single_file import (
     is_single_file,
     load_file_pipeline,
 )
+from toile.families.tiling import tiled
 from toile.request import FamilyDefaults, Mode
 
 if TYPE_CHECKING:
@@ -107,6 +108,8 @@ class StableDiffusionFamily:
     name = "sd"
     # CLIP text encoders: A1111 emphasis weights and long prompts apply (clip_prompts).
     prompt_weights = True
+    # A1111 prompt editing / alternation: embeddings switched between steps (clip_prompts).
+    prompt_editing = True
     typical_scheduler = "PNDMScheduler"  # what its published checkpoints declare
     title = "Stable Diffusion 1.x / 2.x"
     capabilities: ClassVar[dict[str, frozenset[Mode]]] = {
@@ -115,6 +118,7 @@ class StableDiffusionFamily:
         IP2P: EDIT_MODES,
     }
     lora = True
+    tiling = True  # U-Net and VAE are convolutional: circular padding tiles (tiling.py)
 
     def detect(self, path: Path) -> bool:
         if path.is_file():
@@ -187,11 +191,16 @@ def run_unet_pipeline(
     if request.mode is Mode.EDIT:
         return run_edit_pipeline(loaded, request, ctx)
     pipe = loaded.pipelines[request.mode]
-    kwargs = with_weighted_prompts(pipe, base_kwargs(request) | mode_kwargs(request) | extra)
+    kwargs = base_kwargs(request) | mode_kwargs(request) | extra
     if request.mode is Mode.TXT2IMG:
         kwargs["width"], kwargs["height"] = request.width, request.height
-    with loras_applied(pipe, request.request.loras):
-        output = pipe(**kwargs, callback_on_step_end=step_callback(ctx, preview=vae_preview))
+    # Tiling inside the LoRAs: their peft layers wrap the convolutions that must pad circularly.
+    with loras_applied(pipe, request.request.loras), tiled(request, pipe):
+        # Encoded with the LoRAs applied, as the pipeline encodes a plain prompt; a prompt
+        # with A1111 editing gets its switch of embeddings after each step.
+        kwargs, switch = scheduled_prompt_kwargs(pipe, kwargs, request.steps)
+        callback = step_callback(ctx, preview=vae_preview, then=switch)
+        output = pipe(**kwargs, callback_on_step_end=callback)
     return [image.convert("RGB") for image in output.images]
 
 
@@ -200,6 +209,7 @@ def run_edit_pipeline(
 ) -> list[Image.Image]:
     """InstructPix2Pix (SD's or SDXL's pipeline): the instruction is the prompt, the input
     image is given at the resolved size, and ``image_guidance`` is its image guidance scale."""
+    refuse_prompt_editing(request, "the edit task (InstructPix2Pix)")
     pipe = loaded.pipelines[Mode.EDIT]
     kwargs = base_kwargs(request) | {
         # one copy per output image: diffusers deprecates repeating a single input itself
@@ -218,6 +228,22 @@ def run_edit_pipeline(
     with loras_applied(pipe, request.request.loras):
         output = pipe(**kwargs)
     return [image.convert("RGB") for image in output.images]
+
+
+def refuse_prompt_editing(request: ResolvedRequest, where: str) -> None:
+    """A RequestError naming the prompt that uses A1111 editing or alternation, for a run that
+    cannot switch its conditioning between steps."""
+    from toile.errors import RequestError
+    from toile.prompt_syntax import has_editing
+
+    req = request.request
+    for name, text in (("prompt", req.prompt), ("negative_prompt", req.negative_prompt)):
+        if has_editing(text):
+            raise RequestError(
+                name, f"A1111 prompt editing and alternation are not supported in {where}: its "
+                "pipeline cannot switch the conditioning between steps; remove them (escape "
+                "literal brackets as \\[ \\])",
+            )
 
 
 def edit_input(pipe: Any, request: ResolvedRequest) -> Image.Image:

@@ -40,6 +40,7 @@ from toile.families.single_file import (
     load_file_pipeline,
     tensor_names,
 )
+from toile.families.tiling import check_tiling
 from toile.io.weights import ALLOWED_LIBRARIES
 from toile.request import FamilyDefaults, Mode
 
@@ -169,6 +170,9 @@ class SD3Family:
         "inpainting-no-t5": INPAINT_MODES,
     }
     lora = True
+    # Its MMDiT places patches by position (its only conv, the patch embedding, has no
+    # padding): a circular VAE alone would not make the picture wrap around (tiling.py).
+    tiling = False
 
     def detect(self, path: Path) -> bool:
         if path.is_file():
@@ -228,6 +232,7 @@ class SD3Family:
     def run(
         self, loaded: LoadedModel, request: ResolvedRequest, ctx: RunContext
     ) -> list[Image.Image]:
+        check_tiling(self, request)
         # SD3's img2img resizes its input to the default size unless told the size, so every
         # mode passes it (for img2img/inpaint it is the input image's own size).
         return run_unet_pipeline(loaded, request, ctx, width=request.width, height=request.height)

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from toile.errors import RequestError
 from toile.families.base import LoadedModel
-from toile.families.clip_prompts import with_weighted_prompts
+from toile.families.clip_prompts import scheduled_prompt_kwargs, steps_run
 from toile.families.diffusers_common import (
     base_kwargs,
     derive,
@@ -56,6 +56,7 @@ from toile.families.single_file import (
     is_single_file,
     load_file_pipeline,
 )
+from toile.families.tiling import tiled
 from toile.request import Mode
 
 if TYPE_CHECKING:
@@ -112,6 +113,9 @@ class SDXLFamily:
     name = "sdxl"
     # CLIP text encoders: A1111 emphasis weights and long prompts apply (clip_prompts).
     prompt_weights = True
+    # A1111 prompt editing / alternation: embeddings switched between steps, the refiner's
+    # steps continuing the base's count (clip_prompts).
+    prompt_editing = True
     typical_scheduler = "EulerDiscreteScheduler"  # what its published checkpoints declare
     title = "Stable Diffusion XL"
     capabilities: ClassVar[dict[str, frozenset[Mode]]] = {
@@ -121,6 +125,7 @@ class SDXLFamily:
         IP2P: EDIT_MODES,
     }
     lora = True
+    tiling = True  # U-Net and VAE are convolutional: circular padding tiles (tiling.py)
 
     def detect(self, path: Path) -> bool:
         if path.is_file():
@@ -229,21 +234,30 @@ class SDXLFamily:
         inputs = mode_kwargs(request)
         if request.mode is Mode.TXT2IMG:
             inputs = {"width": request.width, "height": request.height}
-        with loras_applied(base_pipe, request.request.loras):
+        # Tiling inside the LoRAs (their peft layers wrap the convolutions), and around both
+        # models: the refiner must keep the wrap-around the base began.
+        with loras_applied(base_pipe, request.request.loras), tiled(request, base_pipe):
+            base_prompts, base_swap = scheduled_prompt_kwargs(base_pipe, kwargs, request.steps)
             latents = base_pipe(
-                **with_weighted_prompts(base_pipe, kwargs) | inputs | {"output_type": "latent"},
+                **base_prompts | inputs | {"output_type": "latent"},
                 denoising_end=switch,
-                callback_on_step_end=step_callback(ctx, "base", preview=vae_preview),
+                callback_on_step_end=step_callback(ctx, "base", preview=vae_preview,
+                                                   then=base_swap),
             ).images
         finish: dict[str, Any] = {"image": latents}
         if request.mode is Mode.INPAINT:
             finish |= {k: inputs[k] for k in ("mask_image", "width", "height")}
-        output = refiner_pipe(
-            # the same generator objects continue where the base left them; the prompt is
-            # encoded again by the refiner's own encoder
-            **with_weighted_prompts(refiner_pipe, kwargs),
-            **finish,
-            denoising_start=switch,
-            callback_on_step_end=step_callback(ctx, "refiner", preview=vae_preview),
-        )
+        # The prompt is encoded again by the refiner's own encoder; an editing schedule goes on
+        # counting from the steps the base ran (A1111 switches models inside one count).
+        refiner_prompts, refiner_swap = scheduled_prompt_kwargs(
+            refiner_pipe, kwargs, request.steps, offset=steps_run(base_pipe))
+        with tiled(request, refiner_pipe):
+            output = refiner_pipe(
+                # the same generator objects continue where the base left them
+                **refiner_prompts,
+                **finish,
+                denoising_start=switch,
+                callback_on_step_end=step_callback(ctx, "refiner", preview=vae_preview,
+                                                   then=refiner_swap),
+            )
         return [image.convert("RGB") for image in output.images]

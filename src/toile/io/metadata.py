@@ -57,6 +57,8 @@ def a1111_parameters(record: ImageRecord) -> str:
     if record.refiner_id is not None:
         items.append(("Refiner", f"{record.refiner_id} [{(record.refiner_hash or '')[:10]}]"))
         items.append(("Refiner switch at", f"{record.refiner_switch:g}"))
+    if record.tiling:
+        items.append(("Tiling", "True"))  # as A1111 writes it
     items.append(("Version", f"toile {record.software.get('toile', '')}".strip()))
     lines.append(", ".join(f"{key}: {value}" for key, value in items))
     return "\n".join(lines)

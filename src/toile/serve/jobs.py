@@ -621,6 +621,7 @@ def _spec(job_id: str, body: schemas.JobCreate, task: Task, model: str,
         hires_upscaler=body.hires_upscaler,
         hires_steps=body.hires_steps,
         hires_strength=body.hires_strength,
+        tiling=body.tiling,
         image=files.get("image"),
         mask=files.get("mask"),
     )

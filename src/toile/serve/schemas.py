@@ -118,6 +118,7 @@ class JobCreate(BaseModel):
     hires_strength: float | None = Field(
         None, ge=0.0, le=1.0, description="hires fix: denoising strength (0.7; 0 = upscale only)"
     )
+    tiling: bool = Field(False, description="seamless tiling (A1111's Tiling): edges wrap around")
     webhook: str | None = Field(
         None, max_length=2048, description="http(s) URL called with the job as JSON when it ends"
     )

@@ -98,6 +98,7 @@ class JobSpec:
     hires_upscaler: str | None = None
     hires_steps: int | None = None
     hires_strength: float | None = None
+    tiling: bool = False
     image: str | None = None
     mask: str | None = None
 
@@ -203,4 +204,5 @@ class JobSpec:
             hires_upscaler=self.hires_upscaler,
             hires_steps=self.hires_steps,
             hires_strength=self.hires_strength,
+            tiling=self.tiling,
         )

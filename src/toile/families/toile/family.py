@@ -37,6 +37,12 @@ class ToileFamily:
     capabilities: ClassVar[dict[str, frozenset[Mode]]] = {"": ALL_MODES}
     lora = True  # peft adapters on the U-Net for one run: see families/toile/lora.py
     gpu_dtype = "bfloat16"  # trained in bf16 mixed precision on GPUs
+    # A1111 prompt editing / alternation: toile's own sampling loop takes per-step text
+    # conditioning (each step's plain words: the sentence encoder takes no weights).
+    prompt_editing = True
+    # Pixel space, no VAE: the U-Net is convolutional and its packing (pixel unshuffle) is
+    # local, so circular padding of the U-Net alone makes images tile (tiling.py).
+    tiling = True
 
     def detect(self, path: Path) -> bool:
         index = Path(path) / "model_index.json"
@@ -85,6 +91,7 @@ class ToileFamily:
     def run(
         self, loaded: LoadedModel, request: ResolvedRequest, ctx: RunContext
     ) -> list[Image.Image]:
+        from toile.families.tiling import tiled
         from toile.families.toile.lora import loras_applied
 
         pipe = loaded.pipelines[Mode.TXT2IMG]
@@ -97,9 +104,11 @@ class ToileFamily:
         ctx.check_cancelled()
         image = req.image if request.mode in (Mode.IMG2IMG, Mode.INPAINT) else None
         mask = req.mask if request.mode is Mode.INPAINT else None
-        with loras_applied(pipe.unet, req.loras):  # LoRAs for this run only, removed after
+        prompt, negative, prompt_steps = step_prompts(request)
+        # LoRAs for this run only, removed after; tiling inside them (peft wraps the convs)
+        with loras_applied(pipe.unet, req.loras), tiled(request, pipe):
             return pipe(
-                [req.prompt] * n,
+                [prompt] * n,
                 generators=cpu_generators(request.seeds),
                 steps=request.steps,
                 guidance=request.guidance,
@@ -108,7 +117,30 @@ class ToileFamily:
                 image=image,
                 mask=mask,
                 strength=request.strength if image is not None else None,
-                negative_prompt=request.negative_prompt,
+                negative_prompt=negative,
                 callback=on_step,
                 sampler=request.sampler.name if request.sampler is not None else "Euler",
+                prompt_steps=prompt_steps,
             )
+
+
+def step_prompts(
+    request: ResolvedRequest,
+) -> tuple[str, str, list[tuple[int, str, str]] | None]:
+    """(prompt, negative, per-step runs or None) for the pipeline.
+
+    The engine hands the prompts over as written (``prompt_syntax``: this family follows A1111
+    editing): their schedule over the requested steps, each run's texts as plain words (the
+    sentence encoder takes no weights). A schedule that never switches is just its one prompt.
+    """
+    from toile.prompt_syntax import has_syntax, joint_schedule, plain_text
+
+    def words(text: str) -> str:  # a prompt without syntax goes as typed, spaces and all
+        return plain_text(text) if has_syntax(text) else text
+
+    prompt, negative = request.request.prompt, request.request.negative_prompt
+    runs = [(end, words(p), words(n))
+            for end, p, n in joint_schedule(prompt, negative, request.steps)]
+    if len(runs) == 1:
+        return runs[0][1], runs[0][2], None
+    return runs[0][1], runs[0][2], runs

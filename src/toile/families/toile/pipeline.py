@@ -221,6 +221,7 @@ class ToilePipeline:
         negative_prompt: str = "",
         callback: Callback | None = None,
         sampler: str = "Euler",
+        prompt_steps: Sequence[tuple[int, str, str]] | None = None,
     ) -> list[Image.Image]:
         """Generate one image per prompt.
 
@@ -229,6 +230,12 @@ class ToilePipeline:
         exactly; ``strength`` default 1.0). Image ``i`` takes its noise from ``generators[i]``
         or ``torch.Generator("cpu").manual_seed(seeds[i])``, so a batch equals singles.
         ``sampler``: ``"Euler"`` or ``"Heun"`` (``sampling.SAMPLERS``).
+
+        ``prompt_steps`` switches the text conditioning during sampling (A1111 prompt editing,
+        scheduled by ``toile.prompt_syntax.joint_schedule``): (last step, prompt, negative
+        prompt) runs in order, steps counted from 1 over the steps that run, the last run's
+        texts holding past its end; every image then takes these texts, and ``prompts`` /
+        ``negative_prompt`` are not used.
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         gens = self._generators(len(prompts), seeds, generators)
@@ -274,19 +281,39 @@ class ToilePipeline:
 
         cond = self.encode_prompts(prompts)
         uncond = self.encode_prompts([negative_prompt] * batch) if guidance != 1.0 else None
+        cond_at = None
+        if prompt_steps is not None:
+            cond_at = self._step_conditions(_check_prompt_steps(prompt_steps), batch, guidance)
         times = time_schedule(
             steps, shift=self.config.sampler.shift, start=1.0 if image is None else strength
         )
         x = sample(
             self.velocity, noise, cond, times=times, uncond=uncond, guidance=float(guidance),
             cat=TextCondition.cat, x0_known=x0_known, keep_mask=keep, callback=callback,
-            method=SAMPLERS[sampler],
+            method=SAMPLERS[sampler], cond_at=cond_at,
         )
         out = self.unpack(x).float().cpu().clamp(-1.0, 1.0)  # [B, 3, H, W]
         images = tensor_to_images(out)
         if mask is not None:
             images = [_composite(im, image, mask) for im in images]
         return images
+
+    def _step_conditions(
+        self, runs: list[tuple[int, str, str]], batch: int, guidance: float
+    ) -> Callable[[int], tuple[TextCondition, TextCondition | None]]:
+        """``cond_at(step)`` for ``sampling.sample``: each distinct pair of texts encoded once,
+        before sampling starts."""
+        encoded: dict[tuple[str, str], tuple[TextCondition, TextCondition | None]] = {}
+        for _, prompt, negative in runs:
+            if (prompt, negative) not in encoded:
+                uncond = self.encode_prompts([negative] * batch) if guidance != 1.0 else None
+                encoded[prompt, negative] = (self.encode_prompts([prompt] * batch), uncond)
+
+        def cond_at(step: int) -> tuple[TextCondition, TextCondition | None]:
+            _, prompt, negative = next((run for run in runs if step <= run[0]), runs[-1])
+            return encoded[prompt, negative]
+
+        return cond_at
 
     def _generators(
         self, n: int, seeds: Sequence[int] | None, generators: Sequence[torch.Generator] | None
@@ -328,6 +355,20 @@ class ToilePipeline:
                     name, f"must be a positive multiple of {multiple}, got {value!r}"
                 )
         return width, height
+
+
+def _check_prompt_steps(runs: Sequence[tuple[int, str, str]]) -> list[tuple[int, str, str]]:
+    """``prompt_steps`` as a non-empty list of (last step, prompt, negative), steps rising."""
+    checked = [tuple(run) for run in runs]
+    ends = [run[0] for run in checked if len(run) == 3]
+    well_formed = len(ends) == len(checked) > 0 and all(
+        isinstance(end, int) and isinstance(p, str) and isinstance(n, str)
+        for end, p, n in checked
+    )
+    if not well_formed or ends != sorted(set(ends)):
+        raise RequestError(
+            "prompt_steps", "must be (last step, prompt, negative prompt) runs, steps rising")
+    return checked  # type: ignore[return-value]
 
 
 def _mask_tensor(mask: Any, image: Image.Image) -> torch.Tensor:

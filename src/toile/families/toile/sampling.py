@@ -31,6 +31,9 @@ import torch
 Velocity = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
 # step_callback(step, total, x) after each step; raising stops sampling (cancellation).
 StepCallback = Callable[[int, int, torch.Tensor], None]
+# cond_at(step) -> (cond, uncond) for step 1, 2, ... of those that run: the text conditioning
+# when it changes during sampling (A1111 prompt editing and alternation).
+StepConditions = Callable[[int], tuple[Any, Any]]
 # The integration methods ``sample`` implements, by toile.samplers' names.
 SAMPLERS = {"Euler": "euler", "Heun": "heun"}
 
@@ -109,6 +112,7 @@ def sample(
     keep_mask: torch.Tensor | None = None,
     callback: StepCallback | None = None,
     method: str = "euler",
+    cond_at: StepConditions | None = None,
 ) -> torch.Tensor:
     """Integrate dx/dt = v from ``times[0]`` to ``times[-1]`` = 0 with ``method``'s steps
     (``"euler"``, or ``"heun"``: two model calls per step but the last, as in Karras et al.'s
@@ -121,6 +125,9 @@ def sample(
       every step the known region is replaced by the forward-noised original at the new t — the
       latent blending of diffusers' inpaint pipelines and of RePaint (Lugmayr et al. 2022)
       without its resampling — so at t = 0 it equals ``x0_known`` exactly.
+    - ``cond_at(step)``, when given, is each step's (cond, uncond) in place of ``cond`` /
+      ``uncond``, steps counted from 1 over the steps that run (img2img starts the count at its
+      first step, as A1111 does); Heun's two evaluations of a step share its conditioning.
 
     Returns x at t = 0, [B, C, h, w], in float32. Noise and the integration run in float32
     whatever the model's dtype, so low-precision models only round their own predictions.
@@ -140,6 +147,8 @@ def sample(
     batch = x.shape[0]
     for i in range(total):
         t_now, t_next = float(times[i]), float(times[i + 1])
+        if cond_at is not None:
+            cond, uncond = cond_at(i + 1)
         t_vec = torch.full((batch,), t_now, dtype=torch.float32, device=x.device)
         v = guided_velocity(velocity, x, t_vec, cond, uncond, guidance, cat).float()
         x_euler = x + (t_next - t_now) * v

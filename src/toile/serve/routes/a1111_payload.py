@@ -26,8 +26,10 @@ Mapping (see README "Serve"):
   record's ``hires.upscaler`` says ``lanczos``), ``hr_second_pass_steps``, and
   ``denoising_strength`` -> the job's ``hires_*`` fields. A different checkpoint, sampler or
   prompt for the second pass is a 422.
+- ``tiling`` -> tiling: seamless tiles, by circular padding as A1111 (SD, SDXL and toile
+  models; other families answer a 422 naming it).
 - Refused with a 422 naming the field unless left at A1111's "off" value:
-  ``restore_faces``, ``tiling``, ``subseed_strength``, ``styles``, ``script_name``,
+  ``restore_faces``, ``subseed_strength``, ``styles``, ``script_name``,
   ``alwayson_scripts``, other ``override_settings``, more than one
   init image, ``resize_mode`` 2/3.
 - Accepted and ignored (sampler tuning and saving options with no toile equivalent):
@@ -127,7 +129,7 @@ class Processing(BaseModel):
     width: int = Field(512, ge=8, le=MAX_SIDE)
     height: int = Field(512, ge=8, le=MAX_SIDE)
     restore_faces: bool | None = Field(None, description="must be off")
-    tiling: bool | None = Field(None, description="must be off")
+    tiling: bool | None = Field(None, description="seamless tiling (the job's tiling)")
     eta: float | None = Field(None, description="ignored")
     s_churn: float | None = Field(None, description="ignored")
     s_tmax: float | None = Field(None, description="ignored")
@@ -264,7 +266,6 @@ def _check_off(body: Processing) -> None:
     no-op that would return a different picture than the client expects."""
     flags = {
         "restore_faces": body.restore_faces,
-        "tiling": body.tiling,
         "subseed_strength": body.subseed_strength,
         "styles": body.styles,
         "script_name": body.script_name,
@@ -330,6 +331,7 @@ def request_fields(service: JobService, checkpoint: str | None, body: Processing
         "seed": None if body.seed == -1 else body.seed,
         "num_images": num_images,
         "loras": loras,
+        "tiling": bool(body.tiling),
         **_sampler_fields(body),
     }
 
