@@ -23,6 +23,7 @@ COMMANDS = {
     "bench": "toile.cli.bench",
     "demo": "toile.cli.demo",
     "serve": "toile.cli.serve_cmd",
+    "worker": "toile.cli.worker_cmd",
     "finetune": "toile.cli.finetune_cmd",
     "loras": "toile.cli.loras_cmd",
     "verify": "toile.cli.verify_cmd",

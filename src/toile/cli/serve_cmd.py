@@ -1,5 +1,8 @@
 """``toile serve``: the HTTP server (FastAPI + uvicorn) over a durable job queue.
 
+With ``--queue postgresql://...`` it serves the API only: the jobs run in ``toile worker``
+processes sharing that queue (README "Scaling out").
+
 Only argparse at import time; FastAPI, uvicorn and torch load when the command runs.
 """
 
@@ -34,6 +37,12 @@ def add_parser(subparsers: Any) -> None:
         f"here {default_data_dir()}; <toile home> is $TOILE_HOME, else "
         "$XDG_CONFIG_HOME/toile, else ~/.config/toile)",
     )
+    p.add_argument(
+        "--queue",
+        metavar="URL",
+        help="a shared PostgreSQL job queue (postgresql://user@host/db): serve the API only, "
+        "jobs run in `toile worker` processes; the data dir must be shared with them",
+    )
     p.add_argument("--device", choices=("cpu", "cuda", "mps"))
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
@@ -51,12 +60,11 @@ def run(args: argparse.Namespace) -> int:
         data_dir=args.data_dir,
         device=args.device,
         dtype=args.dtype,
+        queue=args.queue,
     )
     config.check_bind()  # before anything listens
     config.check_files()
-    from toile.serve.store import JobStore
-
-    JobStore(config.db_path).close()  # a damaged queue file: one line with advice, not a traceback
+    check_queue(config)
     try:
         import uvicorn
 
@@ -73,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s: %(name)s: %(message)s")
     auth = "token required" if config.api_token else "no token (loopback only)"
     print(
-        f"toile serve: http://{config.host}:{config.port}  data: {config.data_dir}  auth: {auth}",
+        f"toile serve: http://{config.host}:{config.port}  data: {config.data_dir}  auth: {auth}"
+        + (f"  queue: {queue_name(config)} (API only)" if config.distributed else ""),
         file=sys.stderr,
     )
     uvicorn.run(
@@ -84,3 +93,28 @@ def run(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=5,
     )
     return 0
+
+
+def check_queue(config: Any) -> None:
+    """Open the queue once before serving: a damaged SQLite file, or a PostgreSQL server that
+    cannot be reached, is one line with advice, not a traceback (PostgreSQL's schema is also
+    created or migrated here)."""
+    if config.distributed:
+        try:
+            from toile.serve.queue_pg import PgQueue
+        except ModuleNotFoundError as exc:
+            from toile.errors import ToileError
+
+            raise ToileError(f"--queue needs psycopg ({exc.name} is missing): "
+                             'pip install "toile[serve]"') from None
+        PgQueue(config.queue).close()
+        return
+    from toile.serve.store import JobStore
+
+    JobStore(config.db_path).close()
+
+
+def queue_name(config: Any) -> str:
+    from toile.serve.queue_pg import redact
+
+    return redact(config.queue) if config.queue else str(config.db_path)

@@ -29,11 +29,11 @@ from starlette.exceptions import HTTPException
 from toile.errors import RequestError
 from toile.serve.auth import SecurityMiddleware
 from toile.serve.config import ServeConfig
-from toile.serve.jobs import JobNotFoundError, JobService
+from toile.serve.jobs import JobNotFoundError, JobService, Role
 from toile.serve.routes import a1111, openai, system
 from toile.serve.routes import jobs as job_routes
 from toile.serve.routes.common import field_from_loc
-from toile.serve.store import QueueFullError
+from toile.serve.rows import ClientQueueFullError, QueueFullError
 
 log = logging.getLogger("toile.serve")
 WEB_DIR = Path(__file__).parent / "web"
@@ -82,6 +82,13 @@ def _install_error_handlers(app: FastAPI) -> None:
         response.headers["Retry-After"] = "5"
         return response
 
+    @app.exception_handler(ClientQueueFullError)
+    async def client_queue_full(request: Request, exc: ClientQueueFullError) -> JSONResponse:
+        # This client is over its share (max_queued_per_client), not the server: 429.
+        response = _error(429, "too_many_queued_jobs", str(exc), limit="max_queued_per_client")
+        response.headers["Retry-After"] = "5"
+        return response
+
     @app.exception_handler(OSError)
     async def storage_error(request: Request, exc: OSError) -> JSONResponse:
         # A full disk while writing an upload or a result: say so in JSON, like every error.
@@ -111,7 +118,10 @@ def create_app(config: ServeConfig | None = None, *, engine: Any = None) -> Fast
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        service = await run_in_threadpool(lambda: JobService.open(config, engine=engine))
+        # A shared queue (PostgreSQL): this process serves the API; `toile worker`s run jobs.
+        role = Role.API if config.distributed else Role.ALL
+        service = await run_in_threadpool(
+            lambda: JobService.open(config, engine=engine, role=role))
         app.state.jobs = service
         try:
             yield

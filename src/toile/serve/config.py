@@ -14,6 +14,10 @@ Example ``serve.toml``::
     watercolor = "/models/loras/watercolor.safetensors"
     [clients]                          # client tokens; each sees only its own jobs
     studio-a = "a-long-random-token"
+
+Scaling out (README "Scaling out"): ``queue = "postgresql://..."`` puts the job queue and live
+events in PostgreSQL; ``toile serve`` then runs API only and ``toile worker`` processes run the
+jobs, all sharing ``data_dir`` (a shared mount across machines) for uploads and images.
 """
 
 from __future__ import annotations
@@ -74,7 +78,16 @@ class ServeConfig:
     max_steps: int = 200
     max_images: int = 8
     max_queue: int = 1000
+    # Queued jobs one client (a [clients] name; without clients, everyone together) may have
+    # waiting; one more is a 429 naming this limit. 0: no limit but max_queue.
+    max_queued_per_client: int = 0
     max_attempts: int = 3
+    # None: the embedded queue (SQLite in data_dir, one worker in the server process). A
+    # postgresql:// URL: the shared queue of API processes and `toile worker`s.
+    queue: str | None = None
+    # Seconds a worker holds a job without a heartbeat; after that the job goes back to the
+    # queue (a worker killed, a machine gone). Heartbeats come every lease_s / 3 (at most 5 s).
+    lease_s: float = 30.0
     preview_every: int = 5
     preview_size: int = 128
     # The prompt policy: toile's default rules, plus (or, with replace_defaults = true in the
@@ -110,6 +123,7 @@ class ServeConfig:
             ("max_steps", 1, MAX_STEPS),
             ("max_images", 1, MAX_IMAGES),
             ("max_queue", 1, 10**7),
+            ("max_queued_per_client", 0, 10**7),
             ("max_attempts", 1, 100),
             ("preview_every", 0, MAX_STEPS),
             ("preview_size", 16, 1024),
@@ -122,6 +136,15 @@ class ServeConfig:
         days = self.retention_days
         if isinstance(days, bool) or not isinstance(days, int | float) or not 0 <= days <= 36500:
             raise RequestError("retention_days", f"must be a number of days >= 0, got {days!r}")
+        lease = self.lease_s
+        if isinstance(lease, bool) or not isinstance(lease, int | float) or not 1 <= lease <= 3600:
+            raise RequestError("lease_s", f"must be seconds in [1, 3600], got {lease!r}")
+        if self.queue is not None and (
+            not isinstance(self.queue, str) or not self.queue.startswith(("postgresql://",
+                                                                          "postgres://"))
+        ):
+            raise RequestError("queue", "must be a postgresql://user@host/database URL (or unset "
+                                        "for the embedded SQLite queue)")
         for name in ("webhook_timeout_s", "sse_keepalive_s"):
             value = getattr(self, name)
             if (
@@ -169,6 +192,11 @@ class ServeConfig:
                     "webhook_allow", f"{cidr!r} is not an address range such as 10.0.0.0/8"
                 ) from None
         object.__setattr__(self, "webhook_allow", tuple(self.webhook_allow))
+
+    @property
+    def distributed(self) -> bool:
+        """API processes and workers share a PostgreSQL queue (no worker in ``toile serve``)."""
+        return self.queue is not None
 
     @property
     def db_path(self) -> Path:

@@ -11,6 +11,10 @@ Event types: ``queued``, ``started``, ``progress`` (step, total, stage, optional
 
 Besides per-job subscribers, a :class:`Watch` is told that *some* job changed state (any event
 but ``progress``), for views of the whole server such as the queue counts.
+
+:class:`EventBus` is what the server needs of events; :class:`EventHub` is the in-process one
+(one server process), and ``events_pg.PgEventBus`` carries events between processes and
+machines over PostgreSQL (LISTEN/NOTIFY), fanning them out to local subscribers with a hub.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import json
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Protocol
 
 TERMINAL_EVENTS = frozenset({"finished", "failed", "cancelled"})
 EVENT_TYPES = ("queued", "started", "progress", *sorted(TERMINAL_EVENTS))
@@ -124,9 +128,36 @@ class Watch:
         self.hub.unwatch(self)
 
 
+class EventBus(Protocol):
+    """Publish job events, and deliver them to subscribers (SSE, the A1111 progress route,
+    status watchers) of this process. ``send_cancel`` tells whichever process runs a job to
+    stop it; a worker registers with ``on_cancel``."""
+
+    def publish(self, job_id: str, kind: str, data: dict[str, Any]) -> JobEvent: ...
+
+    def progress(self, job_id: str) -> dict[str, Any] | None: ...
+
+    def subscribe(
+        self,
+        job_id: str,
+        loop: asyncio.AbstractEventLoop,
+        snapshot: Callable[[dict[str, JobEvent | None]], list[JobEvent]],
+    ) -> Subscription: ...
+
+    def watch(self, loop: asyncio.AbstractEventLoop) -> Watch: ...
+
+    def subscriber_count(self) -> int: ...
+
+    def send_cancel(self, job_id: str) -> None: ...
+
+    def on_cancel(self, callback: Callable[[str], object]) -> None: ...
+
+    def close(self) -> None: ...
+
+
 @dataclass
 class EventHub:
-    """Fan-out of job events; thread-safe."""
+    """Fan-out of job events within one process; thread-safe. An :class:`EventBus`."""
 
     # Re-entrant: a snapshot callback may read live progress while the hub holds the lock.
     _lock: Any = field(default_factory=threading.RLock)
@@ -134,6 +165,7 @@ class EventHub:
     _live: dict[str, _Live] = field(default_factory=dict)
     _watches: set[Watch] = field(default_factory=set)
     _ids: itertools.count = field(default_factory=lambda: itertools.count(1))
+    _cancel_listeners: list[Callable[[str], object]] = field(default_factory=list)
 
     def publish(self, job_id: str, kind: str, data: dict[str, Any]) -> JobEvent:
         with self._lock:
@@ -203,6 +235,18 @@ class EventHub:
     def subscriber_count(self) -> int:
         with self._lock:
             return sum(len(s) for s in self._subscribers.values())
+
+    def send_cancel(self, job_id: str) -> None:
+        """In one process the service signals its worker itself; listeners are for tests and
+        embedders that run their own."""
+        for callback in list(self._cancel_listeners):
+            callback(job_id)
+
+    def on_cancel(self, callback: Callable[[str], object]) -> None:
+        self._cancel_listeners.append(callback)
+
+    def close(self) -> None:
+        """Nothing to release in one process."""
 
 
 def close_quietly(subscription: Subscription | None) -> None:

@@ -34,10 +34,13 @@ from typing import TYPE_CHECKING, Any
 from toile.errors import ModelNotFoundError, RequestError, ToileError
 from toile.request import Outpaint, Task, parse_enum
 from toile.serve import schemas
-from toile.serve.events import EventHub, JobEvent
+from toile.serve.backends import Backend, DataDirInUseError, Role, expire, open_backend
+from toile.serve.blobs import BlobStore, LocalBlobStore
+from toile.serve.events import EventBus, JobEvent
 from toile.serve.loras import ServerLoras
+from toile.serve.queue import JobQueue
+from toile.serve.rows import IdempotencyConflict, JobRow
 from toile.serve.spec import JobSpec, JobStatus, LoraRef, upload_name
-from toile.serve.store import IdempotencyConflict, JobRow, JobStore
 from toile.serve.uploads import Upload, read_upload, write_durably
 
 if TYPE_CHECKING:
@@ -55,32 +58,12 @@ TERMINAL_EVENT = {
     JobStatus.CANCELLED: "cancelled",
 }
 MAX_LIST = 500
+WORKER_SEEN_S = 15.0  # a worker heard from within this long counts as alive (/health)
+__all__ = ["DataDirInUseError", "JobNotFoundError", "JobService", "Role"]
 
 
 class JobNotFoundError(ToileError, LookupError):
     """No job (or image) with that id."""
-
-
-class DataDirInUseError(ToileError):
-    """Another server process holds the data folder (two would both "recover" its jobs)."""
-
-
-def _lock_data_dir(data_dir: Path) -> Any:
-    """An exclusive lock on ``server.lock``, released by the OS when the process dies (so a
-    ``kill -9`` never leaves a stale lock)."""
-    handle = open(data_dir / "server.lock", "a+")  # noqa: SIM115 - held for the server's life
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no lock, one server per folder is then the user's duty
-        return handle
-    try:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        handle.close()
-        raise DataDirInUseError(
-            f"another toile server is using {data_dir}; stop it or choose another data_dir"
-        ) from None
-    return handle
 
 
 class JobService:
@@ -89,14 +72,16 @@ class JobService:
     def __init__(
         self,
         config: ServeConfig,
-        store: JobStore,
-        hub: EventHub,
+        store: JobQueue,
+        hub: EventBus,
         registry: ModelRegistry,
         webhooks: WebhookSender,
+        blobs: BlobStore | None = None,
     ) -> None:
         self.config = config
         self.store = store
         self.hub = hub
+        self.blobs = blobs or LocalBlobStore(config.uploads_dir, config.images_dir)
         self.registry = registry
         self.webhooks = webhooks
         self.loras = ServerLoras(config.loras)
@@ -105,74 +90,65 @@ class JobService:
         self.engine: Any = None
         self.policy: Any = None  # toile.safety.policy.Policy, set by open()
         self._audit_lock = threading.Lock()
-        self._lock_handle: Any = None
+        self._backend: Backend | None = None
 
     @classmethod
-    def open(cls, config: ServeConfig, *, engine: Any = None) -> JobService:
-        """Lock the data folder, open the store, re-queue jobs a crash interrupted, start the
-        worker. ``engine`` defaults to an id-only Engine on the configured device."""
+    def open(cls, config: ServeConfig, *, engine: Any = None,
+             role: Role | str = Role.ALL) -> JobService:
+        """Open the queue, events and blobs (``backends``: SQLite, or PostgreSQL with
+        ``config.queue``) and, unless ``role`` is ``api``, start the worker. ``engine``
+        defaults to an id-only Engine on the configured device (an API process only asks it
+        about models, so it never needs the GPU)."""
         from toile.serve.webhooks import WebhookSender
-        from toile.serve.worker import Worker
 
-        # The data holds every client's prompts and images: folders 0700, files 0600 (the
-        # files' writers set it: write_durably, the worker's PNGs, JobStore).
-        for folder in (config.data_dir, config.images_dir, config.uploads_dir):
-            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-            folder.chmod(0o700)
-        lock = _lock_data_dir(config.data_dir)
+        role = Role(role)
+        backend = open_backend(config, role)
         try:
-            store = JobStore(config.db_path)
-            _remove_leftovers(config, store)
-            requeued, failed = store.recover(config.max_attempts)
-            if requeued or failed:
-                log.warning(
-                    "recovered after an unclean stop: %d job(s) re-queued, %d failed after %d "
-                    "attempts",
-                    len(requeued),
-                    len(failed),
-                    config.max_attempts,
-                )
             policy = config.build_policy()
             if engine is None:
-                from toile.engine.engine import Engine
-                from toile.safety.watermark import WatermarkConfig
-
-                engine = Engine(device=config.device, dtype=config.dtype, allow_paths=False,
-                                policy=policy, on_flag=config.output_action,
-                                watermark=WatermarkConfig(enabled=config.watermark))
-                if config.output_checker:
-                    from toile.safety.output_check import load_output_check
-
-                    engine.output_check = load_output_check(config.output_checker, engine.device)
+                engine = _build_engine(config, policy, runs_jobs=role is not Role.API)
             if getattr(engine, "allow_paths", False):
                 raise ValueError("the server's engine must be built with allow_paths=False")
             webhooks = WebhookSender(
-                config.webhook_timeout_s, store.set_webhook_status, config.webhook_allow
+                config.webhook_timeout_s, backend.store.set_webhook_status, config.webhook_allow
             )
-            service = cls(config, store, EventHub(), engine.registry, webhooks)
+            service = cls(config, backend.store, backend.hub, engine.registry, webhooks,
+                          backend.blobs)
             service.policy = policy
             service.engine = engine
-            service._lock_handle = lock
-            service.worker = Worker(config, store, service.hub, engine, ended=service._job_ended,
-                                    loras=service.loras)
-            service.worker.credentials = config.build_credentials()
-            for job in store.pending_webhooks():
-                if job.webhook is not None:
-                    webhooks.send(job.webhook, job.id, service.view(job).model_dump(mode="json"))
-            service.worker.start()
+            service._backend = backend
+            if role is not Role.API:
+                service._start_worker(engine)
         except BaseException:
-            lock.close()
+            backend.close()
             raise
         return service
+
+    def _start_worker(self, engine: Any) -> None:
+        """The worker thread; with a shared queue it also listens for cancels of its jobs
+        and says it is alive. Webhooks a stop left unsent go out first."""
+        from toile.serve.worker import Worker
+
+        worker = Worker(self.config, self.store, self.hub, engine, ended=self._job_ended,
+                        loras=self.loras, blobs=self.blobs, announce=self.config.distributed)
+        worker.credentials = self.config.build_credentials()
+        self.worker = worker
+        if self.config.distributed:
+            self.hub.on_cancel(worker.cancel_if_running)
+        for job in self.store.pending_webhooks():
+            if job.webhook is not None:
+                self.webhooks.send(job.webhook, job.id, self.view(job).model_dump(mode="json"))
+        worker.start()
 
     def close(self) -> None:
         if self.worker is not None:
             self.worker.stop()
         self.webhooks.close(wait=True)
-        self.store.close()
-        if self._lock_handle is not None:
-            self._lock_handle.close()
-            self._lock_handle = None
+        if self._backend is not None:
+            self._backend.close()
+            self._backend = None
+        else:
+            self.store.close()
 
     # -- submit -------------------------------------------------------------------------------
 
@@ -238,18 +214,18 @@ class JobService:
     ) -> tuple[JobRow, bool]:
         """Write the uploads durably, then commit the job row naming them (the commit point);
         on any failure, or when an earlier job had the same key, the files go again."""
-        saved: list[Path] = []
+        saved: list[str] = []
         files = spec.uploads()
         try:
             for name, upload in uploads.items():
-                path = self.config.uploads_dir / files[name]
-                write_durably(path, upload.data)
-                saved.append(path)
+                write_durably(self.blobs.upload_path(files[name]), upload.data)
+                saved.append(files[name])
             try:
                 row, created = self.store.insert(
                     job_id, spec, body_hash=body_hash,
                     idempotency_key=idempotency_key, webhook=body.webhook,
                     max_queue=self.config.max_queue, owner=owner,
+                    max_per_client=self.config.max_queued_per_client or None,
                 )
             except IdempotencyConflict as exc:
                 raise RequestError(
@@ -257,12 +233,12 @@ class JobService:
                     f"was already used for job {exc.job.id} with a different request body",
                 ) from None
         except BaseException:
-            for path in saved:
-                path.unlink(missing_ok=True)
+            for name in saved:
+                self.blobs.remove_upload(name)
             raise
         if not created:
-            for path in saved:
-                path.unlink(missing_ok=True)
+            for name in saved:
+                self.blobs.remove_upload(name)
         return row, created
 
     def _check_policy(self, prompt: str, client: str, job_id: str, field: str = "prompt") -> None:
@@ -489,7 +465,7 @@ class JobService:
             row = row if job is not None and job.owner == owner else None
         if row is None:
             raise JobNotFoundError(f"no image with id {image_id!r}")
-        path = self.config.images_dir / Path(row.file).name
+        path = self.blobs.image_path(row.file)
         if not path.is_file():
             raise JobNotFoundError(f"image {image_id} is no longer on disk")
         return path, row.record
@@ -505,8 +481,11 @@ class JobService:
             raise JobNotFoundError(f"no job with id {job_id!r}")
         if moved:
             self._job_ended(row)
-        elif row.status is JobStatus.RUNNING and self.worker is not None:
-            self.worker.cancel(job_id)
+        elif row.status is JobStatus.RUNNING:
+            if self.config.distributed:  # whichever process runs it hears this
+                self.hub.send_cancel(job_id)
+            elif self.worker is not None:
+                self.worker.cancel(job_id)
         return self.view(row)
 
     # -- events -------------------------------------------------------------------------------
@@ -550,17 +529,20 @@ class JobService:
         self.hub.publish(row.id, TERMINAL_EVENT[row.status], data)
         if row.webhook:
             self.webhooks.send(row.webhook, row.id, data)
-        _remove_uploads(self.config, row.id)
+        self.blobs.remove_uploads(row.id)
         if self.worker is not None:
             self.worker.drop_preloaded(row.id)
-        expire(self.config, self.store)
+        expire(self.config, self.store, self.blobs)
 
     # -- server -------------------------------------------------------------------------------
 
     def health(self) -> schemas.Health:
         counts = self.store.counts()
-        alive = self.worker is not None and self.worker.alive
-        return schemas.Health(ok=alive, queue_length=counts[JobStatus.QUEUED],
+        if self.worker is not None:
+            ok = alive = self.worker.alive
+        else:  # an API process: up when its queue answers; workers run elsewhere
+            ok, alive = True, self.store.live_workers(WORKER_SEEN_S) > 0
+        return schemas.Health(ok=ok, queue_length=counts[JobStatus.QUEUED],
                               running=counts[JobStatus.RUNNING], worker_alive=alive)
 
     async def status_events(
@@ -684,37 +666,20 @@ def _menu_options(menu: SamplerMenu) -> tuple[tuple[str, tuple[str, ...], bool],
     )
 
 
-def _remove_uploads(config: ServeConfig, job_id: str) -> None:
-    for path in config.uploads_dir.glob(f"{job_id}-*"):
-        path.unlink(missing_ok=True)
+def _build_engine(config: ServeConfig, policy: Any, *, runs_jobs: bool) -> Any:
+    """The server's id-only Engine. An API process's never runs a job: it stays on the CPU
+    (the machine may have no GPU) and loads no output checker."""
+    from toile.engine.engine import Engine
+    from toile.safety.watermark import WatermarkConfig
 
+    engine = Engine(device=config.device if runs_jobs else "cpu", dtype=config.dtype,
+                    allow_paths=False, policy=policy, on_flag=config.output_action,
+                    watermark=WatermarkConfig(enabled=config.watermark))
+    if config.output_checker and runs_jobs:
+        from toile.safety.output_check import load_output_check
 
-def expire(config: ServeConfig, store: JobStore) -> int:
-    """Remove the jobs that ended more than ``retention_days`` ago, with their result images;
-    returns how many."""
-    if not config.retention_days:
-        return 0
-    gone = store.delete_ended_before(time.time() - config.retention_days * 86400)
-    for job in gone:
-        for image in job.images:
-            (config.images_dir / Path(image.file).name).unlink(missing_ok=True)
-        _remove_uploads(config, job.id)
-    return len(gone)
-
-
-def _remove_leftovers(config: ServeConfig, store: JobStore) -> None:
-    """At start-up: temporary files a crash left half-written, uploads of jobs that ended (or
-    are gone) and jobs past their retention."""
-    for folder in (config.images_dir, config.uploads_dir):
-        for path in folder.glob(".*.tmp-*"):
-            path.unlink(missing_ok=True)
-    for path in config.uploads_dir.iterdir():
-        job = store.get(path.name.partition("-")[0])
-        if job is None or job.terminal:
-            path.unlink(missing_ok=True)
-    removed = expire(config, store)
-    if removed:
-        log.info("removed %d job(s) older than %g days", removed, config.retention_days)
+        engine.output_check = load_output_check(config.output_checker, engine.device)
+    return engine
 
 
 def _mtime(path: Path) -> int:

@@ -1,5 +1,6 @@
-"""Run ``toile serve`` as a subprocess on a loopback port: start, wait until healthy, stop, or
-``kill -9`` it. The durability tests and the benchmark use this to crash a real server."""
+"""Run ``toile serve`` (and ``toile worker``) as subprocesses on a loopback port: start, wait
+until healthy, stop, or ``kill -9`` them. The durability and scale-out tests and the benchmark
+use this to crash real processes."""
 
 from __future__ import annotations
 
@@ -21,7 +22,35 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-class ServerProcess:
+class _ChildProcess:
+    """What both kinds share: the process, its log, kill -9 and a graceful stop."""
+
+    proc: subprocess.Popen[bytes] | None
+    log: Path
+
+    def kill(self) -> None:
+        """``kill -9``: no clean-up of any kind runs in the process."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(timeout=30)
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """A graceful stop (SIGTERM), then SIGKILL if it does not end in ``timeout``."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def log_tail(self, chars: int = 4000) -> str:
+        try:
+            return self.log.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+
+class ServerProcess(_ChildProcess):
     """One ``toile serve`` process. ``log`` collects its stdout and stderr."""
 
     def __init__(
@@ -33,9 +62,11 @@ class ServerProcess:
         token: str | None = None,
         env: dict[str, str] | None = None,
         log: Path | None = None,
+        queue: str | None = None,
     ) -> None:
         self.data_dir = Path(data_dir)
         self.config = config
+        self.queue = queue  # a shared PostgreSQL queue: API only, jobs run in WorkerProcesses
         self.port = port or free_port()
         self.token = token
         self.env = dict(os.environ if env is None else env)
@@ -65,6 +96,8 @@ class ServerProcess:
         ]
         if self.config is not None:
             command += ["--config", str(self.config)]
+        if self.queue is not None:
+            command += ["--queue", self.queue]
         env = dict(self.env)
         if self.token:
             env["TOILE_API_TOKEN"] = self.token
@@ -88,28 +121,48 @@ class ServerProcess:
                 raise TimeoutError(f"server not healthy after {timeout}s:\n{self.log_tail()}")
             time.sleep(0.1)
 
-    def kill(self) -> None:
-        """``kill -9``: no clean-up of any kind runs in the server."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(timeout=30)
-
-    def stop(self, timeout: float = 20.0) -> None:
-        """A graceful stop (SIGTERM), then SIGKILL if it does not end in ``timeout``."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-    def log_tail(self, chars: int = 4000) -> str:
-        try:
-            return self.log.read_text(errors="replace")[-chars:]
-        except OSError:
-            return ""
-
     def __enter__(self) -> ServerProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class WorkerProcess(_ChildProcess):
+    """One ``toile worker`` process on a shared queue. ``start`` returns once it runs; it says
+    it is alive through the queue (an API process's ``/health``: ``worker_alive``)."""
+
+    def __init__(
+        self,
+        queue: str,
+        data_dir: Path,
+        *,
+        device: str = "cpu",
+        config: Path | None = None,
+        env: dict[str, str] | None = None,
+        log: Path | None = None,
+    ) -> None:
+        self.queue = queue
+        self.data_dir = Path(data_dir)
+        self.device = device
+        self.config = config
+        self.env = dict(os.environ if env is None else env)
+        self.log = log or self.data_dir.parent / f"worker-{id(self)}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> WorkerProcess:
+        command = [sys.executable, "-m", "toile.cli.main", "worker", "--queue", self.queue,
+                   "--data-dir", str(self.data_dir), "--device", self.device,
+                   "--log-level", "warning"]
+        if self.config is not None:
+            command += ["--config", str(self.config)]
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                         env=self.env)
+        return self
+
+    def __enter__(self) -> WorkerProcess:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -9,6 +9,10 @@ second server sharing the file) never interleave a read-then-write.
 Live progress is *not* stored here: it changes every step and means nothing after a restart
 (see ``events``). Status, attempts, errors, result images and texts are.
 
+The SQL itself (claims, leases, fairness) is shared with PostgreSQL in ``sqlqueue``; this
+module holds the connection, the pragmas and the schema. One process uses the file (the server
+locks its data folder), so a lease here only ever belongs to the server's own worker thread.
+
 States (:class:`~toile.serve.spec.JobStatus`): ``queued -> running -> succeeded | failed |
 cancelled``; ``queued -> cancelled``. A job found ``running`` at start-up was interrupted by a
 crash: it goes back to ``queued``, or to ``failed`` with a reason once it has been started
@@ -17,21 +21,35 @@ crash: it goes back to ``queued``, or to ``failed`` with a reason once it has be
 
 from __future__ import annotations
 
-import json
+import contextlib
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from toile.errors import ToileError
-from toile.serve.spec import TERMINAL, JobSpec, JobStatus
+from toile.serve.rows import (
+    ClientQueueFullError,
+    IdempotencyConflict,
+    ImageRow,
+    JobRow,
+    QueueFullError,
+    StoreDamagedError,
+    TextRow,
+)
+from toile.serve.sqlqueue import SqlQueue
 
-QUEUED, RUNNING = JobStatus.QUEUED, JobStatus.RUNNING  # the two states SQL here tests most
+__all__ = [
+    "ClientQueueFullError", "IdempotencyConflict", "ImageRow", "JobRow", "JobStore",
+    "QueueFullError", "StoreDamagedError", "TextRow",
+]
+
 # 2: jobs.owner (the client that submitted); 3: texts (caption and answer results), and
-# jobs.request holds a JobSpec (schema 2's request JSON reads as one).
+# jobs.request holds a JobSpec (schema 2's request JSON reads as one). Still 3 with the columns
+# and tables of leases and fairness (jobs.model, worker_id, lease_until, passed_over;
+# client_turns, workers): they are additive and have defaults, so a toile from before them
+# reads and writes the file as it did (it just ignores leases and turns).
 SCHEMA_VERSION = 3
 
 SCHEMA = """
@@ -69,99 +87,31 @@ CREATE TABLE IF NOT EXISTS texts (
     record TEXT NOT NULL,
     PRIMARY KEY (job_id, idx)
 );
+CREATE TABLE IF NOT EXISTS client_turns (
+    owner TEXT PRIMARY KEY,
+    last_turn INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS workers (
+    id TEXT PRIMARY KEY,
+    device TEXT NOT NULL,
+    models TEXT NOT NULL,
+    seen_at REAL NOT NULL
+);
 """
+# Columns added after schema 1, as (name, DDL): ALTER TABLE for a file from before them.
+ADDED_COLUMNS = (
+    ("owner", "owner TEXT NOT NULL DEFAULT ''"),  # 2
+    ("model", "model TEXT NOT NULL DEFAULT ''"),  # leases and fairness (still schema 3)
+    ("worker_id", "worker_id TEXT"),
+    ("lease_until", "lease_until REAL"),
+    ("passed_over", "passed_over INTEGER NOT NULL DEFAULT 0"),
+)
 
 
-class QueueFullError(Exception):
-    """The queue holds ``max_queue`` jobs already; the client should retry later."""
-
-
-class IdempotencyConflict(Exception):
-    """An Idempotency-Key was reused with a different request body."""
-
-    def __init__(self, job: JobRow) -> None:
-        self.job = job
-        super().__init__(f"Idempotency-Key was already used for job {job.id} with another body")
-
-
-@dataclass(frozen=True)
-class ImageRow:
-    id: str
-    job_id: str
-    index: int
-    file: str  # a file name inside the images folder, never a client-supplied path
-    record: dict[str, Any]
-
-
-@dataclass(frozen=True)
-class TextRow:
-    """A caption or answer a job wrote, with its record."""
-
-    job_id: str
-    index: int
-    text: str
-    record: dict[str, Any]
-
-
-@dataclass(frozen=True)
-class JobRow:
-    seq: int
-    id: str
-    status: JobStatus
-    spec: JobSpec | None  # None only when the stored spec is damaged (see ``damaged``)
-    created_at: float
-    started_at: float | None = None
-    finished_at: float | None = None
-    attempts: int = 0
-    cancel_requested: bool = False
-    error: str | None = None
-    error_field: str | None = None
-    webhook: str | None = None
-    webhook_status: str | None = None
-    idempotency_key: str | None = None
-    body_hash: str = ""
-    images: tuple[ImageRow, ...] = field(default=())
-    texts: tuple[TextRow, ...] = field(default=())
-    owner: str = ""  # the client (server config [clients]) that submitted it; "" = none
-    # Why the stored spec cannot be read (a damaged row); the worker fails such a job with
-    # this reason instead of stopping on it, and listings still show it.
-    damaged: str | None = None
-
-    @property
-    def terminal(self) -> bool:
-        return self.status.terminal
-
-
-def _json_object(text: Any) -> tuple[dict[str, Any], str | None]:
-    """A stored JSON object, or ``({}, why)`` when the row is damaged: one bad row must not
-    stop the queue or the job listing."""
-    try:
-        value = json.loads(text)
-    except (TypeError, ValueError):
-        return {}, "not valid JSON"
-    if not isinstance(value, dict):
-        return {}, "not a JSON object"
-    return value, None
-
-
-def _spec(text: Any) -> tuple[JobSpec | None, str | None]:
-    """The stored spec, or ``(None, why)`` for a damaged row."""
-    value, damaged = _json_object(text)
-    if damaged is not None:
-        return None, damaged
-    try:
-        return JobSpec.from_dict(value), None
-    except (TypeError, ValueError, ToileError, KeyError) as exc:
-        return None, f"not a job spec: {exc}"
-
-
-class StoreDamagedError(ToileError):
-    """``jobs.sqlite3`` cannot be read as a database."""
-
-
-class JobStore:
-    """All reads and writes of ``jobs.sqlite3``. Thread-safe: one connection behind a lock
-    (the writes are tiny; a pool would add nothing but another way to get locking wrong)."""
+class JobStore(SqlQueue):
+    """The SQLite :class:`~toile.serve.queue.JobQueue` in ``jobs.sqlite3``. Thread-safe: one
+    connection behind a lock (the writes are tiny; a pool would add nothing but another way
+    to get locking wrong)."""
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -199,10 +149,21 @@ class JobStore:
             version = self._db.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
                 raise RuntimeError(f"{path} was written by a newer toile (schema {version})")
-            columns = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
-            if "owner" not in columns:  # schema 1 -> 2: jobs from before belong to no client
-                self._db.execute("ALTER TABLE jobs ADD COLUMN owner TEXT NOT NULL DEFAULT ''")
+            self._migrate()
             self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    def _migrate(self) -> None:
+        """Add the columns a file from an older schema lacks. Jobs from before schema 2 belong
+        to no client; jobs from before leases get their model from the stored request."""
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
+        for name, ddl in ADDED_COLUMNS:
+            if name not in columns:
+                self._db.execute(f"ALTER TABLE jobs ADD COLUMN {ddl}")
+        if "model" not in columns:
+            self._db.execute(
+                "UPDATE jobs SET model = COALESCE(json_extract(request, '$.model'), '') "
+                "WHERE json_valid(request)"
+            )
 
     def close(self) -> None:
         with self._lock:
@@ -212,316 +173,25 @@ class JobStore:
         with self._lock:
             return self._db.execute(f"PRAGMA {name}").fetchone()[0]
 
-    # -- transactions -------------------------------------------------------------------------
+    # -- SqlQueue hooks -----------------------------------------------------------------------
 
-    class _Tx:
-        def __init__(self, store: JobStore) -> None:
-            self.store = store
-
-        def __enter__(self) -> sqlite3.Connection:
-            self.store._lock.acquire()
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """``BEGIN IMMEDIATE``: the write lock up front, so a read-then-write never
+        interleaves with another writer."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
             try:
-                self.store._db.execute("BEGIN IMMEDIATE")
+                yield self._db
             except BaseException:
-                self.store._lock.release()
+                self._db.execute("ROLLBACK")
                 raise
-            return self.store._db
+            self._db.execute("COMMIT")
 
-        def __exit__(self, kind: Any, exc: Any, tb: Any) -> None:
-            try:
-                self.store._db.execute("COMMIT" if kind is None else "ROLLBACK")
-            finally:
-                self.store._lock.release()
-
-    def _transaction(self) -> JobStore._Tx:
-        return JobStore._Tx(self)
-
-    def _read(self, sql: str, args: Sequence[Any] = ()) -> list[sqlite3.Row]:
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[sqlite3.Connection]:
         with self._lock:
-            return self._db.execute(sql, args).fetchall()
+            yield self._db
 
-    # -- rows ---------------------------------------------------------------------------------
-
-    def _job(self, db: sqlite3.Connection, row: sqlite3.Row | None) -> JobRow | None:
-        if row is None:
-            return None
-        images = tuple(
-            ImageRow(r["id"], r["job_id"], r["idx"], r["file"], _json_object(r["record"])[0])
-            for r in db.execute("SELECT * FROM images WHERE job_id = ? ORDER BY idx", (row["id"],))
-        )
-        texts = tuple(
-            TextRow(r["job_id"], r["idx"], r["text"], _json_object(r["record"])[0])
-            for r in db.execute("SELECT * FROM texts WHERE job_id = ? ORDER BY idx", (row["id"],))
-        )
-        spec, damaged = _spec(row["request"])
-        return JobRow(
-            seq=row["seq"],
-            id=row["id"],
-            status=JobStatus(row["status"]),
-            spec=spec,
-            damaged=f"its stored request is damaged ({damaged})" if damaged else None,
-            created_at=row["created_at"],
-            started_at=row["started_at"],
-            finished_at=row["finished_at"],
-            attempts=row["attempts"],
-            cancel_requested=bool(row["cancel_requested"]),
-            error=row["error"],
-            error_field=row["error_field"],
-            webhook=row["webhook"],
-            webhook_status=row["webhook_status"],
-            idempotency_key=row["idempotency_key"],
-            body_hash=row["body_hash"],
-            images=images,
-            texts=texts,
-            owner=row["owner"],
-        )
-
-    # -- writes -------------------------------------------------------------------------------
-
-    def insert(
-        self,
-        job_id: str,
-        spec: JobSpec,
-        *,
-        body_hash: str,
-        idempotency_key: str | None = None,
-        webhook: str | None = None,
-        max_queue: int | None = None,
-        owner: str = "",
-    ) -> tuple[JobRow, bool]:
-        """Add a queued job, durably. Returns ``(job, created)``; with a key seen before, the
-        earlier job and ``False`` (or IdempotencyConflict if the body differs)."""
-        with self._transaction() as db:
-            if idempotency_key is not None:
-                existing = self._job(
-                    db,
-                    db.execute(
-                        "SELECT * FROM jobs WHERE idempotency_key = ?", (idempotency_key,)
-                    ).fetchone(),
-                )
-                if existing is not None:
-                    if existing.body_hash != body_hash:
-                        raise IdempotencyConflict(existing)
-                    return existing, False
-            if max_queue is not None:
-                waiting = db.execute(
-                    "SELECT COUNT(*) FROM jobs WHERE status IN (?, ?)", (QUEUED, RUNNING)
-                ).fetchone()[0]
-                if waiting >= max_queue:
-                    raise QueueFullError(f"the queue is full ({waiting} jobs); retry later")
-            db.execute(
-                "INSERT INTO jobs (id, idempotency_key, body_hash, status, request, webhook, "
-                "created_at, owner) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    job_id,
-                    idempotency_key,
-                    body_hash,
-                    QUEUED,
-                    spec.to_json(),
-                    webhook,
-                    time.time(),
-                    owner,
-                ),
-            )
-            row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
-            job = self._job(db, row)
-        assert job is not None
-        return job, True
-
-    def claim_next(self) -> JobRow | None:
-        """The oldest queued job, now ``running`` with one more attempt; None if none waits."""
-        with self._transaction() as db:
-            row = db.execute(
-                "SELECT * FROM jobs WHERE status = ? ORDER BY seq LIMIT 1", (QUEUED,)
-            ).fetchone()
-            if row is None:
-                return None
-            db.execute(
-                "UPDATE jobs SET status = ?, attempts = attempts + 1, started_at = ? WHERE id = ?",
-                (RUNNING, time.time(), row["id"]),
-            )
-            return self._job(
-                db, db.execute("SELECT * FROM jobs WHERE id = ?", (row["id"],)).fetchone()
-            )
-
-    def finish(
-        self,
-        job_id: str,
-        status: JobStatus,
-        *,
-        error: str | None = None,
-        error_field: str | None = None,
-        images: Iterable[ImageRow] = (),
-        texts: Iterable[TextRow] = (),
-    ) -> JobRow | None:
-        """Move a running job to a terminal state, with its images and texts in the same
-        transaction. The image files must already be on disk (fsynced): the row is the commit
-        point."""
-        if status not in TERMINAL:
-            raise ValueError(f"not a terminal status: {status}")
-        with self._transaction() as db:
-            for image in images:
-                db.execute(
-                    "INSERT INTO images (id, job_id, idx, file, record) VALUES (?, ?, ?, ?, ?)",
-                    (image.id, job_id, image.index, image.file, json.dumps(image.record)),
-                )
-            for text in texts:
-                db.execute(
-                    "INSERT INTO texts (job_id, idx, text, record) VALUES (?, ?, ?, ?)",
-                    (job_id, text.index, text.text, json.dumps(text.record)),
-                )
-            db.execute(
-                "UPDATE jobs SET status = ?, finished_at = ?, error = ?, error_field = ? "
-                "WHERE id = ? AND status = ?",
-                (status, time.time(), error, error_field, job_id, RUNNING),
-            )
-            return self._job(
-                db, db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
-            )
-
-    def requeue(self, job_id: str) -> None:
-        """Put an interrupted running job back (graceful shutdown); the attempt does not count."""
-        with self._transaction() as db:
-            db.execute(
-                "UPDATE jobs SET status = ?, started_at = NULL, attempts = MAX(attempts - 1, 0) "
-                "WHERE id = ? AND status = ?",
-                (QUEUED, job_id, RUNNING),
-            )
-
-    def cancel(self, job_id: str) -> tuple[JobRow | None, bool]:
-        """A queued job becomes ``cancelled`` at once (it will never start); a running one gets
-        ``cancel_requested`` (durable, so a crash before it stops does not resurrect it) and the
-        caller signals the worker. Terminal jobs are left as they are. Returns the job and
-        whether this call moved it from queued to cancelled."""
-        with self._transaction() as db:
-            now = time.time()
-            moved = db.execute(
-                "UPDATE jobs SET status = ?, finished_at = ?, cancel_requested = 1 "
-                "WHERE id = ? AND status = ?",
-                (JobStatus.CANCELLED, now, job_id, QUEUED),
-            ).rowcount
-            db.execute(
-                "UPDATE jobs SET cancel_requested = 1 WHERE id = ? AND status = ?",
-                (job_id, RUNNING),
-            )
-            row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
-            return self._job(db, row), moved > 0
-
-    def recover(self, max_attempts: int) -> tuple[list[str], list[str]]:
-        """At start-up: jobs left ``running`` by a crash go back to the queue, or fail with a
-        reason after ``max_attempts`` starts, or are cancelled if that was asked. Returns the
-        (requeued, failed) ids."""
-        requeued, failed = [], []
-        with self._transaction() as db:
-            rows = db.execute(
-                "SELECT id, attempts, cancel_requested FROM jobs WHERE status = ?", (RUNNING,)
-            ).fetchall()
-            now = time.time()
-            for row in rows:
-                if row["cancel_requested"]:
-                    db.execute(
-                        "UPDATE jobs SET status = ?, finished_at = ? WHERE id = ?",
-                        (JobStatus.CANCELLED, now, row["id"]),
-                    )
-                elif row["attempts"] >= max_attempts:
-                    reason = (
-                        f"the server stopped while running this job {row['attempts']} times "
-                        f"(limit {max_attempts}); not retried again"
-                    )
-                    db.execute(
-                        "UPDATE jobs SET status = ?, finished_at = ?, error = ? WHERE id = ?",
-                        (JobStatus.FAILED, now, reason, row["id"]),
-                    )
-                    failed.append(row["id"])
-                else:
-                    db.execute(
-                        "UPDATE jobs SET status = ?, started_at = NULL WHERE id = ?",
-                        (QUEUED, row["id"]),
-                    )
-                    requeued.append(row["id"])
-        return requeued, failed
-
-    def delete_ended_before(self, cutoff: float) -> list[JobRow]:
-        """Delete the jobs that ended before ``cutoff`` (epoch seconds) with their image and text
-        rows; returns them (the caller removes their files)."""
-        with self._transaction() as db:
-            rows = db.execute(
-                f"SELECT * FROM jobs WHERE status IN ({', '.join('?' * len(TERMINAL))}) "
-                "AND finished_at < ?",
-                (*sorted(TERMINAL), cutoff),
-            ).fetchall()
-            jobs = [job for row in rows if (job := self._job(db, row)) is not None]
-            for job in jobs:
-                db.execute("DELETE FROM images WHERE job_id = ?", (job.id,))
-                db.execute("DELETE FROM texts WHERE job_id = ?", (job.id,))
-                db.execute("DELETE FROM jobs WHERE id = ?", (job.id,))
-            return jobs
-
-    def set_webhook_status(self, job_id: str, status: str) -> None:
-        with self._transaction() as db:
-            db.execute("UPDATE jobs SET webhook_status = ? WHERE id = ?", (status[:500], job_id))
-
-    # -- reads --------------------------------------------------------------------------------
-
-    def get_by_key(self, idempotency_key: str) -> JobRow | None:
-        with self._lock:
-            row = self._db.execute(
-                "SELECT * FROM jobs WHERE idempotency_key = ?", (idempotency_key,)
-            ).fetchone()
-            return self._job(self._db, row)
-
-    def get(self, job_id: str) -> JobRow | None:
-        with self._lock:
-            row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
-            return self._job(self._db, row)
-
-    def list(
-        self, statuses: Sequence[JobStatus] = (), limit: int = 100, owner: str | None = None
-    ) -> list[JobRow]:
-        """The newest ``limit`` jobs (optionally of some statuses), oldest first: queue order."""
-        clauses, args = [], list(statuses)
-        if statuses:
-            clauses.append(f"status IN ({', '.join('?' * len(statuses))})")
-        if owner is not None:  # a client sees its own jobs only
-            clauses.append("owner = ?")
-            args.append(owner)
-        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
-        with self._lock:
-            rows = self._db.execute(
-                f"SELECT * FROM (SELECT * FROM jobs {where} ORDER BY seq DESC LIMIT ?) "
-                "ORDER BY seq",
-                (*args, limit),
-            ).fetchall()
-            return [job for row in rows if (job := self._job(self._db, row)) is not None]
-
-    def queue_position(self, job: JobRow) -> int | None:
-        """1 = next to run. None unless the job is queued."""
-        if job.status is not QUEUED:
-            return None
-        rows = self._read(
-            "SELECT COUNT(*) FROM jobs WHERE status = ? AND seq < ?", (QUEUED, job.seq)
-        )
-        return int(rows[0][0]) + 1
-
-    def counts(self) -> dict[JobStatus, int]:
-        rows = self._read("SELECT status, COUNT(*) FROM jobs GROUP BY status")
-        found = dict.fromkeys(JobStatus, 0)
-        found.update({JobStatus(row[0]): int(row[1]) for row in rows})
-        return found
-
-    def image(self, image_id: str) -> ImageRow | None:
-        rows = self._read("SELECT * FROM images WHERE id = ?", (image_id,))
-        if not rows:
-            return None
-        r = rows[0]
-        return ImageRow(r["id"], r["job_id"], r["idx"], r["file"], _json_object(r["record"])[0])
-
-    def pending_webhooks(self) -> list[JobRow]:
-        """Finished jobs whose webhook was never attempted (the server stopped first)."""
-        with self._lock:
-            rows = self._db.execute(
-                f"SELECT * FROM jobs WHERE webhook IS NOT NULL AND webhook_status IS NULL "
-                f"AND status IN ({', '.join('?' * len(TERMINAL))}) ORDER BY seq",
-                tuple(sorted(TERMINAL)),
-            ).fetchall()
-            return [job for row in rows if (job := self._job(self._db, row)) is not None]
+    def _now(self, db: Any) -> float:
+        return time.time()

@@ -66,8 +66,8 @@ from toile.serve import schemas
 from toile.serve.jobs import JobNotFoundError, JobService
 from toile.serve.routes.common import field_from_loc, job_body, read_png_b64, renamed, run_to_end
 from toile.serve.routes.deps import jobs
+from toile.serve.rows import ClientQueueFullError, QueueFullError
 from toile.serve.spec import JobStatus
-from toile.serve.store import QueueFullError
 from toile.serve.uploads import Upload, check_image_bytes, upload_of
 
 if TYPE_CHECKING:
@@ -165,6 +165,11 @@ class OpenAIRoute(APIRoute):
                 error = renamed(exc, OPENAI_NAMES)
                 return OpenAIError(
                     400, str(error), param=error.field, code="invalid_value"
+                ).response()
+            except ClientQueueFullError as exc:
+                return OpenAIError(
+                    429, str(exc), type="rate_limit_error", code="too_many_queued_jobs",
+                    retry=True,
                 ).response()
             except QueueFullError as exc:
                 return OpenAIError(

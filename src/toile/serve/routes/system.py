@@ -20,7 +20,9 @@ Service = Annotated[JobService, Depends(jobs)]
 
 @router.get("/health", response_model=schemas.Health)
 def health(service: Service) -> schemas.Health:
-    """ok (the worker is alive) and the queue length. Needs no token."""
+    """ok (the worker is alive; an API process on a shared queue: the queue answers, and
+    ``worker_alive`` says whether any worker was heard from lately) and the queue length.
+    Needs no token."""
     return service.health()
 
 
