@@ -170,8 +170,8 @@ def test_toile_mini_samplers(engine):
                                         sampler="Heun"))
     assert max_abs_diff(euler.images[0], heun.images[0]) > 0
     assert (heun.records[0].sampler, euler.records[0].sampler) == ("Heun", "Euler")
-    with pytest.raises(RequestError, match="it can use: Euler, Heun"):
-        engine.run(GenerationRequest("x", steps=1, sampler="DPM++ 2M"))
+    with pytest.raises(RequestError, match="it can use: Euler, Heun, DPM.. 2M, UniPC"):
+        engine.run(GenerationRequest("x", steps=1, sampler="DDIM"))
 
 
 def test_cli_sampler_flags_and_listing(toile_home, tmp_path, tiny_models):

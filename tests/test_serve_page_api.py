@@ -148,6 +148,8 @@ def test_models_list_the_samplers_each_model_can_use(engine, tiny_models, tmp_pa
     assert cards["toile-mini"]["samplers"] == [
         {"name": "Euler", "schedules": ["automatic"], "default": True},
         {"name": "Heun", "schedules": ["automatic"], "default": False},
+        {"name": "DPM++ 2M", "schedules": ["automatic"], "default": False},
+        {"name": "UniPC", "schedules": ["automatic"], "default": False},
     ]
     assert cards["tiny-sd-file"]["samplers"] == []
     assert cards["vanished"]["samplers"] == []

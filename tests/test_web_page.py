@@ -402,7 +402,7 @@ def test_sampler_and_schedule_lists_follow_the_model_and_sampler(engine, browser
 
         # toile's own model: exactly what its sampling code runs, no schedule choice
         model.select_option("toile-mini")
-        assert option_values(sampler) == ["", "Euler", "Heun"]
+        assert option_values(sampler) == ["", "Euler", "Heun", "DPM++ 2M", "UniPC"]
         expect(sampler.locator("option").first).to_have_text("Default (Euler)")
         assert option_values(schedule) == ["automatic"]
         expect(schedule).to_be_disabled()
@@ -412,9 +412,13 @@ def test_sampler_and_schedule_lists_follow_the_model_and_sampler(engine, browser
         expect(schedule).to_be_enabled()
         assert option_values(schedule)[0] == "automatic" and "karras" in option_values(schedule)
         schedule.select_option("karras")
-        model.select_option("toile-mini")  # neither applies there: back to the defaults
-        expect(sampler).to_have_value("")
+        # toile-mini samples with DPM++ 2M too (kept) but has no Karras schedule (back to its own)
+        model.select_option("toile-mini")
+        expect(sampler).to_have_value("DPM++ 2M")
         expect(schedule).to_have_value("automatic")
+        sampler.select_option("Heun")  # a sampler the tiny SD model's menu also has
+        model.select_option(MODEL)
+        expect(sampler).to_have_value("Heun")
         model.select_option(MODEL)
         sampler.select_option("DPM++ 2M")
         schedule.select_option("karras")

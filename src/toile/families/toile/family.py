@@ -32,7 +32,7 @@ class ToileFamily:
     name = "toile"
     typical_scheduler = "FlowMatchEulerDiscreteScheduler"  # what its published checkpoints declare
     # The samplers toile's own sampling code implements (families.toile.sampling.SAMPLERS).
-    own_samplers = ("Euler", "Heun")
+    own_samplers = ("Euler", "Heun", "DPM++ 2M", "UniPC")
     title = "toile (built-in, pixel-space rectified flow)"
     capabilities: ClassVar[dict[str, frozenset[Mode]]] = {"": ALL_MODES}
     lora = True  # peft adapters on the U-Net for one run: see families/toile/lora.py
@@ -82,8 +82,9 @@ class ToileFamily:
             device=device,
             dtype=dtype,
             pipelines={Mode.TXT2IMG: pipe},
-            # toile samples with its own code (families.toile.sampling): Euler, as its scheduler
-            # config declares (FlowMatchEulerDiscreteScheduler), and Heun.
+            # toile samples with its own loop (families.toile.sampling): Euler, as its scheduler
+            # config declares (FlowMatchEulerDiscreteScheduler), Heun, and DPM++ 2M and UniPC
+            # through diffusers' flow-sigma schedulers on toile's own time schedule.
             samplers=menu_for(self, "FlowMatchEulerDiscreteScheduler"),
             supports_lora=self.lora,
         )

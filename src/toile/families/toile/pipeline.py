@@ -1,4 +1,4 @@
-"""``ToilePipeline``: text encoder + packed-pixel U-Net + rectified-flow Euler sampler.
+"""``ToilePipeline``: text encoder + packed-pixel U-Net + rectified-flow sampler.
 
 Training and inference share this class: the trainer uses ``encode_prompts``, ``pack`` and
 ``velocity``; generation calls the pipeline. It saves and loads a diffusers-style folder:
@@ -229,7 +229,8 @@ class ToilePipeline:
         0.8), ``image`` + ``mask`` inpainting (white = repaint; unmasked pixels are kept
         exactly; ``strength`` default 1.0). Image ``i`` takes its noise from ``generators[i]``
         or ``torch.Generator("cpu").manual_seed(seeds[i])``, so a batch equals singles.
-        ``sampler``: ``"Euler"`` or ``"Heun"`` (``sampling.SAMPLERS``).
+        ``sampler``: ``"Euler"``, ``"Heun"``, ``"DPM++ 2M"`` or ``"UniPC"``
+        (``sampling.SAMPLERS``).
 
         ``prompt_steps`` switches the text conditioning during sampling (A1111 prompt editing,
         scheduled by ``toile.prompt_syntax.joint_schedule``): (last step, prompt, negative
