@@ -124,3 +124,26 @@ def test_hires_strength_zero_upscales_only(tiny_models):
     expected = base.resize((64, 64), Image.Resampling.LANCZOS)
     assert np.array_equal(np.asarray(result.images[0]), np.asarray(expected))
     assert [s["role"] for s in result.records[0].stages] == ["base", "upscale"]
+
+
+def test_hires_pass_with_its_own_prompt_and_sampler(tiny_models):
+    """A1111's hr_prompt / hr_sampler_name: the second pass runs with them."""
+    model = str(tiny_models("sd"))
+    engine = Engine(policy=None)
+    common = {"model": model, "seed": 7, "steps": 2}
+    result = engine.run(GenerationRequest(
+        "a red cat", width=32, height=32, hires_scale=1.5, hires_strength=0.6,
+        hires_prompt="a blue dog", hires_negative_prompt="blurry", hires_sampler="Euler",
+        **common))
+    base = engine.run(GenerationRequest("a red cat", width=32, height=32, **common)).images[0]
+    second = engine.run(GenerationRequest(
+        "a blue dog", negative_prompt="blurry", sampler="Euler", strength=0.6, model=model,
+        seed=7, steps=2, image=base.resize((48, 48), Image.Resampling.LANCZOS))).images[0]
+    assert np.array_equal(np.asarray(result.images[0]), np.asarray(second))
+    hires = result.records[0].hires
+    assert (hires["prompt"], hires["sampler"]) == ("a blue dog", "Euler")
+    assert 'Hires prompt: "a blue dog"' in a1111_parameters(result.records[0])
+    with pytest.raises(RequestError) as err:  # refused before the first pass runs
+        engine.run(GenerationRequest("a cat", hires_scale=2.0, hires_sampler="DDIM",
+                                     schedule="karras", sampler="Euler", **common))
+    assert err.value.field == "hires_sampler"  # DDIM takes no Karras sigmas

@@ -136,7 +136,8 @@ ERROR_CASES = [
     ({"batch_size": 4, "n_iter": 4}, "batch_size"),
     ({"enable_hr": True, "hr_upscaler": "ESRGAN_4x"}, "hr_upscaler"),
     ({"enable_hr": True, "hr_scale": 9}, "hr_scale"),
-    ({"enable_hr": True, "hr_sampler_name": "Euler"}, "hr_sampler_name"),
+    ({"enable_hr": True, "hr_checkpoint_name": "other"}, "hr_checkpoint_name"),
+    ({"enable_hr": True, "hr_sampler_name": "Eulr"}, "hr_sampler_name"),
     ({"enable_hr": True, "hr_resize_x": 64, "hr_resize_y": 48}, "hr_resize_x"),
     ({"enable_hr": True, "denoising_strength": 1.5}, "denoising_strength"),
     ({"restore_faces": True}, "restore_faces"),
@@ -172,6 +173,10 @@ def test_hires_fix_with_webuiapi(scripted, tmp_path):
                             hr_upscaler="Nearest", hr_resize_x=64, hr_resize_y=64,
                             hr_second_pass_steps=2)
         assert named.image.size == (64, 64)
+        own = api.txt2img(prompt="x", seed=3, width=32, height=32, enable_hr=True,
+                          hr_scale=1.5, hr_prompt="a blue square", hr_sampler_name="Euler")
+        hires = own.info["toile_records"][0]["hires"]
+        assert (hires["prompt"], hires["sampler"]) == ("a blue square", "Euler")
         assert named.info["toile_records"][0]["hires"] == {
             "scale": 2.0, "upscaler": "nearest", "width": 64, "height": 64, "steps": 2,
             "strength": 0.7}

@@ -214,6 +214,11 @@ class GenerationRequest:
     hires_upscaler: str | None = None
     hires_steps: int | None = None
     hires_strength: float | None = None
+    # The second pass's own sampler and prompts (A1111's hr_sampler_name, hr_prompt,
+    # hr_negative_prompt); None = the first pass's.
+    hires_sampler: str | None = None
+    hires_prompt: str | None = None
+    hires_negative_prompt: str | None = None
     # Seamless tiling (A1111's "Tiling"): the denoiser's and VAE's convolutions pad
     # circularly, so the image's edges continue each other (toile.families.tiling).
     tiling: bool = False
@@ -259,7 +264,8 @@ class GenerationRequest:
         self._check_hires()
 
     def _check_hires(self) -> None:
-        others = ("hires_upscaler", "hires_steps", "hires_strength")
+        others = ("hires_upscaler", "hires_steps", "hires_strength", "hires_sampler",
+                  "hires_prompt", "hires_negative_prompt")
         if self.hires_scale is None:
             for name in others:
                 if getattr(self, name) is not None:
@@ -276,6 +282,17 @@ class GenerationRequest:
                                                 or not self.hires_upscaler):
             raise RequestError("hires_upscaler", "must be a model id (a non-empty string)")
         _check_int("hires_steps", self.hires_steps, 1, MAX_STEPS)
+        for name in ("hires_prompt", "hires_negative_prompt"):
+            text = getattr(self, name)
+            if text is not None:
+                if not isinstance(text, str) or len(text) > MAX_PROMPT_CHARS:
+                    raise RequestError(name, f"must be a string of at most {MAX_PROMPT_CHARS} "
+                                       "chars")
+                check_supported(text, name)
+        if self.hires_sampler is not None:
+            if not isinstance(self.hires_sampler, str) or len(self.hires_sampler) > 64:
+                raise RequestError("hires_sampler", "must be a name (at most 64 characters)")
+            check_sampler_name(self.hires_sampler, "hires_sampler")
         # 0: upscale only, no second pass (the upscaled image unchanged)
         _check_float("hires_strength", self.hires_strength, 0.0, 1.0)
 
@@ -425,6 +442,9 @@ class Hires:
     height: int
     steps: int
     strength: float
+    sampler: str | None = None  # None: the first pass's
+    prompt: str | None = None
+    negative_prompt: str | None = None
 
 
 DEFAULT_HIRES_UPSCALER = "lanczos"  # a built-in filter (A1111 defaults to its latent resize)
@@ -545,7 +565,7 @@ def resolve(
         mode=mode,
         width=width,
         height=height,
-        hires=_resolve_hires(request, defaults, family, width, height, steps),
+        hires=_resolve_hires(request, defaults, family, (width, height), steps, samplers),
         steps=steps,
         guidance=request.guidance if request.guidance is not None else defaults.guidance,
         strength=strength,
@@ -625,9 +645,18 @@ def _image_guidance(request: GenerationRequest, defaults: FamilyDefaults,
 
 
 def _resolve_hires(request: GenerationRequest, defaults: FamilyDefaults, family: str,
-                   width: int, height: int, steps: int) -> Hires | None:
+                   size: tuple[int, int], steps: int,
+                   samplers: SamplerMenu | None) -> Hires | None:
     if request.hires_scale is None:
         return None
+    width, height = size
+    if request.hires_sampler is not None:  # checked now, not after the first pass ran
+        if samplers is None:
+            raise RequestError("hires_sampler", f"the {family} family runs one fixed sampler")
+        try:
+            samplers.choose(request.hires_sampler, request.schedule)
+        except RequestError as exc:
+            raise RequestError("hires_sampler", exc.message) from None
     if Mode.IMG2IMG not in defaults.modes:
         raise RequestError("hires_scale", f"hires fix needs img2img, which this {family} "
                            "model does not run")
@@ -649,6 +678,9 @@ def _resolve_hires(request: GenerationRequest, defaults: FamilyDefaults, family:
         height=size[1],
         steps=hires_steps,
         strength=strength,
+        sampler=request.hires_sampler,
+        prompt=request.hires_prompt,
+        negative_prompt=request.hires_negative_prompt,
     )
 
 

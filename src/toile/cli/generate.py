@@ -90,6 +90,12 @@ def add_parser(subparsers: Any) -> None:
                    help="upscale model id for hires fix (default: lanczos)")
     p.add_argument("--hires-steps", type=int, metavar="N",
                    help="steps of the hires pass (default: --steps)")
+    p.add_argument("--hires-sampler", metavar="NAME",
+                   help="sampler of the hires pass (default: --sampler)")
+    p.add_argument("--hires-prompt", metavar="TEXT",
+                   help="prompt of the hires pass (default: the prompt)")
+    p.add_argument("--hires-negative", metavar="TEXT",
+                   help="negative prompt of the hires pass (default: --negative)")
     p.add_argument("--hires-strength", type=float, metavar="F",
                    help="denoising strength of the hires pass, (0, 1] (default 0.7)")
     p.add_argument(  # default None: only passed to the request when given
@@ -156,11 +162,14 @@ def request_fields(args: argparse.Namespace) -> dict[str, Any]:
     for name in (
         "seed", "steps", "guidance", "width", "height", "strength", "refiner", "refiner_switch",
         "sampler", "schedule", "hires_scale", "hires_upscaler", "hires_steps", "hires_strength",
+        "hires_sampler", "hires_prompt",
         "tiling",
     ):
         value = getattr(args, name)
         if value is not None:
             fields[name] = value
+    if args.hires_negative is not None:
+        fields["hires_negative_prompt"] = args.hires_negative
     if args.outpaint is not None:
         fields["outpaint"] = Outpaint.parse(args.outpaint)
     if args.image is not None:

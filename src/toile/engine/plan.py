@@ -110,9 +110,13 @@ def hires_stages(request: GenerationRequest, hires: Hires) -> list[Stage]:
                                  model=hires.upscaler)
 
     def second_pass(image: Image.Image, seed: int) -> GenerationRequest:
+        own = {"prompt": hires.prompt, "negative_prompt": hires.negative_prompt,
+               "sampler": hires.sampler}
         return replace(request, image=image, seed=seed, num_images=1, width=None, height=None,
                        steps=hires.steps, strength=hires.strength, hires_scale=None,
-                       hires_upscaler=None, hires_steps=None, hires_strength=None)
+                       hires_upscaler=None, hires_steps=None, hires_strength=None,
+                       hires_sampler=None, hires_prompt=None, hires_negative_prompt=None,
+                       **{name: value for name, value in own.items() if value is not None})
 
     stages = [Stage(StageRole.UPSCALE, hires.upscaler, request, follow=upscale)]
     if hires.strength > 0:  # strength 0 changes nothing: the upscaled image is the result

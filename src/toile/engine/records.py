@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from toile.request import Task
 from toile.result import ImageRecord
@@ -38,7 +38,7 @@ def build_record(
         scale=resolved.scale,
         image_guidance=resolved.image_guidance,
         noise_level=resolved.noise_level,
-        hires=asdict(resolved.hires) if resolved.hires is not None else None,
+        hires=hires_record(resolved),
         tiling=request.tiling,
         model_id=cached.entry.id,
         family=cached.family.name,
@@ -204,3 +204,10 @@ def software_versions() -> dict[str, str]:
         except PackageNotFoundError:
             continue
     return found
+
+
+def hires_record(resolved: ResolvedRequest) -> dict[str, Any] | None:
+    """The hires fix as the record keeps it: only what was set (None: no hires fix)."""
+    if resolved.hires is None:
+        return None
+    return {key: value for key, value in asdict(resolved.hires).items() if value is not None}

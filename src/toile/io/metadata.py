@@ -6,6 +6,7 @@ holds the same in AUTOMATIC1111's format, so A1111's PNG Info, Civitai and other
 
 from __future__ import annotations
 
+import json
 import os
 from typing import TYPE_CHECKING
 
@@ -50,6 +51,12 @@ def a1111_parameters(record: ImageRecord) -> str:
                   ("Hires upscale", f"{hires['scale']:g}"),
                   ("Hires steps", str(hires["steps"])),
                   ("Hires upscaler", hires["upscaler"])]
+        if hires.get("sampler"):
+            items.append(("Hires sampler", hires["sampler"]))
+        if hires.get("prompt"):
+            items.append(("Hires prompt", json.dumps(hires["prompt"])))
+        if hires.get("negative_prompt"):
+            items.append(("Hires negative prompt", json.dumps(hires["negative_prompt"])))
     if record.loras:
         # A1111 writes LoRAs as <lora:name:scale> in the prompt and hashes in "Lora hashes".
         hashes = ", ".join(f"{lora['name']}: {lora.get('hash', '')[:12]}" for lora in record.loras)

@@ -118,6 +118,15 @@ class JobCreate(BaseModel):
     hires_strength: float | None = Field(
         None, ge=0.0, le=1.0, description="hires fix: denoising strength (0.7; 0 = upscale only)"
     )
+    hires_sampler: str | None = Field(
+        None, max_length=64, description="hires fix: the second pass's sampler (= sampler)"
+    )
+    hires_prompt: str | None = Field(
+        None, max_length=MAX_PROMPT_CHARS, description="hires fix: the second pass's prompt"
+    )
+    hires_negative_prompt: str | None = Field(
+        None, max_length=MAX_PROMPT_CHARS, description="hires fix: its negative prompt"
+    )
     tiling: bool = Field(False, description="seamless tiling (A1111's Tiling): edges wrap around")
     webhook: str | None = Field(
         None, max_length=2048, description="http(s) URL called with the job as JSON when it ends"

@@ -98,6 +98,9 @@ class JobSpec:
     hires_upscaler: str | None = None
     hires_steps: int | None = None
     hires_strength: float | None = None
+    hires_sampler: str | None = None
+    hires_prompt: str | None = None
+    hires_negative_prompt: str | None = None
     tiling: bool = False
     image: str | None = None
     mask: str | None = None
@@ -204,5 +207,8 @@ class JobSpec:
             hires_upscaler=self.hires_upscaler,
             hires_steps=self.hires_steps,
             hires_strength=self.hires_strength,
+            hires_sampler=self.hires_sampler,
+            hires_prompt=self.hires_prompt,
+            hires_negative_prompt=self.hires_negative_prompt,
             tiling=self.tiling,
         )

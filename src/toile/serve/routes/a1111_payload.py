@@ -23,9 +23,9 @@ Mapping (see README "Serve"):
 - Hires fix (``enable_hr``): ``hr_scale`` (or ``hr_resize_x/y`` in the same aspect ratio),
   ``hr_upscaler`` (an upscaler of ``GET /sdapi/v1/upscalers``; A1111's ``Latent*`` upscalers
   resize latents, which toile's pixel-space hires fix cannot, so they run as Lanczos and the
-  record's ``hires.upscaler`` says ``lanczos``), ``hr_second_pass_steps``, and
-  ``denoising_strength`` -> the job's ``hires_*`` fields. A different checkpoint, sampler or
-  prompt for the second pass is a 422.
+  record's ``hires.upscaler`` says ``lanczos``), ``hr_second_pass_steps``,
+  ``denoising_strength``, ``hr_sampler_name``, ``hr_prompt`` and ``hr_negative_prompt`` -> the
+  job's ``hires_*`` fields. A different checkpoint for the second pass is a 422.
 - ``tiling`` -> tiling: seamless tiles, by circular padding as A1111 (SD, SDXL and toile
   models; other families answer a 422 naming it).
 - Refused with a 422 naming the field unless left at A1111's "off" value:
@@ -91,6 +91,9 @@ A1111_NAMES = {
     "hires_upscaler": "hr_upscaler",
     "hires_steps": "hr_second_pass_steps",
     "hires_strength": "denoising_strength",
+    "hires_sampler": "hr_sampler_name",
+    "hires_prompt": "hr_prompt",
+    "hires_negative_prompt": "hr_negative_prompt",
 }
 # JobCreate's field names -> the extras' and interrogate's.
 EXTRAS_NAMES = {"scale": "upscaling_resize", "model": "upscaler_1", "width": "upscaling_resize"}
@@ -161,9 +164,12 @@ class Txt2ImgBody(Processing):
     hr_resize_x: int = Field(0, ge=0, le=MAX_SIDE, description="hires size instead of hr_scale")
     hr_resize_y: int = Field(0, ge=0, le=MAX_SIDE, description="hires size instead of hr_scale")
     hr_checkpoint_name: str | None = Field(None, description="must be unset (the same model)")
-    hr_sampler_name: str | None = Field(None, description="must be unset (the same sampler)")
-    hr_prompt: str = Field("", description="must be empty or the prompt")
-    hr_negative_prompt: str = Field("", description="must be empty or the negative prompt")
+    hr_sampler_name: str | None = Field(None, max_length=64,
+                                        description="the second pass's sampler (= sampler)")
+    hr_prompt: str = Field("", max_length=MAX_PROMPT_CHARS,
+                           description="the second pass's prompt (empty = prompt)")
+    hr_negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS,
+                                    description="its negative prompt (empty = negative_prompt)")
     firstphase_width: int = Field(0, description="deprecated: must be 0")
     firstphase_height: int = Field(0, description="deprecated: must be 0")
 
@@ -178,16 +184,12 @@ def hires_fields(service: JobService, body: Txt2ImgBody) -> dict[str, Any]:
     """A1111's hires fix (``enable_hr`` and its ``hr_*`` fields) as the job's hires fields."""
     if not body.enable_hr:
         return {}
-    for name, value in (("hr_checkpoint_name", body.hr_checkpoint_name),
-                        ("hr_sampler_name", body.hr_sampler_name)):
-        if value and value not in ("Use same checkpoint", "Use same sampler"):
-            raise RequestError(name, "toile's hires pass uses the first pass's model and "
-                               "sampler; leave it unset")
-    for name, value, same in (("hr_prompt", body.hr_prompt, body.prompt),
-                              ("hr_negative_prompt", body.hr_negative_prompt,
-                               body.negative_prompt)):
-        if value and value != same:
-            raise RequestError(name, "a different prompt for the hires pass is not supported")
+    checkpoint = body.hr_checkpoint_name
+    if checkpoint and checkpoint != "Use same checkpoint":
+        raise RequestError("hr_checkpoint_name", "toile's hires pass uses the first pass's "
+                           "model; leave it unset")
+    sampler = body.hr_sampler_name
+    same_sampler = not sampler or sampler == "Use same sampler"
     if body.firstphase_width or body.firstphase_height:
         raise RequestError("firstphase_width", "deprecated; use width/height and hr_scale")
     scale = body.hr_scale
@@ -202,7 +204,11 @@ def hires_fields(service: JobService, body: Txt2ImgBody) -> dict[str, Any]:
     upscaler = None if name in LATENT_UPSCALERS else hires_upscaler(service, name)
     return {"hires_scale": scale, "hires_upscaler": upscaler,
             "hires_steps": body.hr_second_pass_steps or None,
-            "hires_strength": body.denoising_strength}
+            "hires_strength": body.denoising_strength,
+            "hires_sampler": None if same_sampler else sampler,
+            # A1111: an empty hires prompt means the first pass's
+            "hires_prompt": body.hr_prompt or None,
+            "hires_negative_prompt": body.hr_negative_prompt or None}
 
 
 def hires_upscaler(service: JobService, name: str) -> str:
