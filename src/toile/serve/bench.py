@@ -524,6 +524,7 @@ def run_queue(args: argparse.Namespace, work: Path, config: Path) -> dict[str, A
             result["scaling"] = scaling(cluster, args, counts, concurrency)
         if args.durability_reps:
             cluster.scale_to(max(counts))
+            warm_up(cluster, args)  # else the first rounds kill workers still starting up
             result["durability"] = queue_durability(cluster, args)
     return result
 
