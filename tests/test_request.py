@@ -7,7 +7,8 @@ from PIL import Image
 
 from toile.api import build_request
 from toile.errors import ImageInputError, RequestError, UnsupportedModeError
-from toile.request import FamilyDefaults, GenerationRequest, LoraSpec, Mode, Outpaint, resolve
+from toile.request import GenerationRequest, LoraSpec, Mode, Outpaint
+from toile.resolve import FamilyDefaults, resolve
 
 
 @pytest.mark.parametrize(

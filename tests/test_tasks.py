@@ -16,7 +16,8 @@ from toile.engine.engine import Engine
 from toile.engine.models import ModelRegistry
 from toile.engine.plan import Handoff, StageRole, plan_for, upscale_passes
 from toile.errors import RequestError, UnsupportedModeError
-from toile.request import GenerationRequest, Task, resolve
+from toile.request import GenerationRequest, Task
+from toile.resolve import resolve
 
 IMAGE = gradient_image(20, 16)
 
@@ -80,7 +81,8 @@ def test_other_filters(model):
 
 
 def test_upscale_passes_past_the_budget_are_refused_before_running():
-    from toile.request import FamilyDefaults, Mode
+    from toile.request import Mode
+    from toile.resolve import FamilyDefaults
 
     defaults = FamilyDefaults(modes=frozenset({Mode.UPSCALE}), width=0, height=0, steps=2,
                               guidance=1.0, size_multiple=1, min_side=1, upscale_factor=4,
@@ -127,7 +129,8 @@ def test_default_model_per_task(tiny_models):
 def test_plans():
     assert [upscale_passes(s, 4) for s in (1, 2, 4, 4.5, 8, 16, 17)] == [1, 1, 1, 2, 2, 2, 3]
     assert upscale_passes(3, 1) == 1
-    from toile.request import FamilyDefaults, Mode
+    from toile.request import Mode
+    from toile.resolve import FamilyDefaults
 
     defaults = FamilyDefaults(modes=frozenset({Mode.UPSCALE}), width=0, height=0, steps=2,
                               guidance=1.0, size_multiple=1, min_side=1)

@@ -12,7 +12,8 @@ import torch
 from toile.engine.engine import Engine
 from toile.errors import RequestError
 from toile.families.tiling import circular_padding
-from toile.request import GenerationRequest, Mode, ResolvedRequest
+from toile.request import GenerationRequest, Mode
+from toile.resolve import ResolvedRequest
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

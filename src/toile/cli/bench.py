@@ -43,7 +43,8 @@ def run(args: argparse.Namespace) -> int:
     from toile.engine.engine import Engine
     from toile.errors import RequestError
     from toile.progress import RunContext
-    from toile.request import GenerationRequest, resolve
+    from toile.request import GenerationRequest
+    from toile.resolve import resolve
 
     if args.runs < 1:
         raise RequestError("runs", f"must be at least 1, got {args.runs}")

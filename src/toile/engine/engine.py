@@ -23,7 +23,8 @@ from toile.errors import ModelFormatError, RequestError, ToileError, Unsupported
 from toile.families.base import RefinerHandoff, TextReader
 from toile.families.registry import detect_family
 from toile.progress import ProgressCallback, RunContext
-from toile.request import GenerationRequest, Mode, ResolvedRequest, Task, resolve
+from toile.request import GenerationRequest, Mode, Task
+from toile.resolve import ResolvedRequest, resolve
 from toile.result import GenerationResult
 from toile.safety.output_check import FlagAction, OutputCheck
 from toile.safety.output_check import apply as apply_output_check

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from toile.engine.models import ModelEntry
     from toile.families.base import Family, LoadedModel
-    from toile.request import FamilyDefaults
+    from toile.resolve import FamilyDefaults
     from toile.samplers import SamplerMenu
 
 

@@ -15,12 +15,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
-from toile.request import GenerationRequest, Mode, Task, resolve_budget
+from toile.request import GenerationRequest, Mode, Task
+from toile.resolve import resolve_budget
 
 if TYPE_CHECKING:
     from PIL import Image
 
-    from toile.request import FamilyDefaults, Hires, ResolvedRequest
+    from toile.resolve import FamilyDefaults, Hires, ResolvedRequest
 
 
 class StageRole(enum.StrEnum):

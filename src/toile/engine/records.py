@@ -14,7 +14,8 @@ if TYPE_CHECKING:
     from toile.engine.loaded import CachedModel
     from toile.engine.plan import StageRole
     from toile.families.base import Family
-    from toile.request import GenerationRequest, ResolvedRequest
+    from toile.request import GenerationRequest
+    from toile.resolve import ResolvedRequest
 
 
 def build_record(

@@ -15,7 +15,8 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from toile.progress import RunContext
-    from toile.request import FamilyDefaults, Mode, ResolvedRequest
+    from toile.request import Mode
+    from toile.resolve import FamilyDefaults, ResolvedRequest
     from toile.samplers import SamplerMenu
 
 

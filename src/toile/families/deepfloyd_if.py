@@ -77,14 +77,15 @@ from toile.families.diffusers_common import (
     vae_preview,
 )
 from toile.families.tiling import check_tiling
-from toile.request import FamilyDefaults, Mode
+from toile.request import Mode
+from toile.resolve import FamilyDefaults
 
 if TYPE_CHECKING:
     import torch
     from PIL import Image
 
     from toile.progress import RunContext
-    from toile.request import ResolvedRequest
+    from toile.resolve import ResolvedRequest
 
 STAGE1_PIPELINES = frozenset({"IFPipeline", "IFImg2ImgPipeline", "IFInpaintingPipeline"})
 STAGE2_PIPELINES = frozenset(

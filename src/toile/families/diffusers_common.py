@@ -21,7 +21,8 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from toile.progress import RunContext
-    from toile.request import LoraSpec, ResolvedRequest
+    from toile.request import LoraSpec
+    from toile.resolve import ResolvedRequest
     from toile.samplers import SamplerMenu
 
 

@@ -72,14 +72,15 @@ from toile.families.diffusers_common import (
     step_callback,
 )
 from toile.families.tiling import check_tiling
-from toile.request import FamilyDefaults, Mode
+from toile.request import Mode
+from toile.resolve import FamilyDefaults
 
 if TYPE_CHECKING:
     import torch
     from PIL import Image
 
     from toile.progress import RunContext
-    from toile.request import ResolvedRequest
+    from toile.resolve import ResolvedRequest
 
 KONTEXT_PIPELINE = "FluxKontextPipeline"
 FLUX_PIPELINES = frozenset(

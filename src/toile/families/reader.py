@@ -27,7 +27,8 @@ from toile.io.weights import (
     check_layer_counts,
     read_json_object,
 )
-from toile.request import Detail, FamilyDefaults, Mode, Task
+from toile.request import Detail, Mode, Task
+from toile.resolve import FamilyDefaults
 
 if TYPE_CHECKING:
     import torch
@@ -35,7 +36,8 @@ if TYPE_CHECKING:
     from transformers import BatchFeature, StoppingCriteriaList
 
     from toile.progress import RunContext
-    from toile.request import GenerationRequest, ResolvedRequest
+    from toile.request import GenerationRequest
+    from toile.resolve import ResolvedRequest
 
 # Token budgets of greedy decoding. A one-sentence caption is 10-20 tokens, so 30 never cuts
 # one short; a long description is a paragraph. An answer gets the long budget: BLIP-VQA and

@@ -11,14 +11,15 @@ from typing import TYPE_CHECKING, ClassVar
 
 from toile.errors import ModelFormatError
 from toile.families.base import LoadedModel
-from toile.request import FamilyDefaults, Mode
+from toile.request import Mode
+from toile.resolve import FamilyDefaults
 
 if TYPE_CHECKING:
     import torch
     from PIL import Image
 
     from toile.progress import RunContext
-    from toile.request import ResolvedRequest
+    from toile.resolve import ResolvedRequest
 
 MARKER = "toile_resize.json"
 FILTERS = ("lanczos", "bicubic", "bilinear", "nearest")

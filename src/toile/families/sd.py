@@ -39,7 +39,8 @@ from toile.families.single_file import (
     load_file_pipeline,
 )
 from toile.families.tiling import tiled
-from toile.request import FamilyDefaults, Mode
+from toile.request import Mode
+from toile.resolve import FamilyDefaults
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -48,7 +49,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from toile.progress import RunContext
-    from toile.request import ResolvedRequest
+    from toile.resolve import ResolvedRequest
 
 IP2P_PIPELINE = "StableDiffusionInstructPix2PixPipeline"
 SD_PIPELINES = frozenset(

@@ -42,14 +42,15 @@ from toile.families.single_file import (
 )
 from toile.families.tiling import check_tiling
 from toile.io.weights import ALLOWED_LIBRARIES
-from toile.request import FamilyDefaults, Mode
+from toile.request import Mode
+from toile.resolve import FamilyDefaults
 
 if TYPE_CHECKING:
     import torch
     from PIL import Image
 
     from toile.progress import RunContext
-    from toile.request import ResolvedRequest
+    from toile.resolve import ResolvedRequest
 
 SD3_PIPELINES = frozenset(
     {

@@ -40,14 +40,15 @@ from toile.families.diffusers_common import (
     sampler_menu,
     vae_preview,
 )
-from toile.request import FamilyDefaults, Mode
+from toile.request import Mode
+from toile.resolve import FamilyDefaults
 
 if TYPE_CHECKING:
     import torch
     from PIL import Image
 
     from toile.progress import RunContext
-    from toile.request import ResolvedRequest
+    from toile.resolve import ResolvedRequest
 
 X4 = "x4"
 LATENT_X2 = "latent-x2"

@@ -64,7 +64,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from toile.progress import RunContext
-    from toile.request import ResolvedRequest
+    from toile.resolve import ResolvedRequest
 
 IP2P_PIPELINE = "StableDiffusionXLInstructPix2PixPipeline"
 SDXL_PIPELINES = frozenset(

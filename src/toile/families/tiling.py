@@ -28,7 +28,7 @@ from toile.errors import RequestError
 if TYPE_CHECKING:
     import torch
 
-    from toile.request import ResolvedRequest
+    from toile.resolve import ResolvedRequest
 
 TILING_FAMILIES = "sd, sdxl and toile"  # the families whose class says ``tiling = True``
 

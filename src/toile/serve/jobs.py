@@ -277,7 +277,7 @@ class JobService:
         """Before a route resizes an input to ``size``: refuse a size over the server's pixel cap
         or the model's own budget (known once the worker has loaded the model), so no work is
         spent on a picture the job would refuse."""
-        from toile.request import resolve_budget
+        from toile.resolve import resolve_budget
 
         width, height = size
         cap = self.config.max_image_pixels
@@ -312,7 +312,7 @@ class JobService:
     ) -> tuple[JobSpec, dict[str, Upload]]:
         """Everything that can be checked before running; returns the spec to store and the
         decoded uploads. Builds the GenerationRequest so its own checks apply."""
-        from toile.request import resolve
+        from toile.resolve import resolve
 
         config = self.config
         if body.steps is not None and body.steps > config.max_steps:
@@ -383,7 +383,7 @@ class JobService:
             if menu is not None:
                 menu.choose(body.sampler, body.schedule)
         if body.hires_scale is not None:  # the upscaler: a registered id that upscales
-            from toile.request import DEFAULT_HIRES_UPSCALER
+            from toile.resolve import DEFAULT_HIRES_UPSCALER
 
             upscaler = body.hires_upscaler or DEFAULT_HIRES_UPSCALER
             entry = self._entries(upscaler, None)["model"]

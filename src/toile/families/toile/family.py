@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
 from toile.families.base import LoadedModel, cpu_generators
-from toile.request import FamilyDefaults, Mode
+from toile.request import Mode
+from toile.resolve import FamilyDefaults
 from toile.samplers import menu_for
 
 if TYPE_CHECKING:
@@ -15,7 +16,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from toile.progress import RunContext
-    from toile.request import ResolvedRequest
+    from toile.resolve import ResolvedRequest
 
 # A U-Net trained at 64×64 generalises somewhat to larger canvases (it is convolutional), but
 # its self-attention at 1/4 resolution grows with the square of the pixel count; 256×256 keeps

@@ -427,7 +427,8 @@ class FinetuneRunner:
         """
         from toile.io.images import labelled_rows
         from toile.progress import RunContext
-        from toile.request import GenerationRequest, resolve
+        from toile.request import GenerationRequest
+        from toile.resolve import resolve
 
         config, acc = self.config, self.accelerator
         if not (acc.is_main_process or self.sharded):
