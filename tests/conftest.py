@@ -68,3 +68,22 @@ def text_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from toile.families.toile.testing import tiny_text_encoder
 
     return tiny_text_encoder(tmp_path_factory.mktemp("tiny-text"))
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Debian's Chromium driven by Playwright (never a downloaded browser), one per module:
+    the web page tests share it."""
+    from playwright.sync_api import expect, sync_playwright
+
+    from test_web_page import CHROMIUM, CHROMIUM_ARGS, TIMEOUT_MS
+
+    expect.set_options(timeout=TIMEOUT_MS)
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(
+            executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True
+        )
+        try:
+            yield launched
+        finally:
+            launched.close()

@@ -62,21 +62,6 @@ def lora_files(tiny_models, tmp_path_factory):
     return make_sd_lora(base, root / "a", 1), make_sd_lora(base, root / "b", 2)
 
 
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import expect, sync_playwright
-
-    expect.set_options(timeout=TIMEOUT_MS)
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True
-        )
-        try:
-            yield browser
-        finally:
-            browser.close()
-
-
 def open_page(
     browser: Any,
     url: str,

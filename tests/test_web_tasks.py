@@ -16,8 +16,6 @@ import pytest
 from serve_helpers import ScriptedEngine, live_server
 from test_web_page import (
     CHROMIUM,
-    CHROMIUM_ARGS,
-    TIMEOUT_MS,
     api_job,
     open_page,
     option_values,
@@ -52,21 +50,6 @@ def engine(tiny_models, tmp_path_factory):
     registry.add(ANSWERER, tiny_models("blip_vqa"))
     registry.add(EDITOR, tiny_models("sd_ip2p"))
     return Engine(registry, device="cpu", allow_paths=False)
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import expect, sync_playwright
-
-    expect.set_options(timeout=TIMEOUT_MS)
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True
-        )
-        try:
-            yield browser
-        finally:
-            browser.close()
 
 
 def picture(path: Path, width: int, height: int) -> Path:

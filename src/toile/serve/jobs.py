@@ -40,7 +40,7 @@ from toile.serve.events import EventBus, JobEvent
 from toile.serve.loras import ServerLoras
 from toile.serve.queue import JobQueue
 from toile.serve.rows import IdempotencyConflict, JobRow
-from toile.serve.spec import JobSpec, JobStatus, LoraRef, upload_name
+from toile.serve.spec import JobSpec, JobStatus, LoraRef, passed_fields, upload_name
 from toile.serve.uploads import Upload, read_upload, write_durably
 
 if TYPE_CHECKING:
@@ -576,37 +576,15 @@ def _spec(job_id: str, body: schemas.JobCreate, task: Task, model: str,
     # Fix the seed now: a job re-run after a crash must make the same result.
     seed = body.seed if body.seed is not None else secrets.randbelow(2**32)
     files = {name: upload_name(job_id, name, upload.suffix) for name, upload in uploads.items()}
+    # The fields the body carries as they are; the server decides model, seed and task.
+    same = [name for name in passed_fields() if name not in ("model", "seed", "task", "outpaint")]
     return JobSpec(
-        prompt=body.prompt,
+        **{name: getattr(body, name) for name in same},
         model=model,
         seed=seed,
-        negative_prompt=body.negative_prompt,
         task=task,
-        width=body.width,
-        height=body.height,
-        steps=body.steps,
-        guidance=body.guidance,
-        num_images=body.num_images,
-        strength=body.strength,
         outpaint=Outpaint(**body.outpaint.model_dump()) if body.outpaint is not None else None,
         loras=tuple(LoraRef(lora.id, lora.scale) for lora in body.loras),
-        refiner=body.refiner,
-        refiner_switch=body.refiner_switch,
-        sampler=body.sampler,
-        schedule=body.schedule,
-        question=body.question,
-        detail=body.detail,
-        scale=body.scale,
-        image_guidance=body.image_guidance,
-        noise_level=body.noise_level,
-        hires_scale=body.hires_scale,
-        hires_upscaler=body.hires_upscaler,
-        hires_steps=body.hires_steps,
-        hires_strength=body.hires_strength,
-        hires_sampler=body.hires_sampler,
-        hires_prompt=body.hires_prompt,
-        hires_negative_prompt=body.hires_negative_prompt,
-        tiling=body.tiling,
         image=files.get("image"),
         mask=files.get("mask"),
     )

@@ -179,36 +179,15 @@ class JobSpec:
             for index, lora in enumerate(self.loras)
         )
         return GenerationRequest(
-            prompt=self.prompt,
-            negative_prompt=self.negative_prompt,
-            width=self.width,
-            height=self.height,
-            steps=self.steps,
-            guidance=self.guidance,
-            seed=self.seed,
-            num_images=self.num_images,
+            **{name: getattr(self, name) for name in passed_fields()},
             image=images.get("image") if self.image else None,
-            strength=self.strength,
             mask=images.get("mask") if self.mask else None,
-            outpaint=self.outpaint,
             loras=loras,
-            model=self.model,
-            refiner=self.refiner,
-            refiner_switch=self.refiner_switch,
-            sampler=self.sampler,
-            schedule=self.schedule,
-            task=self.task,
-            question=self.question,
-            detail=self.detail,
-            scale=self.scale,
-            image_guidance=self.image_guidance,
-            noise_level=self.noise_level,
-            hires_scale=self.hires_scale,
-            hires_upscaler=self.hires_upscaler,
-            hires_steps=self.hires_steps,
-            hires_strength=self.hires_strength,
-            hires_sampler=self.hires_sampler,
-            hires_prompt=self.hires_prompt,
-            hires_negative_prompt=self.hires_negative_prompt,
-            tiling=self.tiling,
         )
+
+
+def passed_fields() -> tuple[str, ...]:
+    """The spec's fields that are :class:`~toile.request.GenerationRequest` fields of the same
+    name and value (all but the uploads and the LoRAs, which name server files and ids), so a
+    field added to both passes through without a third list to keep in step."""
+    return tuple(f.name for f in fields(JobSpec) if f.name not in (*UPLOAD_FIELDS, "loras"))
