@@ -191,7 +191,7 @@ def test_other_tasks_and_bad_values_are_refused():
 
 def test_each_image_family_decides_and_the_others_refuse():
     from toile.families.registry import FAMILY_CLASSES, get_family
-    from toile.progress import RunContext
+    from toile.families.tiling import check_tiling
     from toile.request import GENERATE_MODES
 
     generating = {name for name in FAMILY_CLASSES if any(
@@ -202,7 +202,15 @@ def test_each_image_family_decides_and_the_others_refuse():
                                width=32, height=32, steps=1, guidance=1.0, strength=None,
                                seeds=(0,))
     for name in generating - {"sd", "sdxl", "toile"}:
-        # refused before the run touches the model (none is loaded here)
-        with pytest.raises(RequestError) as info:
-            get_family(name).run(None, resolved, RunContext())
+        with pytest.raises(RequestError) as info:  # the check the engine makes for every family
+            check_tiling(get_family(name), resolved)
         assert info.value.field == "tiling" and name in str(info.value)
+    for name in ("sd", "sdxl", "toile"):
+        check_tiling(get_family(name), resolved)
+
+
+def test_engine_refuses_tiling_on_a_family_that_cannot(tiny_models):
+    with pytest.raises(RequestError) as info:
+        Engine(policy=None).run(GenerationRequest("x", model=str(tiny_models("flux_schnell")),
+                                                  steps=1, width=32, height=32, tiling=True))
+    assert info.value.field == "tiling" and "flux" in str(info.value)

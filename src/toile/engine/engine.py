@@ -324,7 +324,9 @@ class Engine:
         """One stage: run the request's mode (outpaint as inpaint on the extended canvas;
         inpainting keeps the unmasked pixels), alone or handing off to ``refiner``."""
         from toile.engine.outpaint import composite, extend_canvas
+        from toile.families.tiling import check_tiling
 
+        check_tiling(cached.family, resolved)  # before any model work, for every family
         request = resolved.request
         syntax = prompt_syntax(cached.family, request)
         if syntax.plain is not None:  # an encoder without weights sees the plain words

@@ -76,7 +76,6 @@ from toile.families.diffusers_common import (
     sampler_menu,
     vae_preview,
 )
-from toile.families.tiling import check_tiling
 from toile.request import Mode
 from toile.resolve import FamilyDefaults
 
@@ -409,7 +408,6 @@ class IFFamily:
     def run(
         self, loaded: LoadedModel, request: ResolvedRequest, ctx: RunContext
     ) -> list[Image.Image]:
-        check_tiling(self, request)
         if request.mode is Mode.UPSCALE:
             return upscale_with_stage2(loaded.pipelines[IFStage.II, Mode.UPSCALE], request, ctx)
         role = request.mode

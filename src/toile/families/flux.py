@@ -71,7 +71,6 @@ from toile.families.diffusers_common import (
     sampler_menu,
     step_callback,
 )
-from toile.families.tiling import check_tiling
 from toile.request import Mode
 from toile.resolve import FamilyDefaults
 
@@ -240,7 +239,6 @@ class FluxFamily:
         self, loaded: LoadedModel, request: ResolvedRequest, ctx: RunContext
     ) -> list[Image.Image]:
         refuse_unsupported(request)
-        check_tiling(self, request)
         pipe = loaded.pipelines[request.mode]
         kwargs = base_kwargs(request, negative=False) | mode_kwargs(request)
         # Always pass the size: Flux's img2img pipeline would otherwise resize the input to

@@ -40,7 +40,6 @@ from toile.families.single_file import (
     load_file_pipeline,
     tensor_names,
 )
-from toile.families.tiling import check_tiling
 from toile.io.weights import ALLOWED_LIBRARIES
 from toile.request import Mode
 from toile.resolve import FamilyDefaults
@@ -233,7 +232,6 @@ class SD3Family:
     def run(
         self, loaded: LoadedModel, request: ResolvedRequest, ctx: RunContext
     ) -> list[Image.Image]:
-        check_tiling(self, request)
         # SD3's img2img resizes its input to the default size unless told the size, so every
         # mode passes it (for img2img/inpaint it is the input image's own size).
         return run_unet_pipeline(loaded, request, ctx, width=request.width, height=request.height)

@@ -14,7 +14,8 @@ SDXL, toile's own U-Net). FLUX.1 and SD3 denoise with transformers that place th
 position (their only convolutions are the patch embeddings, which have no padding), so padding
 their VAEs circularly would wrap the decoding but not the picture; DeepFloyd IF resizes its
 images between stages with filters that do not wrap. Those refuse the request with
-:func:`check_tiling` rather than return an image that does not tile.
+:func:`check_tiling` (the engine calls it for every family) rather than return an image
+that does not tile.
 """
 
 from __future__ import annotations
