@@ -117,9 +117,11 @@ def test_default_model_per_task(tiny_models):
     engine = Engine(registry, policy=None)
     assert engine.default_model(Task.UPSCALE) == "lanczos"
     assert engine.default_model(Task.GENERATE) == "toile-mini"
+    assert engine.default_model(Task.CAPTION) == "toile-reader"
+    assert engine.default_model(Task.ANSWER) == "toile-reader"
     with pytest.raises(RequestError) as err:
-        engine.default_model(Task.CAPTION)
-    assert err.value.field == "model" and "caption" in str(err.value)
+        engine.default_model(Task.EDIT)
+    assert err.value.field == "model" and "edit" in str(err.value)
     registry.set_default("nearest", Task.UPSCALE)
     assert engine.default_model(Task.UPSCALE) == "nearest"
     result = engine.run(GenerationRequest(prompt="", task="upscale", image=IMAGE, scale=2))
@@ -161,8 +163,8 @@ def test_cli_upscale_and_models_default(toile_home, tmp_path):
     toile("models", "default", "bicubic", "--task", "upscale", home=toile_home)
     toile("upscale", str(source), "-o", str(out), home=toile_home)
     assert Image.open(out).size == (80, 64)  # a filter's default factor is 4
-    for args in (("caption", str(source)), ("ask", str(source), "how many?"),
-                 ("edit", str(source), "make it blue"), ("upscale", str(source), "--scale", "9")):
+    for args in (("edit", str(source), "make it blue"), ("upscale", str(source), "--scale", "9"),
+                 ("caption", str(source), "--model", "lanczos")):
         proc = toile(*args, home=toile_home, check=False)
         assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     proc = toile("caption", str(tmp_path / "missing.png"), home=toile_home, check=False)

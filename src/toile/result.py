@@ -76,6 +76,9 @@ class ImageRecord:
     # record's width/height are the first pass's, as A1111's "Size" is).
     hires: dict[str, Any] | None = None
     tiling: bool = False  # seamless tiling (A1111's "Tiling") was on
+    # What a reader did to the input image before reading it (padding, resizing), when the
+    # family says (toile's reader does).
+    input_note: str = ""
     version: int = RECORD_VERSION
 
     def to_dict(self) -> dict[str, Any]:

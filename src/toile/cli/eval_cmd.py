@@ -1,4 +1,5 @@
-"""``toile eval scenes``: prompt-following accuracy on the scene world (GenEval-style)."""
+"""``toile eval scenes``: prompt-following accuracy on the scene world (GenEval-style);
+``toile eval reader``: captions and answers of a reader model, graded exactly."""
 
 from __future__ import annotations
 
@@ -33,6 +34,22 @@ def add_parser(subparsers: Any) -> None:
     scenes.add_argument("--device", choices=("cpu", "cuda", "mps"))
     scenes.add_argument("--json", action="store_true")
     scenes.set_defaults(run=run_scenes)
+
+    reader = sub.add_parser(
+        "reader", help="grade a reader's captions and answers on scene-world pictures",
+        description="Draws pictures with other renderers' variety (hues, sizes, canvas sizes, "
+        "edges, noise; seeds training never uses), asks the model for a short caption, a long "
+        "one and one question per picture, and reports the rate of captions the scene parser "
+        "reads back to the true scene and of right answers, per question kind, each with its "
+        "count and 95 %% interval.")
+    reader.add_argument("--model", help="model id or path (default: the caption task's)")
+    reader.add_argument("--n", type=int, default=200, help="number of pictures (default 200)")
+    reader.add_argument("--seed", type=int, default=0)
+    reader.add_argument("--phrasing", choices=("train", "heldout", "both"), default="both",
+                        help="question templates: training's, held-out ones, or both")
+    reader.add_argument("--device", choices=("cpu", "cuda", "mps"))
+    reader.add_argument("--json", action="store_true")
+    reader.set_defaults(run=run_reader)
 
 
 def run_scenes(args: argparse.Namespace) -> int:
@@ -86,4 +103,47 @@ def run_scenes(args: argparse.Namespace) -> int:
         print(f"  {name:<10} {score['accuracy']:.3f}  ({score['passed']}/{score['total']})")
     print(f"  {'overall':<10} {data['accuracy']:.3f}  ({data['passed']}/{data['total']})")
     print("  failures by aspect: " + ", ".join(f"{k}={v}" for k, v in data["failures"].items()))
+    return 0
+
+
+def run_reader(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from toile.engine.engine import Engine
+    from toile.evaluate.reader_eval import evaluate_reader
+    from toile.request import Detail, GenerationRequest, Task
+
+    engine = Engine(device=args.device)
+    model = args.model or engine.default_model(Task.CAPTION)
+
+    def read(image, prompt: str) -> str:  # the engine's own path, as a user's request runs
+        from toile.data.reader_text import CAPTION_PROMPT, LONG_CAPTION_PROMPT
+
+        if prompt in (CAPTION_PROMPT, LONG_CAPTION_PROMPT):
+            detail = Detail.LONG if prompt == LONG_CAPTION_PROMPT else Detail.SHORT
+            request = GenerationRequest("", task=Task.CAPTION, image=image, detail=detail,
+                                        model=model)
+        else:
+            request = GenerationRequest("", task=Task.ANSWER, image=image, question=prompt,
+                                        model=model)
+        return engine.run(request).texts[0]
+
+    phrasings = ("train", "heldout") if args.phrasing == "both" else (args.phrasing,)
+    reports = []
+    for phrasing in phrasings:
+        bar = tqdm(total=args.n, desc=f"reader ({phrasing})", unit="img", file=sys.stderr)
+        try:
+            reports.append(evaluate_reader(
+                read, n=args.n, seed=args.seed, phrasing=phrasing,
+                progress=lambda done, total, bar=bar: bar.update(done - bar.n)))
+        finally:
+            bar.close()
+    info = engine.model_info(model)
+    if args.json:
+        print(json.dumps({"model": info.id, "n": args.n, "seed": args.seed,
+                          "reports": [r.to_dict() for r in reports]}))
+        return 0
+    print(f"model {info.id}  ({args.n} pictures, seed {args.seed})")
+    for report in reports:
+        print("\n".join(report.lines()))
     return 0

@@ -20,7 +20,7 @@ from toile.engine.models import ModelRegistry
 from toile.engine.plan import Handoff, Plan, Stage, StageRole, plan_for
 from toile.engine.records import build_record, prompt_syntax, stage_info
 from toile.errors import ModelFormatError, RequestError, ToileError, UnsupportedModeError
-from toile.families.base import RefinerHandoff, TextReader
+from toile.families.base import InputNote, RefinerHandoff, TextReader
 from toile.families.registry import detect_family
 from toile.progress import ProgressCallback, RunContext
 from toile.request import GenerationRequest, Mode, Task
@@ -258,8 +258,9 @@ class Engine:
         timings = {"load_s": round(cached.load_s, 4),
                    "generate_s": round(time.perf_counter() - start, 4)}
         policy = {"policy": {"warnings": [m.to_dict() for m in warnings]}} if warnings else {}
+        note = family.input_note(cached.loaded, resolved) if isinstance(family, InputNote) else ""
         records = [replace(build_record(cached, resolved, seed, timings), text=text,
-                           safety=policy)
+                           safety=policy, input_note=note)
                    for seed, text in zip(resolved.seeds, texts, strict=True)]
         return GenerationResult(images=[], records=records, timings=timings, texts=texts)
 

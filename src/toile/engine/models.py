@@ -26,9 +26,12 @@ BUILTIN_MODEL = "toile-mini"
 # Upscalers that are a resampling filter, no weights (A1111's "Lanczos" and "Nearest"), shipped
 # as folders holding one toile_resize.json so they are models like any other (family "resize").
 BUILTIN_UPSCALERS = ("lanczos", "bicubic", "nearest")
-BUILTIN_IDS = (BUILTIN_MODEL, *BUILTIN_UPSCALERS)
+# toile's own reader (captions and answers), trained on the scene world: toile.train.reader_train.
+BUILTIN_READER = "toile-reader"
+BUILTIN_IDS = (BUILTIN_MODEL, BUILTIN_READER, *BUILTIN_UPSCALERS)
 # What a task runs on when nothing else is registered for it (the engine's default_model).
-BUILTIN_TASK_DEFAULTS = {"generate": BUILTIN_MODEL, "upscale": "lanczos"}
+BUILTIN_TASK_DEFAULTS = {"generate": BUILTIN_MODEL, "upscale": "lanczos",
+                         "caption": BUILTIN_READER, "answer": BUILTIN_READER}
 MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
@@ -66,7 +69,8 @@ class ModelRegistry:
         os.replace(tmp, self.path)
 
     def entries(self) -> list[ModelEntry]:
-        found = [ModelEntry(BUILTIN_MODEL, builtin_models_dir() / BUILTIN_MODEL, builtin=True)]
+        found = [ModelEntry(name, builtin_models_dir() / name, builtin=True)
+                 for name in (BUILTIN_MODEL, BUILTIN_READER)]
         found += [ModelEntry(name, builtin_models_dir() / "upscalers" / name, builtin=True)
                   for name in BUILTIN_UPSCALERS]
         for model_id, spec in sorted(self._read()["models"].items()):

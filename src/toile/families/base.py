@@ -105,6 +105,15 @@ class TextReader(Protocol):
         ...
 
 
+@runtime_checkable
+class InputNote(Protocol):
+    """Optional, for text readers: what the family does to the input image before reading it
+    (padding, resizing), for the record."""
+
+    def input_note(self, loaded: LoadedModel, request: ResolvedRequest) -> str:
+        ...
+
+
 def cpu_generators(seeds: tuple[int, ...]) -> list[torch.Generator]:
     """One seeded CPU generator per image, as diffusers recommends for reproducibility."""
     import torch

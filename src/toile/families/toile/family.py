@@ -25,17 +25,21 @@ MAX_PIXELS = 256 * 256
 
 
 ALL_MODES = frozenset({Mode.TXT2IMG, Mode.IMG2IMG, Mode.INPAINT, Mode.OUTPAINT})
+READER_MODES = frozenset({Mode.CAPTION, Mode.ANSWER})
+READER_VARIANT = "reader"  # a folder with toile_reader.json: families/toile/reader_model.py
 
 
 class ToileFamily:
-    """Folders saved by ``ToilePipeline.save_pretrained`` (``_class_name`` ToilePipeline)."""
+    """Folders saved by ``ToilePipeline.save_pretrained`` (``_class_name`` ToilePipeline), and
+    toile's reader folders (``toile_reader.json``: captions and answers)."""
 
     name = "toile"
     typical_scheduler = "FlowMatchEulerDiscreteScheduler"  # what its published checkpoints declare
     # The samplers toile's own sampling code implements (families.toile.sampling.SAMPLERS).
     own_samplers = ("Euler", "Heun", "DPM++ 2M", "UniPC")
     title = "toile (built-in, pixel-space rectified flow)"
-    capabilities: ClassVar[dict[str, frozenset[Mode]]] = {"": ALL_MODES}
+    capabilities: ClassVar[dict[str, frozenset[Mode]]] = {"": ALL_MODES,
+                                                           READER_VARIANT: READER_MODES}
     lora = True  # peft adapters on the U-Net for one run: see families/toile/lora.py
     gpu_dtype = "bfloat16"  # trained in bf16 mixed precision on GPUs
     # A1111 prompt editing / alternation: toile's own sampling loop takes per-step text
@@ -46,6 +50,10 @@ class ToileFamily:
     tiling = True
 
     def detect(self, path: Path) -> bool:
+        from toile.families.toile.reader_model import CONFIG_FILE
+
+        if (Path(path) / CONFIG_FILE).is_file():
+            return True
         index = Path(path) / "model_index.json"
         if not index.is_file():
             return False
@@ -56,11 +64,15 @@ class ToileFamily:
         return isinstance(data, dict) and data.get("_class_name") == "ToilePipeline"
 
     def variant(self, path: Path) -> str:
-        return ""
+        from toile.families.toile.reader_model import CONFIG_FILE
+
+        return READER_VARIANT if (Path(path) / CONFIG_FILE).is_file() else ""
 
     def load(self, path: Path, device: str, dtype: torch.dtype) -> LoadedModel:
         from toile.families.toile.pipeline import ToilePipeline
 
+        if self.variant(path) == READER_VARIANT:
+            return self._load_reader(Path(path), device, dtype)
         pipe = ToilePipeline.from_pretrained(path, device=device, dtype=dtype)
         config = pipe.config
         defaults = FamilyDefaults(
@@ -89,6 +101,47 @@ class ToileFamily:
             samplers=menu_for(self, "FlowMatchEulerDiscreteScheduler"),
             supports_lora=self.lora,
         )
+
+    def _load_reader(self, path: Path, device: str, dtype: torch.dtype) -> LoadedModel:
+        from toile.families.toile.reader_model import ToileReader
+
+        reader = ToileReader.load(path, device, dtype)
+        return LoadedModel(
+            family=self.name,
+            path=path,
+            defaults=FamilyDefaults(modes=READER_MODES, width=0, height=0, steps=0,
+                                    guidance=0.0, size_multiple=1, min_side=1),
+            device=device,
+            dtype=dtype,
+            pipelines=dict.fromkeys(READER_MODES, reader),
+            variant=READER_VARIANT,
+        )
+
+    def read(self, loaded: LoadedModel, request: ResolvedRequest, ctx: RunContext) -> list[str]:
+        """The caption (short or long) or the answer, once: greedy decoding writes the same
+        text for every seed."""
+        from toile.data.reader_text import CAPTION_PROMPT, LONG_CAPTION_PROMPT
+        from toile.request import Detail
+
+        ctx.check_cancelled()
+        reader = loaded.pipelines[request.mode]
+        req = request.request
+        assert req.image is not None  # GenerationRequest checked it
+        if request.mode is Mode.ANSWER:
+            assert req.question is not None
+            prompt = req.question
+        else:
+            prompt = LONG_CAPTION_PROMPT if req.detail is Detail.LONG else CAPTION_PROMPT
+        text, _ = reader.read(req.image, prompt)
+        ctx.on_step(1, 1, stage="read")
+        return [text] * len(request.seeds)
+
+    def input_note(self, loaded: LoadedModel, request: ResolvedRequest) -> str:
+        """What the reader does to the input image before reading it (for the record)."""
+        from toile.families.toile.reader_model import preparation_note
+
+        assert request.request.image is not None
+        return preparation_note(request.request.image, loaded.pipelines[request.mode].side)
 
     def run(
         self, loaded: LoadedModel, request: ResolvedRequest, ctx: RunContext
