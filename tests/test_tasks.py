@@ -54,7 +54,7 @@ def test_each_task_checks_its_inputs(fields, field):
 def test_builtin_lanczos_upscale_is_pils_resize_and_recorded():
     engine = Engine(policy=None)
     result = engine.run(GenerationRequest(prompt="", task="upscale", image=IMAGE, scale=2.5,
-                                          seed=5))
+                                          seed=5, model="lanczos"))
     expected = IMAGE.resize((50, 40), Image.Resampling.LANCZOS)
     assert np.array_equal(np.asarray(result.images[0]), np.asarray(expected))
     record = result.records[0]
@@ -69,6 +69,7 @@ def test_upscale_to_a_size():
     result = Engine(policy=None).run(GenerationRequest(
         prompt="", task="upscale", image=IMAGE, width=50, height=32))
     assert result.images[0].size == (50, 32) and result.records[0].scale == 2.5
+    assert result.records[0].model_id == "toile-sr"  # the upscale task's built-in default
 
 
 @pytest.mark.parametrize("model", ["bicubic", "nearest"])
@@ -107,6 +108,7 @@ def test_task_a_model_does_not_serve_names_the_models_that_do():
         Engine(policy=None).run(GenerationRequest(prompt="", task="upscale", image=IMAGE,
                                                   model="toile-mini"))
     assert "upscale" in str(err.value) and "lanczos" in str(err.value)
+    assert "toile-sr" in str(err.value)
     with pytest.raises(UnsupportedModeError) as err:
         Engine(policy=None).run(GenerationRequest(prompt="a cat", model="lanczos"))
     assert "txt2img" in str(err.value)
@@ -115,7 +117,7 @@ def test_task_a_model_does_not_serve_names_the_models_that_do():
 def test_default_model_per_task(tiny_models):
     registry = ModelRegistry()
     engine = Engine(registry, policy=None)
-    assert engine.default_model(Task.UPSCALE) == "lanczos"
+    assert engine.default_model(Task.UPSCALE) == "toile-sr"
     assert engine.default_model(Task.GENERATE) == "toile-mini"
     assert engine.default_model(Task.CAPTION) == "toile-reader"
     assert engine.default_model(Task.ANSWER) == "toile-reader"
@@ -156,7 +158,7 @@ def test_cli_upscale_and_models_default(toile_home, tmp_path):
                  home=toile_home)
     data = json.loads(proc.stdout)
     assert data["task"] == "upscale" and Image.open(out).size == (40, 32)
-    assert data["images"][0]["record"]["model_id"] == "lanczos"
+    assert data["images"][0]["record"]["model_id"] == "toile-sr"
     proc = toile("models", "default", "toile-mini", "--task", "upscale", home=toile_home,
                  check=False)
     assert proc.returncode == 2 and "does not serve the upscale task" in proc.stderr

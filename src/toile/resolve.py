@@ -24,6 +24,35 @@ from toile.samplers import Choice, SamplerMenu
 
 
 @dataclass(frozen=True)
+class Cascade:
+    """A base model that reaches larger sizes through super-resolution stages, the way
+    DeepFloyd IF does: the base draws with ``native`` px on its longer side, then ``upscaler``
+    (a model id, ``factor``× a pass) takes the image up; the last pass is resized to the size
+    asked for. Applies to txt2img without hires fix or tiling."""
+
+    upscaler: str
+    factor: int
+    native: int
+    default_side: int
+    max_pixels: int
+
+    def base_size(self, width: int, height: int, multiple: int) -> tuple[int, int]:
+        """The base's size for a ``width`` x ``height`` output: the same aspect, the longer side
+        ``native`` (each side rounded to ``multiple``)."""
+        longer = max(width, height)
+        return tuple(max(multiple, round(side * self.native / longer / multiple) * multiple)
+                     for side in (width, height))  # type: ignore[return-value]
+
+    def passes(self, width: int, height: int) -> int:
+        """SR passes from the base to at least ``width`` x ``height`` (0: the base alone)."""
+        longer, reach, count = max(width, height), self.native, 0
+        while reach < longer:
+            reach *= self.factor
+            count += 1
+        return count
+
+
+@dataclass(frozen=True)
 class FamilyDefaults:
     """What a loaded model declares: its modes and the values a request's ``None`` becomes."""
 
@@ -47,6 +76,7 @@ class FamilyDefaults:
     # upscale: how much larger one pass of the model makes an image (1: any size in one pass)
     upscale_factor: int = 4
     noise_level: int | None = None  # upscale: the pipeline's default noise on the low-res input
+    cascade: Cascade | None = None  # txt2img above the base's size: SR stages (toile-mini)
 
 
 @dataclass(frozen=True)
@@ -157,7 +187,11 @@ def resolve(
                 f"{value}{source} must be a multiple of {defaults.size_multiple} and at least "
                 f"{defaults.min_side} for the {family} family",
             )
-    resolve_budget(width, height, defaults.max_pixels, "width", f" for the {family} family")
+    budget = defaults.max_pixels
+    if cascades(request, mode, defaults):
+        assert defaults.cascade is not None
+        budget = defaults.cascade.max_pixels
+    resolve_budget(width, height, budget, "width", f" for the {family} family")
     strength: float | None = None
     if mode is Mode.IMG2IMG:
         strength = request.strength if request.strength is not None else defaults.strength
@@ -191,6 +225,12 @@ def resolve(
         refiner_switch=switch,
         sampler=choice,
     )
+
+
+def cascades(request: GenerationRequest, mode: Mode, defaults: FamilyDefaults) -> bool:
+    """Whether the model's cascade serves this request (txt2img, no hires fix, no tiling)."""
+    return (defaults.cascade is not None and mode is Mode.TXT2IMG
+            and request.hires_scale is None and not request.tiling)
 
 
 def _resolve_task(

@@ -280,7 +280,9 @@ class Engine:
             if following is not None and following.handoff is Handoff.LATENTS:
                 partner = self._stage_model(cached, following)
             if index == 0:
-                images = self._run_mode(model, resolved, ctx, partner)
+                first = resolved if plan.base_size is None else replace(
+                    resolved, width=plan.base_size[0], height=plan.base_size[1])
+                images = self._run_mode(model, first, ctx, partner)
             else:  # each previous image is this stage's input, with the same seed
                 assert stage.follow is not None
                 images = [self._run_follow_up(model, stage.follow(image, seed), ctx)
@@ -290,7 +292,8 @@ class Engine:
                 ran.append((following.role, partner))
                 index += 1
             index += 1
-        if resolved.mode is Mode.UPSCALE:  # a model's own factor, resized to the size asked
+        # An upscaler's or a cascade's last pass makes at least the size asked: resize to it.
+        if resolved.mode is Mode.UPSCALE or plan.base_size is not None:
             from PIL import Image
 
             size = (resolved.width, resolved.height)

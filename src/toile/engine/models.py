@@ -28,9 +28,12 @@ BUILTIN_MODEL = "toile-mini"
 BUILTIN_UPSCALERS = ("lanczos", "bicubic", "nearest")
 # toile's own reader (captions and answers), trained on the scene world: toile.train.reader_train.
 BUILTIN_READER = "toile-reader"
-BUILTIN_IDS = (BUILTIN_MODEL, BUILTIN_READER, *BUILTIN_UPSCALERS)
+# toile's super-resolution stage (4×): toile-mini's cascade to 256² and 1024², and the upscale
+# task's default. toile.train.sr_train.
+BUILTIN_SR = "toile-sr"
+BUILTIN_IDS = (BUILTIN_MODEL, BUILTIN_READER, BUILTIN_SR, *BUILTIN_UPSCALERS)
 # What a task runs on when nothing else is registered for it (the engine's default_model).
-BUILTIN_TASK_DEFAULTS = {"generate": BUILTIN_MODEL, "upscale": "lanczos",
+BUILTIN_TASK_DEFAULTS = {"generate": BUILTIN_MODEL, "upscale": BUILTIN_SR,
                          "caption": BUILTIN_READER, "answer": BUILTIN_READER}
 MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -70,7 +73,7 @@ class ModelRegistry:
 
     def entries(self) -> list[ModelEntry]:
         found = [ModelEntry(name, builtin_models_dir() / name, builtin=True)
-                 for name in (BUILTIN_MODEL, BUILTIN_READER)]
+                 for name in (BUILTIN_MODEL, BUILTIN_READER, BUILTIN_SR)]
         found += [ModelEntry(name, builtin_models_dir() / "upscalers" / name, builtin=True)
                   for name in BUILTIN_UPSCALERS]
         for model_id, spec in sorted(self._read()["models"].items()):

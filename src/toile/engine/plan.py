@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from toile.request import GenerationRequest, Mode, Task
-from toile.resolve import resolve_budget
+from toile.resolve import cascades, resolve_budget
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -54,6 +54,8 @@ class Stage:
 @dataclass(frozen=True)
 class Plan:
     stages: tuple[Stage, ...]
+    # A cascade's base draws at this size (the request's is the output's); None: the request's
+    base_size: tuple[int, int] | None = None
 
     def describe(self) -> list[str]:
         return [f"{stage.role.value}:{stage.model or 'request model'}" for stage in self.stages]
@@ -74,9 +76,15 @@ def plan_for(resolved: ResolvedRequest, defaults: FamilyDefaults) -> Plan:
     - upscale by more than the model's ``upscale_factor``: that many passes of the model, each
       by its factor (the engine resizes the last output to the exact size asked for); the
       largest pass must fit the model's pixel budget too, checked before any pass runs;
+    - txt2img above a cascade model's base size: the base at its size, then as many passes
+      of its SR stage as reach the size asked for (the engine resizes the last to it);
     - everything else: one base stage.
     """
     request = resolved.request
+    if cascades(request, resolved.mode, defaults):
+        plan = cascade_plan(resolved, defaults)
+        if plan is not None:
+            return plan
     base = Stage(StageRole.BASE, request.model, request)
     stages = [base]
     if request.refiner is not None:
@@ -98,6 +106,29 @@ def plan_for(resolved: ResolvedRequest, defaults: FamilyDefaults) -> Plan:
     if resolved.hires is not None:
         stages += hires_stages(request, resolved.hires)
     return Plan(tuple(stages))
+
+
+def cascade_plan(resolved: ResolvedRequest, defaults: FamilyDefaults) -> Plan | None:
+    """Base at the cascade's base size, then SR passes (None: the size needs none)."""
+    cascade = defaults.cascade
+    assert cascade is not None
+    request = resolved.request
+    passes = cascade.passes(resolved.width, resolved.height)
+    if passes == 0:
+        return None
+    width, height = cascade.base_size(resolved.width, resolved.height, defaults.size_multiple)
+    reach = cascade.factor ** passes
+    resolve_budget(width * reach, height * reach, cascade.max_pixels, "width",
+                   f" ({passes} passes of the {cascade.factor}x {cascade.upscaler} stage from "
+                   f"{width}x{height} make {width * reach}x{height * reach} before the resize)")
+
+    def upscale(image: Image.Image, seed: int) -> GenerationRequest:
+        return GenerationRequest(prompt=request.prompt, task=Task.UPSCALE, image=image,
+                                 scale=float(cascade.factor), seed=seed, model=cascade.upscaler)
+
+    sr = Stage(StageRole.UPSCALE, cascade.upscaler, request, follow=upscale)
+    return Plan((Stage(StageRole.BASE, request.model, request), *[sr] * passes),
+                base_size=(width, height))
 
 
 def hires_stages(request: GenerationRequest, hires: Hires) -> list[Stage]:
