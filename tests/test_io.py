@@ -88,7 +88,7 @@ def test_registry_add_list_remove(tiny_models):
     registry = ModelRegistry()
     registry.add("tiny", tiny_models("sd"))
     assert registry.resolve("tiny").path == tiny_models("sd").resolve()
-    builtins = ["toile-mini", "lanczos", "bicubic", "nearest"]
+    builtins = ["toile-mini", "toile-reader", "toile-sr", "lanczos", "bicubic", "nearest"]
     assert [e.id for e in registry.entries()] == [*builtins, "tiny"]
     registry.remove("tiny")
     assert [e.id for e in registry.entries()] == builtins

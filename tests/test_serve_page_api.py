@@ -105,6 +105,8 @@ def test_models_list_family_and_refiner_role(engine, tiny_models, tmp_path):
     roles = {model: (cards[model]["family"], cards[model]["refiner"]) for model in cards}
     assert roles == {
         "toile-mini": roles["toile-mini"],  # the built-in: whatever this checkout holds
+        "toile-reader": ("toile", False),  # toile's own reader and SR stage
+        "toile-sr": ("toile", False),
         MODEL: ("sd", False),
         "tiny-sdxl": ("sdxl", True),
         "tiny-sdxl-refiner": ("sdxl", True),
@@ -114,6 +116,8 @@ def test_models_list_family_and_refiner_role(engine, tiny_models, tmp_path):
         **{name: ("resize", False) for name in ("lanczos", "bicubic", "nearest")},
     }
     assert cards["lanczos"]["tasks"] == ["upscale"] and cards["vanished"]["tasks"] == []
+    assert cards["toile-sr"]["tasks"] == ["upscale"]
+    assert cards["toile-reader"]["tasks"] == ["caption", "answer"]
     assert cards[MODEL]["tasks"] == ["generate"]
     assert roles["toile-mini"][1] is False
     assert listing["models"] == list(cards)

@@ -148,15 +148,16 @@ def test_upscale_and_caption_jobs_and_bad_inputs(scripted, tmp_path):
             "task": "upscale", "model": "nearest", "image": png_b64(8, 8), "scale": 3})
         job = wait_job(client, response.json()["id"])
         assert job["status"] == "succeeded" and job["images"][0]["record"]["width"] == 24
-        # no model: the upscale task's own (the built-in Lanczos filter here), fixed at submit
+        # no model: the upscale task's own (the built-in toile-sr stage here), fixed at submit
         response = client.post("/v1/jobs", json={"task": "upscale", "image": png_b64(8, 8)})
         assert response.status_code == 202, response.text
         job = wait_job(client, response.json()["id"])
-        assert job["request"]["model"] == "lanczos" and job["status"] == "succeeded", job
+        assert job["request"]["model"] == "toile-sr" and job["status"] == "succeeded", job
+        assert job["images"][0]["record"]["width"] == 32  # its own factor, 4
         listing = client.get("/v1/models").json()
         models = {card["id"]: card for card in listing["data"]}
         assert models[CAPTIONER]["tasks"] == ["caption"] and models[EDITOR]["tasks"] == ["edit"]
-        assert listing["task_defaults"]["upscale"] == "lanczos"
+        assert listing["task_defaults"]["upscale"] == "toile-sr"
         assert listing["task_defaults"]["caption"] == CAPTIONER
 
 

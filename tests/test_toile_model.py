@@ -230,7 +230,9 @@ def test_shipped_model_generates() -> None:
     family = ToileFamily()
     assert family.detect(SHIPPED)
     loaded = family.load(SHIPPED, "cpu", torch.float32)
-    assert loaded.defaults.width == 64
+    # draws at 64², reaches its default 256² (and up to 1024²) through the toile-sr stage
+    assert loaded.defaults.width == 256 and loaded.defaults.cascade is not None
+    assert loaded.defaults.cascade.native == 64 and loaded.defaults.cascade.upscaler == "toile-sr"
     pipe = loaded.pipelines["txt2img"]
     image = pipe(["a red circle on a blue background"], seeds=[0], steps=4)[0]
     assert image.size == (64, 64)

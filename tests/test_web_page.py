@@ -591,7 +591,8 @@ def test_hires_fix_controls(engine, browser, tmp_path):
         url = f"http://127.0.0.1:{port}"
         page, errors = open_page(browser, url)
         expect(page.locator("body")).to_have_attribute("data-ready", "true")
-        assert option_values(page.locator("#hires_upscaler")) == ["lanczos", "bicubic", "nearest"]
+        assert option_values(page.locator("#hires_upscaler")) == [
+            "toile-sr", "lanczos", "bicubic", "nearest"]
         page.locator("#hires summary").click()
         page.get_by_label("Prompt", exact=True).fill("a red circle")
         page.get_by_label("Steps", exact=True).fill("2")

@@ -27,7 +27,8 @@ pytest.importorskip("fastapi")
 CAPTIONER = "tiny-blip"
 ANSWERER = "tiny-blip-vqa"
 EDITOR = "tiny-ip2p"
-UPSCALERS = ["lanczos", "bicubic", "nearest"]  # the built-in resampling filters
+# the built-in SR stage and resampling filters
+UPSCALERS = ["toile-sr", "lanczos", "bicubic", "nearest"]
 pytestmark = [
     pytest.mark.skipif(
         not CHROMIUM.exists(),
@@ -111,8 +112,9 @@ def test_each_tab_runs_its_task_and_offers_only_its_models(engine, browser, tmp_
         # every picker lists exactly the models whose card names its task
         assert option_values(page.get_by_label("Model", exact=True)) == ["toile-mini"]
         assert option_values(page.get_by_label("Edit model")) == [EDITOR]
-        assert option_values(page.get_by_label("Caption model")) == [CAPTIONER]
-        assert option_values(page.get_by_label("Answer model")) == [ANSWERER]
+        # toile's own reader is built in; the one registered captioner is the task default
+        assert option_values(page.get_by_label("Caption model")) == ["toile-reader", CAPTIONER]
+        assert option_values(page.get_by_label("Answer model")) == ["toile-reader", ANSWERER]
         assert option_values(page.get_by_label("Upscaler", exact=True)) == UPSCALERS
         expect(page.locator("#edit-form")).to_be_hidden()
 
@@ -123,7 +125,8 @@ def test_each_tab_runs_its_task_and_offers_only_its_models(engine, browser, tmp_
         page.set_input_files("#upscale-image", str(small))
         expect(page.locator("#upscale-preview figcaption")).to_contain_text("16 × 12 px")
         upscaler = page.get_by_label("Upscaler", exact=True)
-        expect(upscaler).to_have_value("lanczos")
+        expect(upscaler).to_have_value("toile-sr")  # the upscale task's default
+        upscaler.select_option("lanczos")
         scale = page.get_by_label("Scale factor")
         scale.fill("2")
         expect(page.locator("#upscale-size")).to_have_text("16 × 12 px becomes 32 × 24 px.")

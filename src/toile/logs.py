@@ -3,22 +3,29 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
+import os
+import sys
 from collections.abc import Iterator
-from functools import cache
+
+LIBRARIES = ("transformers", "diffusers")  # transformers first: diffusers' pipelines warn via it
+_quieted: set[str] = set()
 
 
-@cache
-def quiet_libraries() -> None:
-    """Called once before the first model load (not at import: importing toile does no work)."""
-    from transformers.utils import logging as transformers_logging
-
-    # transformers first: importing diffusers' pipelines triggers transformers' warnings.
-    transformers_logging.set_verbosity_error()
-    transformers_logging.disable_progress_bar()
-    from diffusers.utils import logging as diffusers_logging
-
-    diffusers_logging.set_verbosity_error()
-    diffusers_logging.disable_progress_bar()
+def quiet_libraries(needed: tuple[str, ...] = LIBRARIES) -> None:
+    """Quiet the libraries a model load is about to use (``needed``) and any already imported;
+    never import one only to quiet it (toile's own models need neither: importing diffusers
+    would cost a one-shot ``toile generate`` about 2 s). Called before model loads, not at
+    import. Libraries imported later still start at ERROR level (their environment switches)."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    for name in LIBRARIES:
+        if name in _quieted or (name not in needed and name not in sys.modules):
+            continue
+        logging = importlib.import_module(f"{name}.utils.logging")
+        logging.set_verbosity_error()
+        logging.disable_progress_bar()
+        _quieted.add(name)
 
 
 @contextlib.contextmanager

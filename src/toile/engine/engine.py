@@ -115,9 +115,8 @@ class Engine:
     def load(self, model: str | None = None) -> CachedModel:
         """Load (or fetch from the cache) the model named by id or path."""
         from toile.io.weights import check_folder_weights, model_hash
-        from toile.logs import quiet_libraries
+        from toile.logs import LIBRARIES, quiet_libraries
 
-        quiet_libraries()
         entry = self.registry.resolve(model, allow_paths=self.allow_paths)
         key = str(entry.path)
         with self._lock:
@@ -125,6 +124,7 @@ class Engine:
                 self._cache.move_to_end(key)
                 return self._cache[key]
             family = detect_family(entry.path)
+            quiet_libraries(getattr(family, "libraries", LIBRARIES))
             if entry.path.is_dir():
                 check_folder_weights(entry.path)
             gpu_dtype = getattr(family, "gpu_dtype", "float16")

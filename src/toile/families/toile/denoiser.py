@@ -1,9 +1,14 @@
-"""The denoiser: diffusers' ``UNet2DConditionModel`` on pixel-unshuffled images.
+"""The denoiser: a ``UNet2DConditionModel`` on pixel-unshuffled images.
 
 Why a U-Net: on a 2-core CPU it gave the most spatial structure per training minute of the
 designs we measured (notes/calibration.md) — convolutions are a strong spatial prior that a
-small transformer with learned positions lacks. The network itself is diffusers' class, so the
-saved ``unet/`` folder loads with ``UNet2DConditionModel.from_pretrained``.
+small transformer with learned positions lacks. Two implementations of the one network share
+``unet_kwargs`` and every state-dict key, so a saved ``unet/`` folder loads into either:
+
+- ``build_unet``: diffusers' class, for training (gradient checkpointing, EMA, FSDP as diffusers
+  does them) and for ``UNet2DConditionModel.from_pretrained`` users;
+- ``build_plain_unet`` / ``unet.load_unet``: toile's plain-PyTorch copy (``unet.py``), for
+  inference, which never imports diffusers (its import alone costs seconds).
 
 Shapes for the default ``toile-mini`` (64×64 RGB, patch 2, widths 64/128/192):
 
@@ -26,6 +31,10 @@ if TYPE_CHECKING:
     from diffusers import UNet2DConditionModel
 
     from toile.families.toile.config import ToileModelConfig
+    from toile.families.toile.unet import ToileUNet
+
+    # Either implementation: same modules, keys, call signature and outputs.
+    Denoiser = UNet2DConditionModel | ToileUNet
 
 # Flow time t ∈ [0, 1] is scaled to the [0, 1000] range the sinusoidal embedding was designed
 # for (as SD3 and Flux do), so neighbouring timesteps get distinguishable embeddings.
@@ -112,8 +121,23 @@ def build_unet(config: ToileModelConfig, *, seed: int | None = None) -> UNet2DCo
     return unet
 
 
+def build_plain_unet(config: ToileModelConfig, *, seed: int | None = None) -> ToileUNet:
+    """``build_unet``'s network as toile's plain-PyTorch U-Net: same config and init rule
+    (PyTorch's default init, ``conv_out`` zeroed when ``zero_init_output``), though not the same
+    random draws for a seed (the modules are created in another order)."""
+    from toile.families.toile.unet import ToileUNet
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    unet = ToileUNet(unet_kwargs(config))
+    if config.denoiser.zero_init_output:
+        torch.nn.init.zeros_(unet.conv_out.weight)
+        torch.nn.init.zeros_(unet.conv_out.bias)
+    return unet
+
+
 def predict_velocity(
-    unet: UNet2DConditionModel, x: torch.Tensor, t: torch.Tensor, cond: TextCondition
+    unet: Denoiser, x: torch.Tensor, t: torch.Tensor, cond: TextCondition
 ) -> torch.Tensor:
     """The model contract used by training and sampling: v = f(x_t [B,C,h,w], t [B], text)."""
     return unet(

@@ -46,6 +46,10 @@ class ToileFamily:
     title = "toile (built-in, pixel-space rectified flow)"
     capabilities: ClassVar[dict[str, frozenset[Mode]]] = {
         "": ALL_MODES, READER_VARIANT: READER_MODES, SR_VARIANT: frozenset({Mode.UPSCALE})}
+    # Loading and sampling use plain-PyTorch modules (unet.py, bert.py, reader_net.py,
+    # sr_net.py): no diffusers or transformers import (LoRA and the DPM++ 2M / UniPC samplers
+    # import diffusers when used).
+    libraries: tuple[str, ...] = ()
     lora = True  # peft adapters on the U-Net for one run: see families/toile/lora.py
     gpu_dtype = "bfloat16"  # trained in bf16 mixed precision on GPUs
     # A1111 prompt editing / alternation: toile's own sampling loop takes per-step text

@@ -2,9 +2,11 @@
 
 A toile LoRA (written by ``toile finetune``, see ``toile.train.finetune.lora``) has diffusers'
 key layout: the peft state dict of the U-Net under ``unet.``, with the adapter's LoraConfig in
-the ``lora_adapter_metadata`` header. toile's U-Net is diffusers' ``UNet2DConditionModel``, so
-diffusers' own ``load_lora_adapter`` / ``set_adapters`` / ``unload_lora`` (peft underneath) do the
-work, as ``loras_applied`` does for the diffusers pipelines.
+the ``lora_adapter_metadata`` header. toile's U-Net has the module names of diffusers'
+``UNet2DConditionModel`` (it is that class in training, ``unet.ToileUNet`` when loaded for
+generation, which takes diffusers' LoRA methods on first use), so diffusers' own
+``load_lora_adapter`` / ``set_adapters`` / ``unload_lora`` (peft underneath) do the work, as
+``loras_applied`` does for the diffusers pipelines. Only a run with LoRAs imports them.
 """
 
 from __future__ import annotations
@@ -17,8 +19,7 @@ from typing import TYPE_CHECKING, Any
 from toile.errors import RequestError
 
 if TYPE_CHECKING:
-    from diffusers import UNet2DConditionModel
-
+    from toile.families.toile.denoiser import Denoiser
     from toile.request import LoraSpec
 
 PREFIX = "unet"
@@ -58,7 +59,7 @@ def read_unet_lora(path: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
 
 
 @contextlib.contextmanager
-def loras_applied(unet: UNet2DConditionModel, loras: tuple[LoraSpec, ...]) -> Iterator[None]:
+def loras_applied(unet: Denoiser, loras: tuple[LoraSpec, ...]) -> Iterator[None]:
     """Load ``loras`` as named adapters with their scales for one run, then remove them all."""
     if not loras:
         yield

