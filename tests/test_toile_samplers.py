@@ -83,7 +83,41 @@ def ours(name: str, times: torch.Tensor, noise: torch.Tensor, **kwargs: object) 
 
 
 def test_the_samplers_by_name() -> None:
-    assert list(SAMPLERS) == ["Euler", "Heun", "DPM++ 2M", "UniPC"]
+    assert list(SAMPLERS) == ["Euler", "Euler a", "Heun", "DPM++ 2M", "UniPC"]
+
+
+def test_euler_a_equals_diffusers_stochastic_flow_euler() -> None:
+    """toile's Euler a is FlowMatchEulerDiscreteScheduler(stochastic_sampling=True) stepped by
+    hand with the same generator: x0 from the velocity, re-noised to the next sigma."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    steps = 6
+    noise = torch.randn(SHAPE, generator=seeded(3))
+    reference = FlowMatchEulerDiscreteScheduler(stochastic_sampling=True)
+    reference.set_timesteps(num_inference_steps=steps)
+    cond, uncond = conditions(SHAPE[0])
+    theirs, generator = noise.clone(), seeded(9)
+    for i, timestep in enumerate(reference.timesteps):
+        t = torch.full((SHAPE[0],), float(reference.sigmas[i]))
+        v_cond, v_uncond = toy_velocity(theirs, t, cond), toy_velocity(theirs, t, uncond)
+        v = v_uncond + GUIDANCE * (v_cond - v_uncond)
+        theirs = reference.step(v, timestep, theirs, generator=generator, return_dict=False)[0]
+    mine_generator = seeded(9)
+    got = ours("Euler a", reference.sigmas.double(), noise,  # diffusers' own sigmas
+               step_noise=lambda step: torch.randn(SHAPE, generator=mine_generator))
+    assert torch.allclose(got, theirs, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="step_noise"):
+        ours("Euler a", time_schedule(steps), noise)
+
+
+def test_euler_a_is_offered_only_where_toile_samples_itself() -> None:
+    from toile.samplers import SamplerMenu
+
+    assert "Euler a" in [s.name for s in SamplerMenu(
+        "FlowMatchEulerDiscreteScheduler", restrict_to=("Euler", "Euler a")).samplers()]
+    # SD3's and FLUX.1's pipelines never hand their generator to the scheduler's step
+    assert "Euler a" not in [s.name for s in SamplerMenu(
+        "FlowMatchEulerDiscreteScheduler").samplers()]
 
 
 @pytest.mark.parametrize("name", SOLVERS)
@@ -204,7 +238,7 @@ def run(engine, model: str, **kwargs: object):
     return engine.run(GenerationRequest(**fields))
 
 
-@pytest.mark.parametrize("name", SOLVERS)
+@pytest.mark.parametrize("name", [*SOLVERS, "Euler a"])
 def test_engine_is_deterministic_and_records_the_sampler(engine, model: str, name: str) -> None:
     from toile.io.metadata import a1111_parameters
 
@@ -216,7 +250,7 @@ def test_engine_is_deterministic_and_records_the_sampler(engine, model: str, nam
     assert f"Sampler: {name}" in a1111_parameters(first.records[0])
 
 
-@pytest.mark.parametrize("name", SOLVERS)
+@pytest.mark.parametrize("name", [*SOLVERS, "Euler a"])
 def test_engine_batch_equals_singles(engine, model: str, name: str) -> None:
     batch = run(engine, model, sampler=name, num_images=2)
     singles = [run(engine, model, sampler=name, seed=seed).images[0] for seed in (1, 2)]
@@ -248,4 +282,4 @@ def test_engine_cancels_and_refuses_what_toile_lacks(engine, model: str) -> None
     with pytest.raises(RequestError) as info:
         run(engine, model, sampler="DDIM")
     assert info.value.field == "sampler"
-    assert "it can use: Euler, Heun, DPM++ 2M, UniPC" in str(info.value)
+    assert "it can use: Euler, Euler a, Heun, DPM++ 2M, UniPC" in str(info.value)

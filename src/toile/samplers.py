@@ -67,6 +67,10 @@ class Sampler:
     scheduler_class: str
     overrides: Mapping[str, Any] = field(default_factory=dict)
     aliases: tuple[str, ...] = ()
+    # Stochastic steps need the run's generator at every step; SD3's and FLUX.1's pipelines
+    # do not hand it to ``scheduler.step``, so there a seed would not reproduce: offered only
+    # where the family samples in its own loop (toile's).
+    own_loop_only: bool = False
 
 
 # Noise-prediction models (ε or v): diffusers' A1111 table.
@@ -94,6 +98,8 @@ EPSILON_SAMPLERS: tuple[Sampler, ...] = (
 _FLOW = {"use_flow_sigmas": True, "prediction_type": "flow_prediction"}
 FLOW_SAMPLERS: tuple[Sampler, ...] = (
     Sampler("Euler", "FlowMatchEulerDiscreteScheduler", aliases=("k_euler",)),
+    Sampler("Euler a", "FlowMatchEulerDiscreteScheduler", {"stochastic_sampling": True},
+            aliases=("k_euler_a",), own_loop_only=True),
     Sampler("Heun", "FlowMatchHeunDiscreteScheduler", aliases=("k_heun",)),
     Sampler("DPM++ 2M", "DPMSolverMultistepScheduler", _FLOW, aliases=("k_dpmpp_2m",)),
     Sampler("UniPC", "UniPCMultistepScheduler", _FLOW),
@@ -233,6 +239,8 @@ class SamplerMenu:
         found = []
         for sampler in table:
             if self.restrict_to is not None and sampler.name not in self.restrict_to:
+                continue
+            if sampler.own_loop_only and self.restrict_to is None:
                 continue
             if self.pipeline_passes_sigmas and "sigmas" not in _set_timesteps_arguments(
                 sampler.scheduler_class

@@ -42,7 +42,7 @@ class ToileFamily:
     name = "toile"
     typical_scheduler = "FlowMatchEulerDiscreteScheduler"  # what its published checkpoints declare
     # The samplers toile's own sampling code implements (families.toile.sampling.SAMPLERS).
-    own_samplers = ("Euler", "Heun", "DPM++ 2M", "UniPC")
+    own_samplers = ("Euler", "Euler a", "Heun", "DPM++ 2M", "UniPC")
     title = "toile (built-in, pixel-space rectified flow)"
     capabilities: ClassVar[dict[str, frozenset[Mode]]] = {
         "": ALL_MODES, READER_VARIANT: READER_MODES, SR_VARIANT: frozenset({Mode.UPSCALE})}

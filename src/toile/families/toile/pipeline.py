@@ -293,10 +293,15 @@ class ToilePipeline:
         times = time_schedule(
             steps, shift=self.config.sampler.shift, start=1.0 if image is None else strength
         )
+        def step_noise(step: int) -> torch.Tensor:  # Euler a: fresh noise, same generators
+            fresh = torch.cat([torch.randn((1, 3, height, width), generator=g,
+                                           dtype=torch.float32) for g in gens])
+            return pack(fresh, patch).to(self.device)
+
         x = sample(
             self.velocity, noise, cond, times=times, uncond=uncond, guidance=float(guidance),
             cat=TextCondition.cat, x0_known=x0_known, keep_mask=keep, callback=callback,
-            method=SAMPLERS[sampler], cond_at=cond_at,
+            method=SAMPLERS[sampler], cond_at=cond_at, step_noise=step_noise,
         )
         out = self.unpack(x).float().cpu().clamp(-1.0, 1.0)  # [B, 3, H, W]
         images = tensor_to_images(out)

@@ -1,5 +1,5 @@
-"""Rectified flow: the training target, the timestep sampling and the samplers (Euler, Heun,
-DPM++ 2M, UniPC).
+"""Rectified flow: the training target, the timestep sampling and the samplers (Euler,
+Euler a, Heun, DPM++ 2M, UniPC).
 
 Rectified flow (Liu, Gong & Liu 2022, "Flow Straight and Fast"; also Lipman et al. 2022, flow
 matching) joins data x0 and Gaussian noise ε by a straight line
@@ -10,6 +10,9 @@ and trains a network v(x_t, t, c) to predict the constant velocity dx_t/dt = ε 
 integrates dx/dt = v from t = 1 to t = 0 with Euler steps, x_{t'} = x_t + (t' − t)·v, or with
 Heun's second-order method (Karras et al. 2022, "Elucidating the Design Space of Diffusion-Based
 Generative Models", Algorithm 1): an Euler step, then the average of the slopes at both ends.
+"Euler a" is the stochastic flow Euler step of diffusers' ``FlowMatchEulerDiscreteScheduler``
+(``stochastic_sampling=True``): predict x0 = x_t − t·v, then re-noise it to the next time with
+fresh noise, x_{t'} = (1 − t')·x0 + t'·ε' — the flow counterpart of A1111's ancestral Euler.
 Two multistep solvers reuse earlier predictions instead of extra model calls, one call per step:
 DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++: Fast Solver for Guided Sampling of Diffusion
 Probabilistic Models") and UniPC (Zhao et al. 2023, "UniPC: A Unified Predictor-Corrector
@@ -43,7 +46,11 @@ StepCallback = Callable[[int, int, torch.Tensor], None]
 # when it changes during sampling (A1111 prompt editing and alternation).
 StepConditions = Callable[[int], tuple[Any, Any]]
 # The integration methods ``sample`` implements, by toile.samplers' names.
-SAMPLERS = {"Euler": "euler", "Heun": "heun", "DPM++ 2M": "dpmpp_2m", "UniPC": "unipc"}
+SAMPLERS = {"Euler": "euler", "Euler a": "euler_a", "Heun": "heun", "DPM++ 2M": "dpmpp_2m",
+            "UniPC": "unipc"}
+# step_noise(step) -> fresh Gaussian noise shaped like x, for step 1, 2, ...: a stochastic
+# sampler's per-step noise, drawn from the run's own generators so a seed reproduces.
+StepNoise = Callable[[int], torch.Tensor]
 # The methods that step a diffusers multistep scheduler: method -> toile.samplers' name, whose
 # FLOW_SAMPLERS entry says the class and flow options (the ones SD3 and FLUX.1 run).
 SOLVERS = {"dpmpp_2m": "DPM++ 2M", "unipc": "UniPC"}
@@ -128,12 +135,15 @@ def sample(
     callback: StepCallback | None = None,
     method: str = "euler",
     cond_at: StepConditions | None = None,
+    step_noise: StepNoise | None = None,
 ) -> torch.Tensor:
     """Integrate dx/dt = v from ``times[0]`` to ``times[-1]`` = 0 with ``method``'s steps:
-    ``"euler"``; ``"heun"``, two model calls per step but the last, as in Karras et al.'s
-    Algorithm 1, whose final step to t = 0 is Euler's; ``"dpmpp_2m"`` (DPM-Solver++(2M), Lu et
-    al. 2022) or ``"unipc"`` (UniPC, Zhao et al. 2023), one call per step, run by a diffusers
-    multistep scheduler whose sigmas are ``times`` (see ``flow_solver``).
+    ``"euler"``; ``"euler_a"``, Euler's x0 prediction re-noised with ``step_noise(i)`` at each
+    step (needs ``step_noise``); ``"heun"``, two model calls per step but the last, as in
+    Karras et al.'s Algorithm 1, whose final step to t = 0 is Euler's; ``"dpmpp_2m"``
+    (DPM-Solver++(2M), Lu et al. 2022) or ``"unipc"`` (UniPC, Zhao et al. 2023), one call per
+    step, run by a diffusers multistep scheduler whose sigmas are ``times`` (see
+    ``flow_solver``).
 
     - txt2img: ``times[0]`` = 1, x starts as ``noise``.
     - img2img: ``x0_known`` is the encoded input image; x starts at
@@ -153,6 +163,8 @@ def sample(
     """
     if method not in SAMPLERS.values():
         raise ValueError(f"method must be one of {', '.join(SAMPLERS.values())}, got {method!r}")
+    if method == "euler_a" and step_noise is None:
+        raise ValueError("euler_a needs step_noise (its fresh noise per step)")
     times = times.to(torch.float64)
     x = noise.float()
     if x0_known is not None:
@@ -163,7 +175,7 @@ def sample(
             raise ValueError("keep_mask needs x0_known (the image being inpainted)")
         keep_mask = keep_mask.float()
     # One stepper per run: a multistep solver's history belongs to this run only.
-    advance = _stepper(method, times, x.device)
+    advance = _stepper(method, times, x.device, step_noise)
     total = len(times) - 1
     for i in range(total):
         if cond_at is not None:
@@ -191,13 +203,18 @@ def _evaluator(
     return evaluate
 
 
-def _stepper(method: str, times: torch.Tensor, device: torch.device) -> Advance:
+def _stepper(method: str, times: torch.Tensor, device: torch.device,
+             step_noise: StepNoise | None = None) -> Advance:
     """The step function of ``method`` over ``times`` (float64)."""
     if method in SOLVERS:
         return _solver_steps(flow_solver(SOLVERS[method], times, device))
 
     def advance(i: int, x: torch.Tensor, v: torch.Tensor, evaluate: Evaluate) -> torch.Tensor:
         t_now, t_next = float(times[i]), float(times[i + 1])
+        if method == "euler_a":  # diffusers' stochastic flow Euler step
+            assert step_noise is not None
+            x0 = x - t_now * v
+            return x0 if t_next == 0 else (1.0 - t_next) * x0 + t_next * step_noise(i + 1).float()
         x_euler = x + (t_next - t_now) * v
         # Heun's correction on every step but the last, to t = 0 (Karras et al., Algorithm 1).
         if method == "heun" and t_next > 0:
