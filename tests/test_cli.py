@@ -198,6 +198,14 @@ def test_bench_reports_loads_and_the_direct_call_baseline(toile_home):
     for side in ("engine", "direct_family_call"):
         stats = result[side]
         assert 0 < stats["min_s"] <= stats["median_s"] <= stats["max_s"]
-    assert result["engine_overhead_ratio"] > 0
+    assert result["engine_overhead_ratio"] > 0 and result["peak_rss_mb"] > 0
+    assert (result["settings"]["width"], result["settings"]["height"]) == (256, 256)  # cascade
+    # --vs: a second model interleaved, the same settings, the ratio of the medians
+    proc = toile("bench", "--runs", "2", "--steps", "2", "--width", "64", "--height", "64",
+                 "--vs", "toile-mini", "--json", home=toile_home)
+    result = json.loads(proc.stdout)
+    assert result["vs"]["model"] == "toile-mini" and result["settings"]["width"] == 64
+    low, high = result["vs"]["ratio_range"]
+    assert 0 < low <= result["vs"]["ratio_of_medians"] <= high
     bad = toile("bench", "--runs", "0", home=toile_home, check=False)
     assert bad.returncode != 0 and "runs" in bad.stderr

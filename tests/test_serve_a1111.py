@@ -251,3 +251,19 @@ def test_progress_preview_and_interrupt(scripted, tmp_path):
         assert status == 409 and json.loads(text)["error"]["type"] == "interrupted"
         assert api.get_progress()["state"]["job_count"] == 0
         assert scripted.steps["slow"][-1] == 2  # stopped within one step
+
+
+def test_webuiapi_defaults_on_the_builtin_model(tmp_path, toile_home):
+    """webuiapi's plain ``txt2img(prompt=...)`` — 512×512, sampler "Euler a", 20 steps —
+    against a server whose default is the built-in toile-mini: its cascade (64² base, then the
+    toile-sr stage) makes the 512×512 image, with the flow "Euler a"."""
+    from toile.engine.engine import Engine
+
+    with live_server(Engine(device="cpu", allow_paths=False), tmp_path / "data") as port:
+        api = webuiapi.WebUIApi(host="127.0.0.1", port=port)
+        result = api.txt2img(prompt="a red circle on a blue background", seed=5)
+        assert result.image.size == (512, 512)
+        record = json.loads(result.image.info["toile"])
+        assert (record["model_id"], record["sampler"]) == ("toile-mini", "Euler a")
+        assert [stage["role"] for stage in record["stages"]] == ["base", "upscale", "upscale"]
+        assert "Sampler: Euler a" in result.info["infotexts"][0]

@@ -1,5 +1,10 @@
 """``toile bench``: load time and seconds per image, with the family called directly as the
-baseline in the same run, so engine overhead is reported as a ratio, not assumed.
+baseline in the same run, so engine overhead is reported as a ratio, not assumed; with
+``--vs MODEL`` a second model (or the same with other settings) runs interleaved with the first
+and the report gives the ratio of their medians.
+
+The direct baseline replays the request's plan stage by stage (a cascade: the base at its size,
+then each SR pass), calling each family without the engine around it.
 
 Load is reported twice: the first load in this process (``cold_load_s``: it also imports torch,
 diffusers and transformers, which is what a one-shot ``toile generate`` pays) and a second load
@@ -13,12 +18,15 @@ import argparse
 import json
 import statistics
 import time
+from dataclasses import replace
 from typing import Any
 
 
 def add_parser(subparsers: Any) -> None:
     p = subparsers.add_parser("bench", help="measure load time and seconds per image")
     p.add_argument("--model", help="model id or path (default: built-in)")
+    p.add_argument("--vs", metavar="MODEL",
+                   help="a second model run interleaved with the first, same settings")
     p.add_argument("--runs", type=int, default=5, help="timed runs per side (default 5)")
     p.add_argument("--prompt", default="a red circle on a blue background")
     p.add_argument("--steps", type=int)
@@ -42,9 +50,7 @@ def summarize(samples: list[float]) -> dict[str, float]:
 def run(args: argparse.Namespace) -> int:
     from toile.engine.engine import Engine
     from toile.errors import RequestError
-    from toile.progress import RunContext
     from toile.request import GenerationRequest
-    from toile.resolve import resolve
 
     if args.runs < 1:
         raise RequestError("runs", f"must be at least 1, got {args.runs}")
@@ -59,17 +65,24 @@ def run(args: argparse.Namespace) -> int:
     request = GenerationRequest(args.prompt, model=args.model, seed=0, **fields)
     engine.run(request)  # warm-up: first-call allocations and kernel selection
 
-    engine_s, direct_s = [], []
+    other = None
+    if args.vs:
+        other = engine.load(args.vs)
+        engine.run(request.with_changes(model=args.vs))  # its warm-up
+    engine_s, direct_s, vs_s = [], [], []
     for index in range(args.runs):
-        # Interleave the two sides so drift (thermal, other load) hits both alike.
+        # Interleave the sides so drift (thermal, other load) hits them alike.
         req = request.with_changes(seed=index)
         t0 = time.perf_counter()
         engine.run(req)
         engine_s.append(time.perf_counter() - t0)
-        resolved = resolve(req, cached.loaded.defaults, cached.family.name)
         t0 = time.perf_counter()
-        cached.family.run(cached.loaded, resolved, RunContext())
+        resolved = direct_run(engine, cached, req)
         direct_s.append(time.perf_counter() - t0)
+        if other is not None:
+            t0 = time.perf_counter()
+            engine.run(req.with_changes(model=args.vs))
+            vs_s.append(time.perf_counter() - t0)
     result = {
         "model": cached.entry.id,
         "family": cached.family.name,
@@ -80,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
         "engine": summarize(engine_s),
         "direct_family_call": summarize(direct_s),
         "engine_overhead_ratio": statistics.median(engine_s) / statistics.median(direct_s),
+        "peak_rss_mb": peak_rss_mb(),
         "settings": {
             "steps": resolved.steps,
             "width": resolved.width,
@@ -87,6 +101,10 @@ def run(args: argparse.Namespace) -> int:
             "guidance": resolved.guidance,
         },
     }
+    if other is not None:
+        result["vs"] = {"model": other.entry.id, **summarize(vs_s),
+                        "ratio_of_medians": statistics.median(vs_s) / statistics.median(engine_s),
+                        "ratio_range": [min(vs_s) / max(engine_s), max(vs_s) / min(engine_s)]}
     if args.json:
         print(json.dumps(result))
         return 0
@@ -103,4 +121,47 @@ def run(args: argparse.Namespace) -> int:
     )
     print(f"  direct family   median {d['median_s']:.3f} s")
     print(f"  engine/direct   {result['engine_overhead_ratio']:.3f}x")
+    if other is not None:
+        v = result["vs"]
+        low, high = v["ratio_range"]
+        print(f"  vs {v['model']:<12} median {v['median_s']:.3f} s  (min {v['min_s']:.3f}, "
+              f"max {v['max_s']:.3f}); {v['ratio_of_medians']:.3f}x the first "
+              f"(range {low:.3f}-{high:.3f})")
+    print(f"  peak memory     {result['peak_rss_mb']:.0f} MB (the process's resident high-water "
+          "mark)")
     return 0
+
+
+def direct_run(engine: Any, cached: Any, request: Any) -> Any:
+    """``request``'s plan with each stage's family called directly (no engine around it);
+    returns the base's resolved request (for the settings line)."""
+    from PIL import Image
+
+    from toile.engine.plan import plan_for
+    from toile.progress import RunContext
+    from toile.resolve import resolve
+
+    resolved = resolve(request, cached.loaded.defaults, cached.family.name)
+    plan = plan_for(resolved, cached.loaded.defaults)
+    first = resolved
+    if plan.base_size is not None:
+        first = replace(resolved, width=plan.base_size[0], height=plan.base_size[1])
+    images = cached.family.run(cached.loaded, first, RunContext())
+    for stage in plan.stages[1:]:
+        assert stage.follow is not None
+        model = engine.load(stage.model)
+        images = [model.family.run(model.loaded, resolve(
+            stage.follow(image, seed), model.loaded.defaults, model.family.name), RunContext())[0]
+            for image, seed in zip(images, resolved.seeds, strict=True)]
+    size = (resolved.width, resolved.height)
+    images = [image if image.size == size else image.resize(size, Image.Resampling.LANCZOS)
+              for image in images]  # the engine's last step of an upscale or cascade plan
+    return resolved
+
+
+def peak_rss_mb() -> float:
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
