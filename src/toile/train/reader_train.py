@@ -42,7 +42,7 @@ from toile.families.toile.reader_model import (
     prepare_image,
 )
 from toile.families.toile.reader_net import EncoderKind, ReaderNet, ReaderNetConfig
-from toile.train.small_run import RunFolder, train_loop, warmup_cosine
+from toile.train.small_run import RunFolder, train_loop, warmup_cosine, write_model_folder
 
 
 @dataclass(frozen=True)
@@ -165,14 +165,9 @@ def export(trainer: ReaderTrainer, folder: Path, command: str) -> None:
 def write_reader_folder(net: ReaderNet, tokenizer, folder: Path, training: dict) -> None:
     """float16 weights, the tokenizer and ``toile_reader.json`` (network config, decoding
     limit, how it was trained)."""
-    from safetensors.torch import save_file
-
-    folder.mkdir(parents=True, exist_ok=True)
-    weights = {k: v.detach().to(torch.float16).contiguous() for k, v in net.state_dict().items()}
-    save_file(weights, str(folder / WEIGHTS_FILE))
-    tokenizer.save(str(folder / TOKENIZER_FILE))
     meta = {"net": net.config.to_json(), "max_new_tokens": 64, "training": training}
-    (folder / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    write_model_folder(folder, net, WEIGHTS_FILE, CONFIG_FILE, meta)
+    tokenizer.save(str(folder / TOKENIZER_FILE))
 
 
 def main(argv: list[str] | None = None) -> int:

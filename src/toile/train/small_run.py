@@ -78,6 +78,18 @@ class RunFolder:
             optimizer.load_state_dict(load_optimizer(checkpoint / "optimizer.safetensors"))
 
 
+def write_model_folder(folder: Path, net: torch.nn.Module, weights_file: str, config_file: str,
+                       meta: dict[str, Any]) -> None:
+    """A shipped model folder: the weights in float16 (half the size; loading casts them to the
+    run's dtype) and its JSON config."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = {k: v.detach().to(torch.float16).contiguous() for k, v in net.state_dict().items()}
+    save_file(weights, str(folder / weights_file))
+    (folder / config_file).write_text(json.dumps(meta, indent=2) + "\n")
+
+
 def train_loop(
     run: RunFolder,
     net: torch.nn.Module,

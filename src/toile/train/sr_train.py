@@ -13,7 +13,6 @@ scenes' captions, dropped 20 % of the time so the stage also works without one.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 from dataclasses import asdict, dataclass
@@ -25,7 +24,7 @@ import torch.nn.functional as F
 from toile.data.scenes import caption, render, sample_scene
 from toile.families.toile.sr_model import CONFIG_FILE, WEIGHTS_FILE
 from toile.families.toile.sr_net import SRNet, SRNetConfig
-from toile.train.small_run import RunFolder, train_loop, warmup_cosine
+from toile.train.small_run import RunFolder, train_loop, warmup_cosine, write_model_folder
 
 
 @dataclass(frozen=True)
@@ -133,17 +132,11 @@ def train(config: SRTrainConfig, resume: bool, progress: bool,
 def write_sr_folder(net: SRNet, folder: Path, training: dict, text=None) -> None:
     """float16 weights and ``toile_sr.json`` (network config, text encoder — ``text``, a
     ``TextEncoderConfig``, default MiniLM — and how it was trained)."""
-    from safetensors.torch import save_file
-
     from toile.families.toile.config import TextEncoderConfig
 
-    text = text or TextEncoderConfig()
-    folder.mkdir(parents=True, exist_ok=True)
-    weights = {k: v.detach().to(torch.float16).contiguous() for k, v in net.state_dict().items()}
-    save_file(weights, str(folder / WEIGHTS_FILE))
-    meta = {"net": net.config.to_json(), "text": asdict(text),
+    meta = {"net": net.config.to_json(), "text": asdict(text or TextEncoderConfig()),
             "noise_level": 0.0, "training": training}
-    (folder / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    write_model_folder(folder, net, WEIGHTS_FILE, CONFIG_FILE, meta)
 
 
 def main(argv: list[str] | None = None) -> int:
