@@ -151,6 +151,7 @@ def test_models_list_the_samplers_each_model_can_use(engine, tiny_models, tmp_pa
 
     assert cards["toile-mini"]["samplers"] == [
         {"name": "Euler", "schedules": ["automatic"], "default": True},
+        {"name": "Euler a", "schedules": ["automatic"], "default": False},
         {"name": "Heun", "schedules": ["automatic"], "default": False},
         {"name": "DPM++ 2M", "schedules": ["automatic"], "default": False},
         {"name": "UniPC", "schedules": ["automatic"], "default": False},

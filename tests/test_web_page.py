@@ -387,7 +387,7 @@ def test_sampler_and_schedule_lists_follow_the_model_and_sampler(engine, browser
 
         # toile's own model: exactly what its sampling code runs, no schedule choice
         model.select_option("toile-mini")
-        assert option_values(sampler) == ["", "Euler", "Heun", "DPM++ 2M", "UniPC"]
+        assert option_values(sampler) == ["", "Euler", "Euler a", "Heun", "DPM++ 2M", "UniPC"]
         expect(sampler.locator("option").first).to_have_text("Default (Euler)")
         assert option_values(schedule) == ["automatic"]
         expect(schedule).to_be_disabled()

@@ -37,7 +37,8 @@ SR_MAX_PIXELS = 1024 * 1024
 
 class ToileFamily:
     """Folders saved by ``ToilePipeline.save_pretrained`` (``_class_name`` ToilePipeline), and
-    toile's reader folders (``toile_reader.json``: captions and answers)."""
+    toile's reader (``toile_reader.json``: captions and answers) and super-resolution
+    (``toile_sr.json``: the upscale task, and a base model's cascade) folders."""
 
     name = "toile"
     typical_scheduler = "FlowMatchEulerDiscreteScheduler"  # what its published checkpoints declare
